@@ -1,0 +1,171 @@
+"""Cover: who pays for each GPU of a request (CALCULUS §3).
+
+Contract: visits the envelopes a claim is eligible for in proximity order (owner, ancestors
+nearest first, siblings, cousins, then — only with `funding.allowBorrow` — sponsors in the run's
+`sponsors` order); within a tier, envelopes whose selector is a subset of the run's locality
+selector first, then budget name, then envelope name. From each it takes what is still
+fundable at the rank the new claim would have (or, for growth, only headroom no open lease
+uses), group by group, active GPUs before spares; the GPU-hour look-ahead `min(P, rest of W)`
+applies. GPUs nothing can fund are given the first eligible envelope as payer (unfunded), or
+no payer. Cover classifies; it does not gate. Not: placement (see `pack`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jobtree.core.family import SPONSOR
+from jobtree.core.funding import Bound, FundingRules, FundingView, RunTerms, env_bound, lend_bound
+from jobtree.core.meter import Meter
+from jobtree.core.model import Envelope, EnvelopeRef, Labels, Role, Run, selector_subset
+from jobtree.core.pack import GroupRequest, Piece
+from jobtree.core.topology import Topology
+
+
+@dataclass(frozen=True, slots=True)
+class GroupNeed:
+    index: int
+    active: int
+    spares: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    """Who pays for a piece of a group: `payer` (or None) and whether it is fundable now."""
+
+    payer: EnvelopeRef | None
+    funded: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Cover:
+    groups: tuple[GroupRequest, ...]
+    funded_gpus: int
+    total_gpus: int
+
+    @property
+    def first_funded_payer(self) -> EnvelopeRef | None:
+        for g in self.groups:
+            for p in g.pieces:
+                pay = p.tag
+                if isinstance(pay, Payment) and pay.funded:
+                    return pay.payer
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    tier: int
+    ref: EnvelopeRef
+    envelope: Envelope
+
+
+def candidates(rules: FundingRules, topo: Topology, run: Run, terms: RunTerms, t: int,
+               reserve: bool = False) -> list[Candidate]:
+    """Envelopes eligible to pay for the run at instant `t`, in cover order.
+
+    For binding, an envelope whose window is closed is eligible when `preActivation.allowAdmission`
+    (it pays, unfunded until the window opens); for a reservation at `t`, when its window is open
+    at `t` or `allowReservations`.
+    """
+    spec = run.spec
+    found: list[tuple[tuple[int, int, int, str, str], Candidate]] = []
+    for ref, e in rules.envelopes.items():
+        if e.flavor != spec.gpu_type:
+            continue
+        tier = rules.tier(spec.owner, ref, terms.allow_borrow)
+        if tier is None:
+            continue
+        if not e.window_open(t):
+            pre = e.pre_activation
+            if not (pre.allow_reservations if reserve else pre.allow_admission):
+                continue
+        sponsor_rank = 0
+        if tier == SPONSOR and spec.funding.sponsors:
+            owner = rules.owner_of[ref]
+            if owner not in spec.funding.sponsors:
+                continue
+            sponsor_rank = spec.funding.sponsors.index(owner)
+        merged: Labels = tuple(sorted(set(e.selector) | set(spec.locality.selector)))
+        if not topo.selector_matches_any(spec.gpu_type, merged):
+            continue
+        local = 0 if selector_subset(e.selector, spec.locality.selector) else 1
+        found.append(((tier, sponsor_rank, local, ref[0], ref[1]), Candidate(tier, ref, e)))
+    found.sort(key=lambda kc: kc[0])
+    return [c for _, c in found]
+
+
+class _Room:
+    """What each candidate envelope can still fund for this request."""
+
+    def __init__(self, rules: FundingRules, view: FundingView, meter: Meter, run: Run,
+                 terms: RunTerms, t: int, period: int, headroom_only: bool) -> None:
+        self.rules, self.view, self.meter, self.run = rules, view, meter, run
+        self.terms, self.t, self.period, self.headroom_only = terms, t, period, headroom_only
+        self.taken: dict[Bound, int] = {}
+
+    def room(self, c: Candidate, group: int) -> int:
+        e = c.envelope
+        if not e.window_open(self.t):
+            return 0
+        bounds = self.rules.bounds(c.ref, c.tier, self.run.key, self.terms)
+        rank = (c.tier, self.terms.admitted, self.run.key, group, "")
+        best = 1 << 60
+        for b, cap in bounds:
+            if b in self.view.spent:
+                return 0
+            used = self.view.used_now(b) if self.headroom_only else self.view.used_before(b, rank)
+            best = min(best, cap - used - self.taken.get(b, 0))
+        for b in self._hour_bounds(c):
+            left = self.meter.remaining(b, self.rules.hour_caps)
+            if left is None:
+                continue
+            horizon = self._lookahead(e)
+            width_now = self.view.used_now(b) + self.taken.get(b, 0)
+            best = min(best, left // horizon - width_now if horizon > 0 else best)
+        return max(0, best)
+
+    def take(self, c: Candidate, n: int) -> None:
+        for b, _ in self.rules.bounds(c.ref, c.tier, self.run.key, self.terms):
+            self.taken[b] = self.taken.get(b, 0) + n
+
+    def _hour_bounds(self, c: Candidate) -> list[Bound]:
+        out = [env_bound(c.ref)]
+        if c.tier == SPONSOR:
+            out.append(lend_bound(c.ref))
+        out.extend(key for key, _ in self.rules.caps_of[c.ref])
+        return out
+
+    def _lookahead(self, e: Envelope) -> int:
+        return min(self.period, e.end - self.t) if e.end is not None else self.period
+
+
+def cover(rules: FundingRules, view: FundingView, meter: Meter, topo: Topology, run: Run,
+          terms: RunTerms, needs: list[GroupNeed], t: int, period: int,
+          headroom_only: bool = False, reserve: bool = False) -> Cover:
+    """Choose a payer for every GPU of `needs` (groups in index order)."""
+    cands = candidates(rules, topo, run, terms, t, reserve)
+    room = _Room(rules, view, meter, run, terms, t, period, headroom_only)
+    fallback = cands[0] if cands else None
+    groups: list[GroupRequest] = []
+    funded = total = 0
+    for need in needs:
+        pieces: list[Piece] = []
+        for role, count in ((Role.ACTIVE, need.active), (Role.SPARE, need.spares)):
+            left = count
+            for c in cands:
+                if left == 0:
+                    break
+                n = min(left, room.room(c, need.index))
+                if n > 0:
+                    room.take(c, n)
+                    pieces.append(Piece(role, n, c.envelope.selector, Payment(c.ref, True)))
+                    left -= n
+            funded += count - left
+            total += count
+            if left:
+                payer = fallback.ref if fallback else None
+                sel = fallback.envelope.selector if fallback else ()
+                pieces.append(Piece(role, left, sel, Payment(payer, False)))
+        groups.append(GroupRequest(need.index, tuple(pieces)))
+    return Cover(tuple(groups), funded, total)

@@ -1,0 +1,296 @@
+"""The cut order and the seeded lottery (CALCULUS §7).
+
+Contract: given the open leases with their classes (computed with the new claim ranked in),
+the runs that hold them, and a per-domain deficit, plan the gentlest cuts that clear the
+deficit: (1) reclaim unfunded work, (2) drop spares, (3) shrink malleable runs, (4) a lottery
+seeded by sha256(source@time), then (5) spare the cuts the deficit does not need. Freed GPUs
+are the union of the kept cuts' slots plus what the gangs they break release. The plan is
+pure data; the engine applies it. `capacity_levels` gives the slots each step could free, for
+choosing the intended slice.
+Not: the decision of when to cut (admission/activation), not lease bookkeeping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from jobtree.core.model import FundingClass, Lease, Role, RunSpec, RunStatus, Slot
+from jobtree.core.timefmt import format_time
+
+RECLAIM, DROP_SPARE, SHRINK, LOTTERY = 1, 2, 3, 4
+
+
+def lottery_seed(source: str, t: int) -> str:
+    """rho = sha256(source + "@" + YYYY-MM-DDTHH:MM:SSZ), lowercase hex."""
+    return hashlib.sha256(f"{source}@{format_time(t)}".encode()).hexdigest()
+
+
+def draw(seed: str, conflict: Iterable[str], owner_of: Callable[[str], str],
+         still_short: Callable[[list[str]], bool]) -> list[str]:
+    """The lottery of §7 step 4: victims in draw order while `still_short(victims)`."""
+    rng = random.Random(int(seed, 16))
+    pool = set(conflict)
+    victims: list[str] = []
+    while pool and still_short(victims):
+        owners = sorted({owner_of(k) for k in pool})
+        o = owners[rng.randrange(len(owners))]
+        keys = sorted(k for k in pool if owner_of(k) == o)
+        victim = keys[rng.randrange(len(keys))]
+        victims.append(victim)
+        pool.remove(victim)
+    return victims
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    step: int
+    run: str
+    leases: tuple[str, ...]
+    """For a lottery victim: every open lease of the run."""
+
+
+@dataclass(frozen=True, slots=True)
+class CutPlan:
+    cuts: tuple[Cut, ...]
+    seed: str
+    conflict_set: tuple[str, ...]
+    freed: frozenset[Slot]
+
+
+@dataclass
+class CutWorld:
+    """A snapshot of what the cut order may touch."""
+
+    leases: dict[str, Lease]
+    """Open leases by name."""
+    classes: dict[str, FundingClass]
+    runs: dict[str, tuple[RunSpec, RunStatus]]
+    domain_of: Callable[[str], str]
+    usable: Callable[[Slot], bool]
+    """Whether a freed slot can be used by the claim (a Ready node of its flavor)."""
+    placing: str
+    now: int
+    by_run: dict[str, list[Lease]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for lease in sorted(self.leases.values(), key=lambda x: x.name):
+            self.by_run.setdefault(lease.run, []).append(lease)
+
+    def cuttable(self, run: str) -> bool:
+        if run == self.placing or run not in self.runs:
+            return False
+        return self.runs[run][1].bound_at != self.now
+
+    def lease_domain(self, lease: Lease) -> str:
+        return self.domain_of(lease.node)
+
+    def admitted(self, run: str) -> int:
+        st = self.runs[run][1]
+        return st.admitted if st.admitted is not None else st.created
+
+
+def _youngest_first(world: CutWorld, runs: Iterable[str]) -> list[str]:
+    """Youngest admission first, then key descending (two stable sorts)."""
+    by_key_desc = sorted(runs, reverse=True)
+    return sorted(by_key_desc, key=lambda k: -world.admitted(k))
+
+
+def _groups(leases: list[Lease]) -> dict[int, list[Lease]]:
+    out: dict[int, list[Lease]] = {}
+    for lease in leases:
+        out.setdefault(lease.group, []).append(lease)
+    return out
+
+
+def _active_width(leases: Iterable[Lease]) -> int:
+    return sum(x.gpus for x in leases if x.role is Role.ACTIVE)
+
+
+def units(world: CutWorld, step: int, domains: set[str] | None) -> list[Cut]:
+    """Candidate cuts of one step (1-3), in the order the step takes them; `domains` None = everywhere."""
+    if step == RECLAIM:
+        return _reclaim_units(world, domains)
+    if step == DROP_SPARE:
+        return _spare_units(world, domains)
+    return _shrink_units(world, domains)
+
+
+def _in(domains: set[str] | None, d: str) -> bool:
+    return domains is None or d in domains
+
+
+def _reclaim_units(world: CutWorld, domains: set[str] | None) -> list[Cut]:
+    out: list[Cut] = []
+    for key in _youngest_first(world, [k for k in world.by_run if world.cuttable(k)]):
+        leases = world.by_run[key]
+        by_dom: dict[str, list[Lease]] = {}
+        for lease in leases:
+            by_dom.setdefault(world.lease_domain(lease), []).append(lease)
+        for d in sorted(by_dom):
+            if _in(domains, d) and all(world.classes.get(x.name) is FundingClass.UNFUNDED for x in by_dom[d]):
+                out.append(Cut(RECLAIM, key, tuple(x.name for x in by_dom[d])))
+        spec = world.runs[key][0]
+        if spec.malleable is None:
+            continue
+        groups = _groups(leases)
+        width = _active_width(leases)
+        for g in sorted(groups, reverse=True):
+            members = groups[g]
+            gw = _active_width(members)
+            if width - gw < spec.min_width or not all(
+                world.classes.get(x.name) is FundingClass.UNFUNDED for x in members
+            ):
+                break
+            if any(_in(domains, world.lease_domain(x)) for x in members):
+                out.append(Cut(RECLAIM, key, tuple(x.name for x in members)))
+            width -= gw
+    return out
+
+
+def _spare_units(world: CutWorld, domains: set[str] | None) -> list[Cut]:
+    out: list[Cut] = []
+    for key in _youngest_first(world, [k for k in world.by_run if world.cuttable(k)]):
+        spares = [x for x in world.by_run[key] if x.role is Role.SPARE and _in(domains, world.lease_domain(x))]
+        for lease in sorted(spares, key=lambda x: (-x.group, x.name)):
+            out.append(Cut(DROP_SPARE, key, (lease.name,)))
+    return out
+
+
+def _shrink_units(world: CutWorld, domains: set[str] | None) -> list[Cut]:
+    """Top groups of malleable runs down to min, most surplus first (then key); a run whose top
+    group lies outside `domains` is not shrunk."""
+    runs: list[tuple[int, str]] = []
+    for key, leases in world.by_run.items():
+        spec = world.runs[key][0] if key in world.runs else None
+        if spec is None or spec.malleable is None or not world.cuttable(key):
+            continue
+        surplus = _active_width(leases) - spec.min_width
+        if surplus > 0:
+            runs.append((surplus, key))
+    out: list[Cut] = []
+    for _, key in sorted(runs, key=lambda sk: (-sk[0], sk[1])):
+        leases = world.by_run[key]
+        spec = world.runs[key][0]
+        groups = _groups(leases)
+        width = _active_width(leases)
+        for g in sorted(groups, reverse=True):
+            members = groups[g]
+            gw = _active_width(members)
+            if width - gw < spec.min_width:
+                break
+            if not any(_in(domains, world.lease_domain(x)) for x in members):
+                break
+            out.append(Cut(SHRINK, key, tuple(x.name for x in members)))
+            width -= gw
+    return out
+
+
+def freed_slots(world: CutWorld, cuts: Iterable[Cut]) -> set[Slot]:
+    """Slots the cuts free, with the gangs they break: a fixed run that loses an active GPU, or a
+    malleable run left below min, frees everything; a malleable run frees whole broken groups."""
+    cut_names: dict[str, set[str]] = {}
+    for c in cuts:
+        cut_names.setdefault(c.run, set()).update(c.leases)
+    slots: set[Slot] = set()
+    for key, names in cut_names.items():
+        leases = world.by_run.get(key, [])
+        spec = world.runs[key][0]
+        lost_active = any(x.role is Role.ACTIVE and x.name in names for x in leases)
+        if not lost_active:
+            freed = [x for x in leases if x.name in names]
+        elif spec.malleable is None:
+            freed = leases
+        else:
+            groups = _groups(leases)
+            broken = {g for g, ms in groups.items() if any(x.role is Role.ACTIVE and x.name in names for x in ms)}
+            intact = sum(_active_width(ms) for g, ms in groups.items() if g not in broken)
+            freed = leases if intact < spec.min_width else [x for x in leases if x.group in broken or x.name in names]
+        for x in freed:
+            slots.update(x.slots)
+    return slots
+
+
+class _Deficit:
+    def __init__(self, world: CutWorld, deficit: dict[str, int]) -> None:
+        self.world, self.deficit = world, {d: n for d, n in deficit.items() if n > 0}
+
+    def short(self, cuts: Iterable[Cut]) -> dict[str, int]:
+        got: dict[str, int] = {}
+        for s in freed_slots(self.world, cuts):
+            if self.world.usable(s):
+                d = self.world.domain_of(s[0])
+                got[d] = got.get(d, 0) + 1
+        return {d: n - got.get(d, 0) for d, n in self.deficit.items() if n - got.get(d, 0) > 0}
+
+    def helps(self, cut: Cut, kept: list[Cut], short: dict[str, int]) -> bool:
+        before = self.short(kept)
+        after = self.short([*kept, cut])
+        return any(after.get(d, 0) < n for d, n in before.items() if d in short)
+
+
+def plan(world: CutWorld, deficit: dict[str, int], source: str, max_step: int = LOTTERY) -> CutPlan | None:
+    """The cut order for a per-domain deficit, or None when even every cut cannot clear it."""
+    need = _Deficit(world, deficit)
+    scope = set(need.deficit)
+    seed = lottery_seed(source, world.now)
+    chosen: list[Cut] = []
+    for step in (RECLAIM, DROP_SPARE, SHRINK):
+        if step > max_step:
+            break
+        for cut in units(world, step, scope):
+            short = need.short(chosen)
+            if not short:
+                break
+            if need.helps(cut, chosen, short):
+                chosen.append(cut)
+    conflict: list[str] = []
+    victims: list[str] = []
+    if need.short(chosen) and max_step >= LOTTERY:
+        freed = freed_slots(world, chosen)
+        conflict = sorted(
+            k for k, leases in world.by_run.items()
+            if world.cuttable(k) and any(
+                world.lease_domain(x) in scope and not set(x.slots) <= freed for x in leases
+            )
+        )
+        owner_of = {k: world.runs[k][0].owner for k in conflict}
+
+        def still_short(vs: list[str]) -> bool:
+            return bool(need.short([*chosen, *(_victim(world, v) for v in vs)]))
+
+        victims = draw(seed, conflict, owner_of.__getitem__, still_short)
+    kept = [*chosen, *(_victim(world, v) for v in victims)]
+    if need.short(kept):
+        return None
+    order = [*(c for c in kept if c.step == LOTTERY)]
+    for step in (SHRINK, DROP_SPARE, RECLAIM):
+        order.extend(reversed([c for c in chosen if c.step == step]))
+    for cut in order:
+        rest = [c for c in kept if c is not cut]
+        if not need.short(rest):
+            kept = rest
+    return CutPlan(tuple(kept), seed, tuple(conflict), frozenset(freed_slots(world, kept)))
+
+
+def _victim(world: CutWorld, key: str) -> Cut:
+    return Cut(LOTTERY, key, tuple(x.name for x in world.by_run[key]))
+
+
+def capacity_levels(world: CutWorld) -> list[set[Slot]]:
+    """Extra slots each level of §7 may count: step 1; +2; +3; + every slot of a cuttable run."""
+    levels: list[set[Slot]] = []
+    acc: set[Slot] = set()
+    for step in (RECLAIM, DROP_SPARE, SHRINK):
+        for cut in units(world, step, None):
+            for name in cut.leases:
+                acc.update(world.leases[name].slots)
+        levels.append(set(acc))
+    for key, leases in world.by_run.items():
+        if world.cuttable(key):
+            for x in leases:
+                acc.update(x.slots)
+    levels.append(set(acc))
+    return levels

@@ -1,0 +1,356 @@
+"""Funding classes: derived, never stored (CALCULUS §2).
+
+Contract: `FundingRules` answers, for budgets and a family DAG, which tier a claim has on an
+envelope (applying `sharing`, lending ACLs and `allowBorrow`) and which bounds apply to it.
+`FundingView` keeps the open claims and derives each one's class by ranking the claims with a
+payer by (tier, admission time, run key, group, lease name) and filling greedily under every
+bound (window, concurrency, GPU-hours spent, lending caps, `maxBorrowGPUs`, aggregate caps).
+The result is a pure function of (rules, claims, clock, spent bounds): the view only caches it
+per component of envelopes linked by aggregate caps, recomputing a component when it changes,
+and appending in O(bounds) when a new claim ranks after every claim of its component.
+Not: a store of classes (nothing here is persisted), not the meter (see `meter`).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from jobtree.core.family import OWNER, SPONSOR, Family
+from jobtree.core.model import (
+    Budget,
+    Envelope,
+    EnvelopeRef,
+    FundingClass,
+    Labels,
+    Role,
+    Sharing,
+    labels_match,
+)
+
+INF = 1 << 60
+
+Bound = tuple[str, ...]
+"""('env', budget, envelope) | ('lend', budget, envelope) | ('cap', budget, cap) | ('borrow', run key)."""
+
+Rank = tuple[int, int, str, int, str]
+"""(tier, admission time, run key, group, lease name)."""
+
+
+def env_bound(ref: EnvelopeRef) -> Bound:
+    return ("env", ref[0], ref[1])
+
+
+def lend_bound(ref: EnvelopeRef) -> Bound:
+    return ("lend", ref[0], ref[1])
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """An open lease (or a hypothetical one) as the ranking sees it."""
+
+    name: str
+    run: str
+    owner: str
+    group: int
+    role: Role
+    gpus: int
+    payer: EnvelopeRef | None
+    node_labels: Labels | None = None
+    """Labels of the lease's node (None for a hypothetical claim: no selector check)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunTerms:
+    """What ranking needs of a run."""
+
+    admitted: int
+    allow_borrow: bool = False
+    max_borrow: int | None = None
+    sponsors: tuple[str, ...] = ()
+
+
+class FundingRules:
+    """Budgets and the family DAG, indexed: tiers and bounds of claims."""
+
+    def __init__(self, budgets: Iterable[Budget], allowances: dict[str, int] | None = None) -> None:
+        self.budgets: dict[str, Budget] = {b.name: b for b in budgets}
+        self.family = Family(self.budgets.values())
+        self.envelopes: dict[EnvelopeRef, Envelope] = {}
+        self.owner_of: dict[EnvelopeRef, str] = {}
+        self.caps_of: dict[EnvelopeRef, list[tuple[Bound, int]]] = {}
+        self.hour_caps: dict[Bound, float] = {}
+        allowances = allowances or {}
+        for b in self.budgets.values():
+            for e in b.envelopes:
+                ref = (b.name, e.name)
+                self.envelopes[ref] = e
+                self.owner_of[ref] = b.owner
+                self.caps_of[ref] = []
+                if e.max_gpu_hours is not None:
+                    self.hour_caps[env_bound(ref)] = e.max_gpu_hours
+                if e.lending.max_gpu_hours is not None:
+                    self.hour_caps[lend_bound(ref)] = e.lending.max_gpu_hours
+            for cap in b.aggregate_caps:
+                key: Bound = ("cap", b.name, cap.name)
+                limit = allowances.get(f"{b.name}/{cap.name}", cap.max_concurrency)
+                for en in cap.envelopes:
+                    self.caps_of[(b.name, en)].append((key, INF if limit is None else limit))
+                if cap.max_gpu_hours is not None:
+                    self.hour_caps[key] = cap.max_gpu_hours
+        self._tier_cache: dict[tuple[str, EnvelopeRef, bool], int | None] = {}
+
+    def tier(self, owner: str, ref: EnvelopeRef, allow_borrow: bool) -> int | None:
+        """The tier of a claim by `owner` on envelope `ref`, or None when it may not draw on it."""
+        key = (owner, ref, allow_borrow)
+        if key in self._tier_cache:
+            return self._tier_cache[key]
+        e = self.envelopes.get(ref)
+        got: int | None = None
+        if e is not None:
+            ft = self.family.family_tier(owner, self.owner_of[ref])
+            if ft is not None:
+                got = ft if ft == OWNER or e.sharing is Sharing.FAMILY else None
+            elif allow_borrow and e.lending.lends_to(owner):
+                got = SPONSOR
+        self._tier_cache[key] = got
+        return got
+
+    def bounds(self, ref: EnvelopeRef, tier: int, run: str, terms: RunTerms) -> list[tuple[Bound, int]]:
+        """Every concurrency bound a claim on `ref` at `tier` must fit under (with its cap)."""
+        e = self.envelopes[ref]
+        out: list[tuple[Bound, int]] = [(env_bound(ref), e.concurrency)]
+        if tier == SPONSOR:
+            mc = e.lending.max_concurrency
+            out.append((lend_bound(ref), INF if mc is None else mc))
+            if terms.max_borrow is not None:
+                out.append((("borrow", run), terms.max_borrow))
+        out.extend(self.caps_of[ref])
+        return out
+
+    def component_links(self) -> list[list[EnvelopeRef]]:
+        """Sets of envelopes whose classification depends on each other (linked by caps)."""
+        groups: dict[Bound, list[EnvelopeRef]] = {}
+        for ref, caps in self.caps_of.items():
+            for key, _ in caps:
+                groups.setdefault(key, []).append(ref)
+        return list(groups.values())
+
+
+def class_for_tier(tier: int) -> FundingClass:
+    if tier == OWNER:
+        return FundingClass.OWNED
+    if tier == SPONSOR:
+        return FundingClass.BORROWED
+    return FundingClass.SHARED
+
+
+@dataclass
+class _Component:
+    claims: dict[str, Claim] = field(default_factory=dict)
+    dirty: bool = True
+    max_rank: Rank | None = None
+    bounds: set[Bound] = field(default_factory=set)
+
+
+class FundingView:
+    """The open claims and their derived classes, recomputed lazily per component."""
+
+    def __init__(self, rules: FundingRules, terms: Callable[[str], RunTerms]) -> None:
+        self._terms = terms
+        self.rules = rules
+        self.now = 0
+        self.spent: frozenset[Bound] = frozenset()
+        self._claims: dict[str, Claim] = {}
+        self._cls: dict[str, FundingClass] = {}
+        self._tier_of: dict[str, int] = {}
+        self.used: dict[Bound, int] = {}
+        self._funded: dict[Bound, list[tuple[Rank, int]]] = {}
+        self._components: dict[str, _Component] = {}
+        self._comp_of_env: dict[EnvelopeRef, str] = {}
+        self._unpaid = _Component(dirty=False)
+        self._build_components()
+
+    # --- structure ------------------------------------------------------------------------
+
+    def _build_components(self) -> None:
+        parent: dict[EnvelopeRef, EnvelopeRef] = {r: r for r in self.rules.envelopes}
+
+        def find(r: EnvelopeRef) -> EnvelopeRef:
+            while parent[r] != r:
+                parent[r] = parent[parent[r]]
+                r = parent[r]
+            return r
+
+        for members in self.rules.component_links():
+            for m in members[1:]:
+                parent[find(m)] = find(members[0])
+        self._comp_of_env = {r: "/".join(find(r)) for r in self.rules.envelopes}
+        self._components = {cid: _Component() for cid in set(self._comp_of_env.values())}
+        self._components["\x00orphans"] = _Component()
+        self._unpaid = _Component(dirty=False)
+        for c in self._claims.values():
+            self._component_for(c).claims[c.name] = c
+
+    def _component_for(self, c: Claim) -> _Component:
+        if c.payer is None:
+            return self._unpaid
+        cid = self._comp_of_env.get(c.payer)
+        return self._components[cid if cid is not None else "\x00orphans"]
+
+    def set_rules(self, rules: FundingRules) -> None:
+        self.rules = rules
+        self._build_components()
+        self.used.clear()
+        self._funded.clear()
+
+    def set_clock(self, now: int, spent: frozenset[Bound]) -> None:
+        """Move the view's clock; components whose window or spent state changed recompute."""
+        old_now, old_spent = self.now, self.spent
+        self.now, self.spent = now, spent
+        for ref, cid in self._comp_of_env.items():
+            e = self.rules.envelopes[ref]
+            if e.window_open(old_now) != e.window_open(now):
+                self._components[cid].dirty = True
+        for b in old_spent.symmetric_difference(spent):
+            for cid in self._comps_of_bound(b):
+                self._components[cid].dirty = True
+
+    def _comps_of_bound(self, b: Bound) -> set[str]:
+        if b[0] in ("env", "lend"):
+            cid = self._comp_of_env.get((b[1], b[2]))
+            return {cid} if cid else set()
+        if b[0] == "cap":
+            return {cid for ref, cid in self._comp_of_env.items()
+                    if any(key == b for key, _ in self.rules.caps_of[ref])}
+        return set(self._components)
+
+    def invalidate(self) -> None:
+        for comp in self._components.values():
+            comp.dirty = True
+
+    # --- claims ---------------------------------------------------------------------------
+
+    def add(self, c: Claim) -> None:
+        self._claims[c.name] = c
+        comp = self._component_for(c)
+        comp.claims[c.name] = c
+        if c.payer is None:
+            self._cls[c.name] = FundingClass.UNFUNDED
+            return
+        if comp.dirty:
+            return
+        rank = self._rank(c)
+        if rank is None:
+            self._cls[c.name] = FundingClass.UNFUNDED
+        elif (comp.max_rank is None or rank > comp.max_rank) and self._terms(c.run).max_borrow is None:
+            self._decide(c, rank, comp)
+            comp.max_rank = rank
+        else:
+            comp.dirty = True
+
+    def remove(self, name: str) -> None:
+        c = self._claims.pop(name)
+        comp = self._component_for(c)
+        del comp.claims[name]
+        cls = self._cls.pop(name, None)
+        if c.payer is not None and (comp.dirty or cls not in (None, FundingClass.UNFUNDED)):
+            comp.dirty = True
+        self._tier_of.pop(name, None)
+
+    def claims(self) -> Iterable[Claim]:
+        return self._claims.values()
+
+    # --- answers ----------------------------------------------------------------------------
+
+    def class_of(self, name: str) -> FundingClass:
+        self.refresh()
+        return self._cls[name]
+
+    def tier_of(self, name: str) -> int | None:
+        self.refresh()
+        return self._tier_of.get(name)
+
+    def used_now(self, bound: Bound) -> int:
+        self.refresh()
+        return self.used.get(bound, 0)
+
+    def used_before(self, bound: Bound, rank: Rank) -> int:
+        """Funded GPUs under `bound` of claims ranked before `rank`."""
+        self.refresh()
+        lst = self._funded.get(bound)
+        if not lst:
+            return 0
+        if lst[-1][0] < rank:
+            return self.used.get(bound, 0)
+        cut = bisect_left(lst, (rank, -1))
+        return sum(g for _, g in lst[:cut])
+
+    def refresh(self) -> None:
+        dirty = [c for c in self._components.values() if c.dirty]
+        if not dirty:
+            return
+        if any(self._terms(c.run).max_borrow is not None for comp in dirty for c in comp.claims.values()):
+            # maxBorrowGPUs is one bound across components: rank everything together.
+            self._recompute(list(self._components.values()))
+        else:
+            for comp in dirty:
+                self._recompute([comp])
+
+    # --- the ranking --------------------------------------------------------------------------
+
+    def _rank(self, c: Claim) -> Rank | None:
+        """The claim's rank, or None when it cannot be funded at all right now."""
+        assert c.payer is not None
+        e = self.rules.envelopes.get(c.payer)
+        if e is None or not e.window_open(self.now):
+            return None
+        if c.node_labels is not None and not (
+            dict(c.node_labels).get("gpu.flavor") == e.flavor and labels_match(e.selector, c.node_labels)
+        ):
+            return None
+        terms = self._terms(c.run)
+        tier = self.rules.tier(c.owner, c.payer, terms.allow_borrow)
+        if tier is None:
+            return None
+        return (tier, terms.admitted, c.run, c.group, c.name)
+
+    def _decide(self, c: Claim, rank: Rank, comp: _Component) -> None:
+        assert c.payer is not None
+        tier = rank[0]
+        bounds = self.rules.bounds(c.payer, tier, c.run, self._terms(c.run))
+        used = self.used
+        self._tier_of[c.name] = tier
+        if all(b not in self.spent and used.get(b, 0) + c.gpus <= cap for b, cap in bounds):
+            for b, _ in bounds:
+                used[b] = used.get(b, 0) + c.gpus
+                self._funded.setdefault(b, []).append((rank, c.gpus))
+                comp.bounds.add(b)
+            self._cls[c.name] = class_for_tier(tier)
+        else:
+            self._cls[c.name] = FundingClass.UNFUNDED
+
+    def _recompute(self, comps: list[_Component]) -> None:
+        """Forget what these components funded, then refill their claims in one rank order."""
+        for comp in comps:
+            for b in comp.bounds:
+                self.used.pop(b, None)
+                self._funded.pop(b, None)
+            comp.bounds = set()
+        ranked: list[tuple[Rank, Claim, _Component]] = []
+        for comp in comps:
+            comp.max_rank = None
+            for c in comp.claims.values():
+                rank = self._rank(c)
+                if rank is None:
+                    self._cls[c.name] = FundingClass.UNFUNDED
+                    self._tier_of.pop(c.name, None)
+                else:
+                    ranked.append((rank, c, comp))
+        ranked.sort(key=lambda rc: rc[0])
+        for rank, c, comp in ranked:
+            self._decide(c, rank, comp)
+            comp.max_rank = rank
+        for comp in comps:
+            comp.dirty = False

@@ -1,0 +1,96 @@
+"""The invariant oracle: the properties of CALCULUS §10, checked against a cluster's view.
+
+Contract: `check_all(cluster)` raises `InvariantViolation` naming the property and the
+offending object when any of these fails at the cluster's `now`: exclusivity (no slot in two
+open leases), no overdraft (funded concurrency and GPU-hours within every envelope, lending
+and aggregate cap), derivation (classes recomputed from scratch, claims in another order,
+equal the cluster's incremental ones), gang (a Running run holds at least its runnable width),
+and audit (replaying the journal reproduces the meter). Determinism is a property of whole
+runs and is tested by playing scenarios twice. Tests run this after every decision.
+Not: part of any decision path; production shells need not call it.
+"""
+
+from __future__ import annotations
+
+from jobtree.core.engine import Cluster
+from jobtree.core.funding import INF, FundingView
+from jobtree.core.meter import cap_seconds
+from jobtree.core.model import FundingClass, Phase, Role, Slot
+
+
+class InvariantViolation(AssertionError):
+    pass
+
+
+def check_exclusivity(cl: Cluster) -> None:
+    seen: dict[Slot, str] = {}
+    for leases in cl.open_by_run.values():
+        for lease in leases.values():
+            for s in lease.slots:
+                if s in seen:
+                    raise InvariantViolation(f"exclusivity: slot {s[0]}#{s[1]} in {seen[s]} and {lease.name}")
+                seen[s] = lease.name
+                if cl.topo.holder(s) != lease.name:
+                    raise InvariantViolation(f"exclusivity: topology says {s} is held by {cl.topo.holder(s)}")
+
+
+def check_no_overdraft(cl: Cluster) -> None:
+    cl.funding.refresh()
+    for ref in cl.rules.envelopes:
+        bounds = cl.rules.bounds(ref, 3000, "", cl.terms(""))
+        for b, cap in bounds:
+            if b[0] == "borrow":
+                continue
+            used = cl.funding.used.get(b, 0)
+            if cap < INF and used > cap:
+                raise InvariantViolation(f"no overdraft: {'/'.join(b)} funds {used} GPUs over its cap {cap}")
+    for b, hours in cl.rules.hour_caps.items():
+        if cl.meter.consumed.get(b, 0) > cap_seconds(hours):
+            raise InvariantViolation(f"no overdraft: {'/'.join(b)} consumed more than {hours} GPU-hours")
+    for key in cl.open_by_run:
+        terms = cl.terms(key)
+        if terms.max_borrow is not None:
+            borrowed = sum(x.gpus for x in cl.open_by_run[key].values()
+                           if cl.funding.class_of(x.name) is FundingClass.BORROWED)
+            if borrowed > terms.max_borrow:
+                raise InvariantViolation(f"no overdraft: {key} borrows {borrowed} > maxBorrowGPUs {terms.max_borrow}")
+
+
+def check_derivation(cl: Cluster) -> None:
+    fresh = FundingView(cl.rules, cl.terms)
+    fresh.set_clock(cl.now, cl.funding.spent)
+    for claim in sorted(cl.funding.claims(), key=lambda c: c.name, reverse=True):
+        fresh.add(claim)
+    fresh.invalidate()
+    for claim in cl.funding.claims():
+        a, b = cl.funding.class_of(claim.name), fresh.class_of(claim.name)
+        if a is not b:
+            raise InvariantViolation(f"derivation: {claim.name} is {a.value} incrementally but {b.value} from scratch")
+
+
+def check_gang(cl: Cluster) -> None:
+    for key, st in cl.status.items():
+        if key not in cl.runs:
+            continue
+        active = sum(x.gpus for x in cl.open_by_run.get(key, {}).values() if x.role is Role.ACTIVE)
+        if st.phase is Phase.RUNNING and active < cl.runs[key].spec.min_width:
+            raise InvariantViolation(f"gang: {key} is Running with {active} < {cl.runs[key].spec.min_width} GPUs")
+        if st.phase is not Phase.RUNNING and active:
+            raise InvariantViolation(f"gang: {key} is {st.phase.value} but holds {active} GPUs")
+
+
+def check_audit(cl: Cluster, start: int, nodes: list | None = None) -> None:  # type: ignore[type-arg]
+    base = nodes if nodes is not None else list(cl.initial_nodes)
+    again = Cluster.replay(cl.config, base, start, cl.journal)
+    again._move_clock(cl.now)
+    if again.meter.consumed != cl.meter.consumed or again.meter.unfunded != cl.meter.unfunded:
+        raise InvariantViolation("audit: replaying the journal does not reproduce the meter")
+
+
+def check_all(cl: Cluster, audit: bool = False) -> None:
+    check_exclusivity(cl)
+    check_no_overdraft(cl)
+    check_derivation(cl)
+    check_gang(cl)
+    if audit:
+        check_audit(cl, cl.started)

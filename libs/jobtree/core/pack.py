@@ -1,0 +1,287 @@
+"""Pack: where a request's GPUs go, all or nothing (CALCULUS §4).
+
+Contract: given a view of free slots and a request (groups, each a list of pieces that must sit
+on nodes matching the piece's payer selector), answer a placement of every GPU or None.
+Domains the run already uses come first, then domains by free GPUs (descending) then name;
+nodes inside a domain by free GPUs (descending) then name; slots by ordinal. Each group
+(with its spares) goes whole into the first domain that can hold it; a spanning (ungrouped)
+group fills one domain before the next; `one_domain` puts every group in one domain.
+Deterministic: the same inputs give the same placement. The view is left as it was found.
+Not: a funding decision (see `cover`), not a commit (the engine mints leases).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import Protocol
+
+from jobtree.core.model import Labels, NodeState, Role, Slot, labels_match
+from jobtree.core.topology import Topology
+
+_TENTATIVE = "\x00pack"
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """GPUs of one role and one payer within a group; `tag` is returned with the slots."""
+
+    role: Role
+    count: int
+    selector: Labels = ()
+    tag: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRequest:
+    index: int
+    pieces: tuple[Piece, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(p.count for p in self.pieces)
+
+
+@dataclass(frozen=True, slots=True)
+class PackRequest:
+    flavor: str
+    groups: tuple[GroupRequest, ...]
+    selector: Labels = ()
+    spanning: bool = False
+    one_domain: bool = False
+    used_domains: tuple[str, ...] = ()
+    fixed_domains: tuple[tuple[int, tuple[str, ...]], ...] = ()
+    """Per group index, the only domains it may use (a reservation's intended slice)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedPiece:
+    piece: Piece
+    slots: tuple[Slot, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedGroup:
+    index: int
+    pieces: tuple[PlacedPiece, ...]
+
+    def domain_gpus(self, domain_of: dict[str, str] | Topology) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for pp in self.pieces:
+            for node, _ in pp.slots:
+                d = domain_of.domain_of(node) if isinstance(domain_of, Topology) else domain_of[node]
+                out[d] = out.get(d, 0) + 1
+        return out
+
+
+class FreeView(Protocol):
+    def domains_in_order(self) -> Iterator[str]: ...
+    def domain_free(self, domain: str) -> int: ...
+    def nodes_in_order(self, domain: str, need: int) -> list[str]: ...
+    def free_ordinals(self, node: str) -> list[int]: ...
+    def labels_ok(self, node: str, selector: Labels) -> bool: ...
+    def domain_of(self, node: str) -> str: ...
+    def take(self, slots: list[Slot]) -> None: ...
+    def untake(self, slots: list[Slot]) -> None: ...
+
+
+class IndexedView:
+    """The live topology's free slots (fast path: run selector matches every node of the flavor)."""
+
+    def __init__(self, topo: Topology, flavor: str) -> None:
+        self.topo, self.flavor = topo, flavor
+
+    def domains_in_order(self) -> Iterator[str]:
+        return iter(list(self.topo.domains_by_free(self.flavor)))
+
+    def domain_free(self, domain: str) -> int:
+        return self.topo.domain_free(self.flavor, domain)
+
+    def nodes_in_order(self, domain: str, need: int) -> list[str]:
+        out: list[str] = []
+        have = 0
+        for name in self.topo.nodes_by_free(self.flavor, domain):
+            out.append(name)
+            have += self.topo.free(name)
+            if need and have >= need:
+                break
+        return out
+
+    def free_ordinals(self, node: str) -> list[int]:
+        return self.topo.free_ordinals(node)
+
+    def labels_ok(self, node: str, selector: Labels) -> bool:
+        return not selector or labels_match(selector, self.topo.nodes[node].labels)
+
+    def domain_of(self, node: str) -> str:
+        return self.topo.domain_of(node)
+
+    def take(self, slots: list[Slot]) -> None:
+        self.topo.take(slots, _TENTATIVE)
+
+    def untake(self, slots: list[Slot]) -> None:
+        self.topo.release(slots, _TENTATIVE)
+
+
+class VirtualView:
+    """Free slots as a caller counts them: live free slots plus `extra` (slots cuts could free),
+    restricted to Ready nodes of the flavor matching `selector`."""
+
+    def __init__(self, topo: Topology, flavor: str, selector: Labels = (),
+                 extra: dict[str, set[int]] | None = None) -> None:
+        self.topo = topo
+        self._free: dict[str, set[int]] = {}
+        self._by_domain: dict[str, list[str]] = {}
+        for domain in topo.domains(flavor):
+            names = []
+            for name in topo.nodes_of(flavor, domain):
+                node = topo.nodes[name]
+                if node.state is not NodeState.READY or not labels_match(selector, node.labels):
+                    continue
+                free = set(topo.free_ordinals(name))
+                if extra and name in extra:
+                    free |= extra[name]
+                self._free[name] = free
+                names.append(name)
+            if names:
+                self._by_domain[domain] = names
+
+    def domains_in_order(self) -> Iterator[str]:
+        return iter(sorted(self._by_domain, key=lambda d: (-self.domain_free(d), d)))
+
+    def domain_free(self, domain: str) -> int:
+        return sum(len(self._free[n]) for n in self._by_domain.get(domain, ()))
+
+    def nodes_in_order(self, domain: str, need: int) -> list[str]:
+        names = [n for n in self._by_domain.get(domain, ()) if self._free[n]]
+        return sorted(names, key=lambda n: (-len(self._free[n]), n))
+
+    def free_ordinals(self, node: str) -> list[int]:
+        return sorted(self._free.get(node, ()))
+
+    def labels_ok(self, node: str, selector: Labels) -> bool:
+        return not selector or labels_match(selector, self.topo.nodes[node].labels)
+
+    def domain_of(self, node: str) -> str:
+        return self.topo.domain_of(node)
+
+    def take(self, slots: list[Slot]) -> None:
+        for node, i in slots:
+            self._free[node].remove(i)
+
+    def untake(self, slots: list[Slot]) -> None:
+        for node, i in slots:
+            self._free[node].add(i)
+
+
+def view_for(topo: Topology, flavor: str, selector: Labels = (),
+             extra: dict[str, set[int]] | None = None) -> FreeView:
+    """The fast indexed view when it is exact, else a virtual one."""
+    if not extra and topo.selector_matches_all(flavor, selector):
+        return IndexedView(topo, flavor)
+    return VirtualView(topo, flavor, selector, extra)
+
+
+def pack(view: FreeView, req: PackRequest) -> list[PlacedGroup] | None:
+    """Place every GPU of `req` or answer None. The view is unchanged afterwards."""
+    taken: list[Slot] = []
+    try:
+        if req.one_domain:
+            return _pack_one_domain(view, req, taken)
+        return _pack_groups(view, req, list(req.used_domains), taken)
+    finally:
+        view.untake(taken)
+
+
+def _ordered_domains(view: FreeView, used: list[str]) -> list[str]:
+    rest = [d for d in view.domains_in_order() if d not in used]
+    return [*used, *rest]
+
+
+def _pack_groups(view: FreeView, req: PackRequest, used: list[str], taken: list[Slot]) -> list[PlacedGroup] | None:
+    fixed = dict(req.fixed_domains)
+    placed: list[PlacedGroup] = []
+    for g in req.groups:
+        doms = list(fixed[g.index]) if g.index in fixed else _ordered_domains(view, used)
+        pg = _place_spanning(view, g, doms, taken) if req.spanning else _place_in_first(view, g, doms, taken)
+        if pg is None:
+            return None
+        placed.append(pg)
+        for pp in pg.pieces:
+            for node, _ in pp.slots:
+                d = view.domain_of(node)
+                if d not in used:
+                    used.append(d)
+    return placed
+
+
+def _pack_one_domain(view: FreeView, req: PackRequest, taken: list[Slot]) -> list[PlacedGroup] | None:
+    candidates = list(req.used_domains[:1]) if req.used_domains else list(view.domains_in_order())
+    need = sum(g.size for g in req.groups)
+    for d in candidates:
+        if view.domain_free(d) < need:
+            continue
+        attempt: list[Slot] = []
+        sub = PackRequest(req.flavor, req.groups, req.selector, False, False, (d,),
+                          tuple((g.index, (d,)) for g in req.groups))
+        got = _pack_groups(view, sub, [d], attempt)
+        if got is not None:
+            taken.extend(attempt)
+            return got
+        view.untake(attempt)
+    return None
+
+
+def _place_in_first(view: FreeView, g: GroupRequest, doms: Iterable[str], taken: list[Slot]) -> PlacedGroup | None:
+    size = g.size
+    for d in doms:
+        if view.domain_free(d) < size:
+            continue
+        attempt: list[Slot] = []
+        pieces = _fill(view, g, [d], attempt)
+        if pieces is not None:
+            taken.extend(attempt)
+            return PlacedGroup(g.index, pieces)
+        view.untake(attempt)
+    return None
+
+
+def _place_spanning(view: FreeView, g: GroupRequest, doms: list[str], taken: list[Slot]) -> PlacedGroup | None:
+    if sum(view.domain_free(d) for d in doms) < g.size:
+        return None
+    attempt: list[Slot] = []
+    pieces = _fill(view, g, doms, attempt)
+    if pieces is None:
+        view.untake(attempt)
+        return None
+    taken.extend(attempt)
+    return PlacedGroup(g.index, pieces)
+
+
+def _fill(view: FreeView, g: GroupRequest, doms: list[str], attempt: list[Slot]) -> tuple[PlacedPiece, ...] | None:
+    """Fill each piece from the domains in order, nodes in order; None if any piece is short."""
+    node_lists = {d: view.nodes_in_order(d, 0 if any(p.selector for p in g.pieces) else g.size) for d in doms}
+    out: list[PlacedPiece] = []
+    for piece in g.pieces:
+        need = piece.count
+        got: list[Slot] = []
+        for d in doms:
+            for node in node_lists[d]:
+                if need == 0:
+                    break
+                if not view.labels_ok(node, piece.selector):
+                    continue
+                ords = list(islice(view.free_ordinals(node), need))
+                if ords:
+                    slots = [(node, i) for i in ords]
+                    view.take(slots)
+                    attempt.extend(slots)
+                    got.extend(slots)
+                    need -= len(slots)
+            if need == 0:
+                break
+        if need:
+            return None
+        out.append(PlacedPiece(piece, tuple(got)))
+    return tuple(out)

@@ -1,0 +1,177 @@
+"""Nodes, domains and slot occupancy, indexed for packing (CALCULUS §1 nodes and slots, §4).
+
+Contract: knows every node, its state, which lease holds each slot, and keeps per
+(flavor, domain) orderings of Ready nodes by free GPUs (descending) then name, and of domains
+by free GPUs then name, updated in O(log n) as slots are taken and released. Occupancy is
+exclusive: taking a held slot raises (the exclusivity property of §10).
+Not: a placement policy (see `pack`), not a funding view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from sortedcontainers import SortedList
+
+from jobtree.core.model import Labels, Node, NodeState, Slot, labels_match
+
+
+class SlotConflict(RuntimeError):
+    """Two leases claimed one slot: a bug, never a user error."""
+
+
+class Topology:
+    def __init__(self, nodes: Iterable[Node] = ()) -> None:
+        self.nodes: dict[str, Node] = {}
+        self._holder: dict[str, list[str | None]] = {}
+        self._free: dict[str, int] = {}
+        self._dom_nodes: dict[tuple[str, str], SortedList] = {}  # (flavor, domain) -> (-free, name), Ready
+        self._dom_free: dict[tuple[str, str], int] = {}  # Ready free GPUs
+        self._dom_order: dict[str, SortedList] = {}  # flavor -> (-free, domain)
+        self._all_nodes_of: dict[tuple[str, str], list[str]] = {}  # (flavor, domain) -> names, any state
+        self._selector_all: dict[tuple[str, Labels], bool] = {}
+        self._selector_any: dict[tuple[str, Labels], bool] = {}
+        for n in nodes:
+            self.add_node(n)
+
+    # --- structure -------------------------------------------------------------------------
+
+    def add_node(self, node: Node) -> None:
+        if node.name in self.nodes:
+            raise ValueError(f"node {node.name} already exists")
+        self.nodes[node.name] = node
+        self._holder[node.name] = [None] * node.gpus
+        self._free[node.name] = node.gpus
+        key = (node.flavor, node.domain)
+        self._all_nodes_of.setdefault(key, []).append(node.name)
+        self._all_nodes_of[key].sort()
+        if key not in self._dom_free:
+            self._dom_free[key] = 0
+            self._dom_nodes[key] = SortedList()
+            self._dom_order.setdefault(node.flavor, SortedList()).add((0, node.domain))
+        if node.state is NodeState.READY:
+            self._index_add(node.name)
+        self._selector_all.clear()
+        self._selector_any.clear()
+
+    def set_state(self, name: str, state: NodeState) -> None:
+        node = self.nodes[name]
+        if node.state is state:
+            return
+        if node.state is NodeState.READY:
+            self._index_remove(name)
+        self.nodes[name] = Node(node.name, node.gpus, node.labels, state)
+        if state is NodeState.READY:
+            self._index_add(name)
+
+    def domain_of(self, node: str) -> str:
+        return self.nodes[node].domain
+
+    def flavors(self) -> list[str]:
+        return sorted(self._dom_order)
+
+    def domains(self, flavor: str) -> list[str]:
+        return sorted(d for f, d in self._dom_free if f == flavor)
+
+    def nodes_of(self, flavor: str, domain: str) -> list[str]:
+        """Every node of the flavor in the domain, any state, by name."""
+        return self._all_nodes_of.get((flavor, domain), [])
+
+    def selector_matches_all(self, flavor: str, selector: Labels) -> bool:
+        """True when every node of `flavor` carries the selector's labels (a fast path for pack)."""
+        if not selector:
+            return True
+        key = (flavor, selector)
+        got = self._selector_all.get(key)
+        if got is None:
+            got = all(labels_match(selector, n.labels) for n in self.nodes.values() if n.flavor == flavor)
+            self._selector_all[key] = got
+        return got
+
+    def selector_matches_any(self, flavor: str, selector: Labels) -> bool:
+        """True when some node of `flavor` carries the selector's labels."""
+        key = (flavor, selector)
+        got = self._selector_any.get(key)
+        if got is None:
+            got = any(labels_match(selector, n.labels) for n in self.nodes.values() if n.flavor == flavor)
+            self._selector_any[key] = got
+        return got
+
+    # --- occupancy -------------------------------------------------------------------------
+
+    def holder(self, slot: Slot) -> str | None:
+        return self._holder[slot[0]][slot[1]]
+
+    def free(self, node: str) -> int:
+        return self._free[node]
+
+    def free_ordinals(self, node: str) -> list[int]:
+        return [i for i, h in enumerate(self._holder[node]) if h is None]
+
+    def held_slots(self, node: str) -> Iterator[tuple[int, str]]:
+        for i, h in enumerate(self._holder[node]):
+            if h is not None:
+                yield i, h
+
+    def take(self, slots: Iterable[Slot], holder: str) -> None:
+        for node, i in slots:
+            row = self._holder[node]
+            if row[i] is not None:
+                raise SlotConflict(f"slot {node}#{i} is held by {row[i]}, wanted by {holder}")
+            self._shift(node, -1)
+            row[i] = holder
+
+    def release(self, slots: Iterable[Slot], holder: str) -> None:
+        for node, i in slots:
+            row = self._holder[node]
+            if row[i] != holder:
+                raise SlotConflict(f"slot {node}#{i} is held by {row[i]}, not {holder}")
+            row[i] = None
+            self._shift(node, +1)
+
+    # --- ordered views for pack -------------------------------------------------------------
+
+    def domain_free(self, flavor: str, domain: str) -> int:
+        return self._dom_free.get((flavor, domain), 0)
+
+    def domains_by_free(self, flavor: str) -> Iterator[str]:
+        """Domains of the flavor by Ready free GPUs (descending), then name."""
+        for _, d in self._dom_order.get(flavor, ()):
+            yield d
+
+    def nodes_by_free(self, flavor: str, domain: str) -> Iterator[str]:
+        """Ready nodes of the flavor in the domain with a free slot, by free (descending), then name."""
+        for neg, name in self._dom_nodes.get((flavor, domain), ()):
+            if neg == 0:
+                break
+            yield name
+
+    # --- index maintenance ------------------------------------------------------------------
+
+    def _index_add(self, name: str) -> None:
+        n = self.nodes[name]
+        key = (n.flavor, n.domain)
+        self._dom_nodes[key].add((-self._free[name], name))
+        self._set_dom_free(key, self._dom_free[key] + self._free[name])
+
+    def _index_remove(self, name: str) -> None:
+        n = self.nodes[name]
+        key = (n.flavor, n.domain)
+        self._dom_nodes[key].remove((-self._free[name], name))
+        self._set_dom_free(key, self._dom_free[key] - self._free[name])
+
+    def _shift(self, name: str, delta: int) -> None:
+        n = self.nodes[name]
+        ready = n.state is NodeState.READY
+        if ready:
+            self._index_remove(name)
+        self._free[name] += delta
+        if ready:
+            self._index_add(name)
+
+    def _set_dom_free(self, key: tuple[str, str], value: int) -> None:
+        flavor, domain = key
+        order = self._dom_order[flavor]
+        order.remove((-self._dom_free[key], domain))
+        self._dom_free[key] = value
+        order.add((-value, domain))

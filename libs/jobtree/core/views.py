@@ -1,0 +1,139 @@
+"""Derived views of a cluster: the STATE object of SCENARIOS.md, as plain JSON-ready dicts.
+
+Contract: a pure function of the cluster's view at its `now` (leases, budgets, runs, meter);
+lists are sorted (runs and reservations by key or name, leases by name) so two outputs compare
+equal as text. Usage, headroom, run width and funding split are all derived here from leases,
+budgets and the clock — nothing is stored. Not: a table renderer (see `jobtree.sim.table`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jobtree.core.engine import Cluster
+from jobtree.core.funding import INF, env_bound
+from jobtree.core.model import FundingClass, Lease, Reservation, Role, slot_text
+from jobtree.core.timefmt import format_time
+
+Json = dict[str, Any]
+
+
+def _t(t: int | None) -> str | None:
+    return None if t is None else format_time(t)
+
+
+def lease_json(cl: Cluster, lease: Lease) -> Json:
+    cls = cl.funding.class_of(lease.name).value if lease.open else None
+    return {
+        "name": lease.name,
+        "run": lease.run,
+        "owner": lease.owner,
+        "group": lease.group,
+        "role": lease.role.value,
+        "slots": [slot_text(s) for s in lease.slots],
+        "paidBy": None if lease.paid_by is None else {"budget": lease.paid_by[0], "envelope": lease.paid_by[1]},
+        "class": cls,
+        "start": format_time(lease.start),
+        "end": _t(lease.end),
+        "mintReason": lease.mint_reason.value,
+        "closureReason": lease.closure_reason,
+    }
+
+
+def reservation_json(r: Reservation) -> Json:
+    return {
+        "name": r.name,
+        "run": r.run,
+        "state": r.state.value,
+        "earliestStart": format_time(r.earliest_start),
+        "deficitGPUs": r.deficit_gpus,
+        "seed": r.seed,
+        "conflictSet": list(r.conflict_set),
+    }
+
+
+def run_json(cl: Cluster, key: str) -> Json:
+    run, st = cl.runs[key], cl.status[key]
+    spec = run.spec
+    funding = {"owned": 0, "shared": 0, "borrowed": 0, "unfunded": 0, "spare": 0}
+    allocated = 0
+    for lease in cl.open_by_run.get(key, {}).values():
+        funding[cl.funding.class_of(lease.name).value] += lease.gpus
+        if lease.role is Role.SPARE:
+            funding["spare"] += lease.gpus
+        else:
+            allocated += lease.gpus
+    res = cl.reservations.get(st.reservation) if st.reservation else None
+    return {
+        "key": key,
+        "owner": spec.owner,
+        "phase": st.phase.value,
+        "reason": st.reason,
+        "message": st.message,
+        "width": {"min": spec.min_width, "max": spec.max_width, "desired": spec.desired_width, "allocated": allocated},
+        "funding": funding,
+        "reservation": res.name if res else None,
+        "earliestStart": format_time(res.earliest_start) if res else None,
+    }
+
+
+def budgets_json(cl: Cluster) -> list[Json]:
+    cl.funding.refresh()
+    funded: dict[tuple[str, str], dict[str, int]] = {}
+    for claim in cl.funding.claims():
+        if claim.payer is None:
+            continue
+        cls = cl.funding.class_of(claim.name)
+        if cls is FundingClass.UNFUNDED:
+            continue
+        row = funded.setdefault(claim.payer, {"owned": 0, "shared": 0, "borrowed": 0, "spare": 0})
+        row[cls.value] += claim.gpus
+        if claim.role is Role.SPARE:
+            row["spare"] += claim.gpus
+    out = []
+    for name in sorted(cl.budgets):
+        b = cl.budgets[name]
+        envs = []
+        for e in b.envelopes:
+            ref = (b.name, e.name)
+            row = funded.get(ref, {"owned": 0, "shared": 0, "borrowed": 0, "spare": 0})
+            envs.append({
+                "name": e.name,
+                "concurrency": e.concurrency,
+                "funded": row,
+                "headroom": headroom(cl, ref),
+                "consumedGPUHours": round(cl.meter.hours(env_bound(ref)), 6),
+            })
+        out.append({"name": b.name, "owner": b.owner, "envelopes": envs})
+    return out
+
+
+def headroom(cl: Cluster, ref: tuple[str, str]) -> int:
+    """Concurrency minus funded GPUs, lowered to what aggregate caps allow; 0 when the window is
+    closed or the GPU-hours are spent."""
+    e = cl.rules.envelopes[ref]
+    bound = env_bound(ref)
+    if not e.window_open(cl.now) or bound in cl.funding.spent:
+        return 0
+    room = e.concurrency - cl.funding.used_now(bound)
+    for cap_bound, cap in cl.rules.caps_of[ref]:
+        if cap_bound in cl.funding.spent:
+            return 0
+        if cap < INF:
+            room = min(room, cap - cl.funding.used_now(cap_bound))
+    return max(0, room)
+
+
+def state_json(cl: Cluster) -> Json:
+    """The STATE object of SCENARIOS.md at the cluster's `now`."""
+    return {
+        "time": format_time(cl.now),
+        "runs": [run_json(cl, k) for k in sorted(cl.runs)],
+        "leases": [lease_json(cl, cl.leases[n]) for n in sorted(cl.leases)],
+        "reservations": [reservation_json(cl.reservations[n]) for n in sorted(cl.reservations)],
+        "budgets": budgets_json(cl),
+        "unfundedGPUHours": {o: round(s / 3600, 6) for o, s in sorted(cl.meter.unfunded.items())},
+    }
+
+
+

@@ -1,0 +1,72 @@
+"""The simulator: plays a scenario against the calculus on a virtual clock (SCENARIOS.md).
+
+Contract: `run_scenario(scenario)` creates one `Cluster`, and for each step moves the virtual
+clock to the step's instant (timers due on the way fire at their own instants, those due
+exactly then fire before the step), applies the step's action as one batch, lets the calculus
+settle, and records snapshots; a `final` snapshot is taken after the last step. Returns the
+JSON-ready output `{"snapshots": {label: STATE}}`. A command the calculus rejects raises
+ScenarioError naming the step. `check_invariants=True` runs the §10 oracle after every step.
+Not: a parser (see `scenario`), not a renderer (see `table`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jobtree.core import facts as F
+from jobtree.core.engine import Cluster
+from jobtree.core.errors import ValidationError
+from jobtree.core.invariants import check_all
+from jobtree.core.model import Budget
+from jobtree.core.views import state_json
+from jobtree.sim import scenario as S
+
+
+def _commands(action: S.Action) -> list[F.Command]:
+    if isinstance(action, S.ApplyAction):
+        return [F.ApplyBudget(o) if isinstance(o, Budget) else F.ApplyRun(o) for o in action.objects]
+    simple: dict[type, Any] = {
+        S.CompleteAction: lambda a: F.CompleteRun(a.run),
+        S.FailAction: lambda a: F.FailRun(a.run),
+        S.FailNodeAction: lambda a: F.FailNode(a.node),
+        S.CordonAction: lambda a: F.CordonNode(a.node),
+        S.UncordonAction: lambda a: F.UncordonNode(a.node),
+        S.DeleteAction: lambda a: F.DeleteRun(a.run),
+        S.ShrinkAction: lambda a: F.ShrinkRun(a.run, a.desired),
+        S.EtaAction: lambda a: F.ReportEta(a.run, a.at),
+    }
+    make = simple.get(type(action))
+    return [make(action)] if make else []
+
+
+def run_scenario(scenario: S.Scenario, check_invariants: bool = False) -> dict[str, Any]:
+    cl = Cluster(scenario.config, scenario.nodes, scenario.start)
+    snapshots: dict[str, Any] = {}
+    for step in scenario.steps:
+        cl.advance(step.at)
+        if check_invariants:
+            check_all(cl)
+        if isinstance(step.action, S.SnapshotAction):
+            snapshots[step.action.label] = state_json(cl)
+            continue
+        cmds = _commands(step.action)
+        if not cmds:
+            continue
+        try:
+            cl.submit(*cmds)
+        except ValidationError as err:
+            name = _action_key(step.action)
+            raise S.ScenarioError(f"steps[{step.index}].{name}: {err}") from None
+        if check_invariants:
+            check_all(cl)
+    snapshots[S.FINAL_LABEL] = state_json(cl)
+    return {"snapshots": snapshots}
+
+
+def _action_key(action: S.Action) -> str:
+    names = {
+        S.ApplyAction: "apply", S.CompleteAction: "complete", S.FailAction: "fail", S.FailNodeAction: "failNode",
+        S.CordonAction: "cordon", S.UncordonAction: "uncordon", S.DeleteAction: "delete",
+        S.ShrinkAction: "shrink", S.EtaAction: "eta",
+    }
+    return names.get(type(action), "step")
