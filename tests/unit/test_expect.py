@@ -219,3 +219,13 @@ def test_malformed_expectations_raise(expect: Any) -> None:
 @pytest.mark.parametrize("path", EXPECT_FILES, ids=lambda p: p.name)
 def test_reference_expectation_files_are_well_formed(path: Path) -> None:
     validate_expectations(yaml.safe_load(path.read_text(encoding="utf-8")))
+
+
+def test_absent_items() -> None:
+    """`{absent: true}` asserts a keyed item is missing (e.g. a deleted run leaves `runs`)."""
+    output = {"snapshots": {"s": {"runs": [{"key": "a/x", "phase": "Running"}]}}}
+    ok = {"snapshots": {"s": {"runs": {"a/gone": {"absent": True}}}}}
+    assert check_expectations(output, ok) == []
+    bad = {"snapshots": {"s": {"runs": {"a/x": {"absent": True}}}}}
+    problems = check_expectations(output, bad)
+    assert len(problems) == 1 and "expected no run a/x" in problems[0]

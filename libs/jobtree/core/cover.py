@@ -12,6 +12,7 @@ no payer. Cover classifies; it does not gate. Not: placement (see `pack`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from jobtree.core.family import SPONSOR
@@ -99,7 +100,7 @@ class _Room:
     """What each candidate envelope can still fund for this request."""
 
     def __init__(self, rules: FundingRules, view: FundingView, meter: Meter, run: Run,
-                 terms: RunTerms, t: int, period: int, headroom_only: bool) -> None:
+                 terms: RunTerms, t: int, period: Callable[[EnvelopeRef], int], headroom_only: bool) -> None:
         self.rules, self.view, self.meter, self.run = rules, view, meter, run
         self.terms, self.t, self.period, self.headroom_only = terms, t, period, headroom_only
         self.taken: dict[Bound, int] = {}
@@ -120,7 +121,7 @@ class _Room:
             left = self.meter.remaining(b, self.rules.hour_caps)
             if left is None:
                 continue
-            horizon = self._lookahead(e)
+            horizon = self._lookahead(c)
             width_now = self.view.used_now(b) + self.taken.get(b, 0)
             best = min(best, left // horizon - width_now if horizon > 0 else best)
         return max(0, best)
@@ -136,15 +137,18 @@ class _Room:
         out.extend(key for key, _ in self.rules.caps_of[c.ref])
         return out
 
-    def _lookahead(self, e: Envelope) -> int:
-        return min(self.period, e.end - self.t) if e.end is not None else self.period
+    def _lookahead(self, c: Candidate) -> int:
+        """min(P, rest of W), P being the payer budget's period."""
+        p = self.period(c.ref)
+        e = c.envelope
+        return min(p, e.end - self.t) if e.end is not None else p
 
 
-def cover(rules: FundingRules, view: FundingView, meter: Meter, topo: Topology, run: Run,
-          terms: RunTerms, needs: list[GroupNeed], t: int, period: int,
-          headroom_only: bool = False, reserve: bool = False) -> Cover:
-    """Choose a payer for every GPU of `needs` (groups in index order)."""
-    cands = candidates(rules, topo, run, terms, t, reserve)
+def cover(rules: FundingRules, view: FundingView, meter: Meter, run: Run, terms: RunTerms,
+          needs: list[GroupNeed], t: int, period: Callable[[EnvelopeRef], int], cands: list[Candidate],
+          headroom_only: bool = False) -> Cover:
+    """Choose a payer for every GPU of `needs` (groups in index order) among `cands` (see
+    `candidates`)."""
     room = _Room(rules, view, meter, run, terms, t, period, headroom_only)
     fallback = cands[0] if cands else None
     groups: list[GroupRequest] = []

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from jobtree.core.model import FundingClass, Lease, Role, RunSpec, RunStatus, Slot
@@ -279,18 +279,20 @@ def _victim(world: CutWorld, key: str) -> Cut:
     return Cut(LOTTERY, key, tuple(x.name for x in world.by_run[key]))
 
 
-def capacity_levels(world: CutWorld) -> list[set[Slot]]:
-    """Extra slots each level of §7 may count: step 1; +2; +3; + every slot of a cuttable run."""
-    levels: list[set[Slot]] = []
+def capacity_levels(world: CutWorld, max_level: int = LOTTERY) -> Iterator[set[Slot]]:
+    """Extra slots each level of §7 may count, computed only as far as asked: step 1; +2; +3;
+    + every slot of a cuttable run."""
     acc: set[Slot] = set()
     for step in (RECLAIM, DROP_SPARE, SHRINK):
+        if step > max_level:
+            return
         for cut in units(world, step, None):
             for name in cut.leases:
                 acc.update(world.leases[name].slots)
-        levels.append(set(acc))
-    for key, leases in world.by_run.items():
-        if world.cuttable(key):
-            for x in leases:
-                acc.update(x.slots)
-    levels.append(set(acc))
-    return levels
+        yield set(acc)
+    if max_level >= LOTTERY:
+        for key, leases in world.by_run.items():
+            if world.cuttable(key):
+                for x in leases:
+                    acc.update(x.slots)
+        yield set(acc)

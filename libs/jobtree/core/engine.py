@@ -16,8 +16,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import replace
 
+from sortedcontainers import SortedDict
+
 from jobtree.core import cuts as cutorder
-from jobtree.core.cover import Cover, GroupNeed, Payment, candidates, cover
+from jobtree.core.cover import Candidate, Cover, GroupNeed, Payment, candidates, cover
 from jobtree.core.errors import ValidationError
 from jobtree.core.facts import (
     AddNode,
@@ -108,6 +110,20 @@ class Cluster:
         self._res_seq: dict[str, int] = {}
         self.facts: list[Fact] = []
         self.journal: list[JournalEntry] = []
+        # Indexes (derived from the state above; speed only).
+        self._phase: dict[Phase, set[str]] = {p: set() for p in Phase}
+        self._gpus_by_admitted: SortedDict = SortedDict()  # open lease GPUs by run admission time
+        self._timed: set[str] = set()
+        self._pending_res: set[str] = set()
+        self._epoch = 0
+        """Counts events that can turn a failed attempt into a success (capacity freed, budgets,
+        node states, specs, the clock); with funding disturbances it keys the retry memos."""
+        self._tried: dict[str, tuple[int, int]] = {}
+        self._spec_epoch = 0
+        self._cand_epoch = (-1, -1)
+        self._cand_cache: dict[object, list[Candidate]] = {}
+        self._grow_tried: dict[str, tuple[int, int]] = {}
+        self._act_tried: dict[str, tuple[int, int]] = {}
         self.funding.set_clock(now, frozenset())
 
     @classmethod
@@ -130,6 +146,7 @@ class Cluster:
         elif isinstance(item, SpecPut):
             self.runs[item.run.key] = item.run
             self.deleted.pop(item.run.key, None)
+            self.funding.invalidate()  # a run's funding terms feed the ranking of its leases
         elif isinstance(item, SpecDeleted):
             self.runs.pop(item.run, None)
             self.deleted[item.run] = self.now
@@ -137,6 +154,8 @@ class Cluster:
             self.topo.set_state(item.node.name, item.node.state)
         else:
             self.topo.add_node(item.node)
+        self._epoch += 1
+        self._spec_epoch += 1
         self.journal.append((self.now, item))
 
     # ======================================================================================
@@ -150,6 +169,7 @@ class Cluster:
             self.leases[lease.name] = lease
             self.open_by_run.setdefault(lease.run, {})[lease.name] = lease
             self.funding.add(self._claim(lease))
+            self._count_admitted(lease, +1)
             prefix, seq = lease.name.rsplit(".", 1)
             self._lease_seq[prefix] = max(self._lease_seq.get(prefix, 0), int(seq) + 1)
         elif isinstance(fact, LeaseClosed):
@@ -158,15 +178,48 @@ class Cluster:
             self.leases[fact.name] = replace(old, end=fact.end, closure_reason=fact.reason)
             del self.open_by_run[old.run][old.name]
             self.funding.remove(old.name)
+            self._count_admitted(old, -1)
+            self._epoch += 1
         elif isinstance(fact, ReservationPut):
             r = fact.reservation
             self.reservations[r.name] = r
+            if r.state is ReservationState.PENDING:
+                self._pending_res.add(r.name)
+            else:
+                self._pending_res.discard(r.name)
             prefix, seq = r.name.rsplit(".r", 1)
             self._res_seq[prefix] = max(self._res_seq.get(prefix, 0), int(seq) + 1)
         else:
+            self._index_status(fact.run, fact.status)
             self.status[fact.run] = fact.status
         self.facts.append(fact)
         self.journal.append((self.now, fact))
+
+    def _count_admitted(self, lease: Lease, sign: int) -> None:
+        t = self.terms(lease.run).admitted
+        left = self._gpus_by_admitted.get(t, 0) + sign * lease.gpus
+        if left:
+            self._gpus_by_admitted[t] = left
+        else:
+            self._gpus_by_admitted.pop(t, None)
+
+    def _index_status(self, key: str, new: RunStatus) -> None:
+        old = self.status.get(key)
+        if old is not None:
+            self._phase[old.phase].discard(key)
+        self._phase[new.phase].add(key)
+        if new.hold_down_until is not None or new.checkpoint_deadline is not None:
+            self._timed.add(key)
+        else:
+            self._timed.discard(key)
+        self._tried.pop(key, None)
+        self._grow_tried.pop(key, None)
+
+    def _world(self) -> tuple[int, int]:
+        return (self._epoch, self.funding.disturbances)
+
+    def _live_in(self, phase: Phase) -> list[str]:
+        return sorted(k for k in self._phase[phase] if k in self.runs)
 
     def _claim(self, lease: Lease) -> Claim:
         return Claim(lease.name, lease.run, lease.owner, lease.group, lease.role, lease.gpus,
@@ -200,39 +253,48 @@ class Cluster:
         return self.facts[mark:]
 
     def _move_clock(self, t: int) -> None:
-        if t == self.now:
-            return
+        """Integrate the meter up to `t`, splitting at every instant where classes change without a
+        fact (window edges, GPU-hour exhaustion), so the meter is a function of the journal alone."""
+        while self.now < t:
+            step_to = min(t, self._next_breakpoint(t))
+            self.funding.refresh()
+            unfunded: dict[str, int] = {}
+            for c in self.funding.claims():
+                if self.funding.class_of(c.name) is FundingClass.UNFUNDED:
+                    unfunded[c.owner] = unfunded.get(c.owner, 0) + c.gpus
+            self.meter.charge(step_to - self.now, self.funding.used, self.rules.hour_caps, unfunded.items())
+            self.now = step_to
+            self._epoch += 1
+            self.funding.set_clock(step_to, self.meter.spent(self.rules.hour_caps))
+
+    def _next_breakpoint(self, limit: int) -> int:
+        best = limit
+        for e in self.rules.envelopes.values():
+            for x in (e.start, e.end):
+                if x is not None and self.now < x < best:
+                    best = x
         self.funding.refresh()
-        unfunded: dict[str, int] = {}
-        for c in self.funding.claims():
-            if self.funding.class_of(c.name) is FundingClass.UNFUNDED:
-                unfunded[c.owner] = unfunded.get(c.owner, 0) + c.gpus
-        self.meter.charge(t - self.now, self.funding.used, self.rules.hour_caps, unfunded.items())
-        self.now = t
-        self.funding.set_clock(t, self.meter.spent(self.rules.hour_caps))
+        ex = self.meter.next_exhaustion(self.now, self.funding.used, self.rules.hour_caps)
+        return min(best, ex) if ex is not None else best
 
     def next_timer(self) -> int | None:
         """The earliest instant after now at which the calculus has something to do."""
         now = self.now
-        times: list[int] = []
-        for r in self.reservations.values():
-            if r.state is ReservationState.PENDING and r.earliest_start > now:
-                times.append(r.earliest_start)
-        for key, st in self.status.items():
-            run = self.runs.get(key)
-            if run is None:
-                continue
-            if st.phase is Phase.WAITING and run.spec.follow is not None:
-                grace = run.spec.follow.upstream_failure_grace
-                times.append((st.upstream_failed_at if st.upstream_failed_at is not None else st.created) + grace)
-            if st.checkpoint_deadline is not None and st.phase is not Phase.RUNNING:
-                times.append(st.checkpoint_deadline)
-            if st.hold_down_until is not None:
-                times.append(st.hold_down_until)
-            if st.phase is Phase.RUNNING and run.spec.runtime is not None and st.bound_at is not None:
-                times.append(st.bound_at + run.spec.runtime)
+        times: list[int] = [self.reservations[n].earliest_start for n in self._pending_res]
+        for key in self._live_in(Phase.WAITING):
+            st, follow = self.status[key], self.runs[key].spec.follow
+            if follow is not None:
+                times.append((st.upstream_failed_at if st.upstream_failed_at is not None else st.created)
+                             + follow.upstream_failure_grace)
+        for key in self._timed:
+            st = self.status[key]
+            times.extend(x for x in (st.hold_down_until, st.checkpoint_deadline) if x is not None)
+        for key in self._live_in(Phase.RUNNING):
+            rt, st = self.runs[key].spec.runtime, self.status[key]
+            if rt is not None and st.bound_at is not None:
+                times.append(st.bound_at + rt)
         for e in self.rules.envelopes.values():
-            times.extend(x for x in (e.start, e.end) if x is not None)
+            times.extend(x for x in (e.start, e.end) if x is not None and x > now)
         self.funding.refresh()
         ex = self.meter.next_exhaustion(now, self.funding.used, self.rules.hour_caps)
         if ex is not None:
@@ -248,8 +310,12 @@ class Cluster:
         """Apply commands at `now` (in order, as one batch), then decide everything the calculus
         would decide now. Returns the facts decided."""
         mark = len(self.facts)
-        for cmd in cmds:
-            self._command(cmd)
+        for i, cmd in enumerate(cmds):
+            try:
+                self._command(cmd)
+            except ValidationError as err:
+                err.command_index = i
+                raise
         self._settle()
         return self.facts[mark:]
 
@@ -271,7 +337,9 @@ class Cluster:
         elif isinstance(cmd, FailNode):
             self._fence(self._node(cmd.node, "failNode"))
         elif isinstance(cmd, CordonNode):
-            self._node_state(self._node(cmd.node, "cordon"), NodeState.CORDONED)
+            name = self._node(cmd.node, "cordon")
+            if self.topo.nodes[name].state is NodeState.READY:  # a fenced node stays failed
+                self._node_state(name, NodeState.CORDONED)
         else:
             name = self._node(cmd.node, "uncordon")
             if self.topo.nodes[name].state is NodeState.CORDONED:
@@ -303,8 +371,9 @@ class Cluster:
         rules = FundingRules(self.budgets.values(), dict(self.config.cap_allowances))
         self.rules = rules
         for (b, e), env in rules.envelopes.items():
-            self.meter.reset_window(env_bound((b, e)), (env.start, env.end))
+            self.meter.reset_window(env_bound((b, e)), env.start)
         self.funding.set_rules(rules)
+        self.funding.set_clock(self.now, self.meter.spent(rules.hour_caps))
 
     def _apply_run(self, run: Run) -> None:
         key = run.key
@@ -312,7 +381,6 @@ class Cluster:
         if key in self.runs and st is not None and not st.phase.terminal:
             old = self.runs[key]
             self.change_spec(SpecPut(run))
-            self.funding.invalidate()  # a run's funding terms feed the ranking of its leases
             if run.spec.malleable and old.spec.malleable and run.spec.malleable.desired < old.spec.malleable.desired:
                 self._shrink_to(key, run.spec.malleable.desired)
             return
@@ -332,8 +400,11 @@ class Cluster:
     def _finish(self, key: str, ok: bool) -> None:
         self._live(key, "complete" if ok else "fail")
         st = self.status[key]
+        verb = "complete" if ok else "fail"
         if st.phase.terminal:
-            raise ValidationError("complete" if ok else "fail", f"run {key} already ended ({st.phase.value})")
+            raise ValidationError(verb, f"run {key} already ended ({st.phase.value})")
+        if st.bound_at is None:
+            raise ValidationError(verb, f"run {key} has not started ({st.phase.value}); only a started workload reports")
         self._close_run(key, R_COMPLETED if ok else "RunFailed")
         self._fail_reservation(key)
         if ok:
@@ -396,7 +467,7 @@ class Cluster:
 
     def _workload_timers(self) -> bool:
         changed = False
-        for key in sorted(self.runs):
+        for key in self._live_in(Phase.RUNNING):
             st = self.status[key]
             rt = self.runs[key].spec.runtime
             if st.phase is Phase.RUNNING and rt is not None and st.bound_at is not None and st.bound_at + rt <= self.now:
@@ -406,7 +477,7 @@ class Cluster:
 
     def _deadlines(self) -> bool:
         changed = False
-        for key in sorted(self.runs):
+        for key in sorted(k for k in self._timed if k in self.runs):
             st = self.status[key]
             if st.hold_down_until is not None and st.hold_down_until <= self.now:
                 self._set_status(key, hold_down_until=None)
@@ -423,7 +494,7 @@ class Cluster:
     # --- follow gate (§5.1) ----------------------------------------------------------------
 
     def _follow_gate(self) -> bool:
-        waiting = sorted(k for k, st in self.status.items() if k in self.runs and st.phase is Phase.WAITING)
+        waiting = self._live_in(Phase.WAITING)
         if not waiting:
             return False
         changed = False
@@ -465,14 +536,13 @@ class Cluster:
         missing = done = 0
         for up in self._upstreams(key):
             ust = self.status.get(up)
-            if up in self.runs and ust is not None:
-                if ust.phase is Phase.COMPLETED:
-                    done += 1
-                elif ust.phase is Phase.FAILED:
-                    failed_at.append(ust.ended_at if ust.ended_at is not None else self.now)
+            if ust is not None and ust.phase is Phase.COMPLETED:
+                done += 1  # deleting a run after it completed does not undo its completion
             elif up in self.deleted:
                 failed_at.append(self.deleted[up])
-            else:
+            elif ust is not None and ust.phase is Phase.FAILED:
+                failed_at.append(ust.ended_at if ust.ended_at is not None else self.now)
+            elif ust is None:
                 missing += 1
         ups = len(self._upstreams(key))
         if done == ups:
@@ -502,12 +572,14 @@ class Cluster:
     # --- admission (§5.2-5.5) -------------------------------------------------------------
 
     def _queue(self) -> list[str]:
-        keys = [k for k, st in self.status.items() if k in self.runs and st.phase in (Phase.PENDING, Phase.RESERVED)]
+        keys = [*self._live_in(Phase.PENDING), *self._live_in(Phase.RESERVED)]
         return sorted(keys, key=lambda k: (self.terms(k).admitted, k))
 
     def _admit_pending(self) -> bool:
         changed = False
         for key in self._queue():
+            if self._tried.get(key) == self._world():
+                continue  # nothing that could change its outcome happened since it last failed
             st = self.status[key]
             if st.phase is Phase.PENDING:
                 changed = self._try_admit(key) or changed
@@ -515,6 +587,8 @@ class Cluster:
                 res = self.reservations[st.reservation]
                 if not res.window_only and self.now < res.earliest_start:
                     changed = self._bind_plain(key, res) or changed
+            if self.status[key].phase is not Phase.RUNNING:
+                self._tried[key] = self._world()
         return changed
 
     def _needs(self, key: str, lo: int, hi: int) -> list[GroupNeed]:
@@ -537,13 +611,23 @@ class Cluster:
     def _cover(self, key: str, needs: list[GroupNeed], t: int | None = None, *, headroom_only: bool = False,
                reserve: bool = False) -> Cover:
         run = self.runs[key]
-        period = self._period(run)
-        return cover(self.rules, self.funding, self.meter, self.topo, run, self.terms(key), needs,
-                     self.now if t is None else t, period, headroom_only=headroom_only, reserve=reserve)
+        at = self.now if t is None else t
+        terms = self.terms(key)
+        spec = run.spec
+        ck = (spec.owner, spec.gpu_type, spec.locality.selector, terms.allow_borrow, spec.funding.sponsors, at, reserve)
+        if self._cand_epoch != (self._spec_epoch, self.now):
+            self._cand_cache.clear()
+            self._cand_epoch = (self._spec_epoch, self.now)
+        cands = self._cand_cache.get(ck)
+        if cands is None:
+            cands = self._cand_cache[ck] = candidates(self.rules, self.topo, run, terms, at, reserve)
+        return cover(self.rules, self.funding, self.meter, run, terms, needs, at, self._period_of,
+                     cands, headroom_only=headroom_only)
 
-    def _period(self, run: Run) -> int:
-        periods = [b.period for b in self.budgets.values() if b.owner == run.spec.owner and b.period]
-        return min(periods) if periods else self.config.period
+    def _period_of(self, ref: tuple[str, str]) -> int:
+        """The admission look-ahead P of an envelope: its budget's `spec.period`, else the cluster's."""
+        period = self.budgets[ref[0]].period
+        return period if period is not None else self.config.period
 
     def _pack_request(self, key: str, groups: tuple[GroupRequest, ...],
                       fixed: tuple[tuple[int, tuple[str, ...]], ...] = ()) -> PackRequest:
@@ -611,7 +695,23 @@ class Cluster:
                 "lost its GPUs to a cut; may bind on idle capacity, reserves again after the hold-down"))
         return self._set_status(key, reason=R_UNSCHEDULABLE, message="no fit and nothing fundable: waits for idle capacity")
 
+    def _could_fit(self, key: str) -> bool:
+        """A cheap necessary condition for a plain bind: enough free GPUs, and a domain that can
+        hold the largest group."""
+        spec = self.runs[key].spec
+        if self.topo.flavor_free(spec.gpu_type) < spec.min_width + self._spares_for(spec.min_width, key):
+            return False
+        g = spec.locality.group_gpus
+        return g is None or self.topo.max_domain_free(spec.gpu_type) >= min(g, spec.min_width) + spec.spares_per_group
+
+    def _spares_for(self, width: int, key: str) -> int:
+        spec = self.runs[key].spec
+        g = spec.locality.group_gpus
+        return 0 if g is None else -(-width // g) * spec.spares_per_group
+
     def _bind_plain(self, key: str, res: Reservation) -> bool:
+        if not self._could_fit(key):
+            return False
         spec = self.runs[key].spec
         cov = self._cover(key, self._needs(key, 0, spec.min_width))
         placed = self._pack(key, cov.groups)
@@ -683,8 +783,9 @@ class Cluster:
                          reservation=name)
         return True
 
-    def _cut_world(self, key: str, cov: Cover) -> cutorder.CutWorld:
-        """Open leases and their classes with the new claim's funded part ranked in."""
+    def _cut_world(self, key: str, cov: Cover, max_step: int = cutorder.LOTTERY) -> cutorder.CutWorld:
+        """Open leases and their classes with the new claim's funded part ranked in, for the
+        runs the allowed cut steps could touch."""
         hypothetical: list[str] = []
         run = self.runs[key]
         for g in cov.groups:
@@ -696,8 +797,15 @@ class Cluster:
                     hypothetical.append(name)
         try:
             self.funding.refresh()
-            opened = {n: x for ls in self.open_by_run.values() for n, x in ls.items()}
-            classes = {n: self.funding.class_of(n) for n in opened}
+            opened: dict[str, Lease] = {}
+            classes: dict[str, FundingClass] = {}
+            for k, ls in self.open_by_run.items():
+                if not ls:
+                    continue
+                cls = {n: self.funding.class_of(n) for n in ls}
+                if max_step >= cutorder.LOTTERY or self._cuttable_by(k, ls, cls, max_step):
+                    opened.update(ls)
+                    classes.update(cls)
         finally:
             for name in hypothetical:
                 self.funding.remove(name)
@@ -708,17 +816,26 @@ class Cluster:
             node = topo.nodes[s[0]]
             return node.state is NodeState.READY and node.flavor == flavor
 
-        runs = {k: (self.runs[k].spec, self.status[k]) for k in self.open_by_run if k in self.runs}
+        runs = {k: (self.runs[k].spec, self.status[k]) for k in {x.run for x in opened.values()} if k in self.runs}
         return cutorder.CutWorld(opened, classes, runs, topo.domain_of, usable, key, self.now)
 
-    def _intended_slice(self, key: str, cov: Cover, max_level: int = 4) -> list[PlacedGroup] | None:
+    def _cuttable_by(self, key: str, leases: dict[str, Lease], cls: dict[str, FundingClass], max_step: int) -> bool:
+        if any(c is FundingClass.UNFUNDED for c in cls.values()):
+            return True
+        if max_step >= cutorder.DROP_SPARE and any(x.role is Role.SPARE for x in leases.values()):
+            return True
+        run = self.runs.get(key)
+        return max_step >= cutorder.SHRINK and run is not None and run.spec.malleable is not None
+
+    def _intended_slice(self, key: str, cov: Cover, max_level: int = 4,
+                        world: cutorder.CutWorld | None = None) -> list[PlacedGroup] | None:
         """The placement needing the gentlest cuts (§7): free slots, then what each cut step could
         free, then every slot; None when even that does not fit."""
         placed = self._pack(key, cov.groups)
         if placed is not None:
             return placed
-        world = self._cut_world(key, cov)
-        for level in cutorder.capacity_levels(world)[:max_level]:
+        world = world or self._cut_world(key, cov, max_level)
+        for level in cutorder.capacity_levels(world, max_level):
             extra: dict[str, set[int]] = {}
             for node, i in level:
                 extra.setdefault(node, set()).add(i)
@@ -764,11 +881,16 @@ class Cluster:
 
     def _activate_reservations(self) -> bool:
         changed = False
-        due = sorted((r for r in self.reservations.values()
-                      if r.state is ReservationState.PENDING and r.earliest_start <= self.now),
+        due = sorted((self.reservations[n] for n in self._pending_res
+                      if self.reservations[n].earliest_start <= self.now),
                      key=lambda r: (r.earliest_start, r.name))
         for res in due:
-            changed = self._activate(res) or changed
+            if self._act_tried.get(res.name) == self._world():
+                continue
+            if self._activate(res):
+                changed = True
+            else:
+                self._act_tried[res.name] = self._world()
         return changed
 
     def _activate(self, res: Reservation) -> bool:
@@ -793,15 +915,31 @@ class Cluster:
 
     def _reclaim_then_bind(self, key: str, cov: Cover) -> bool:
         """§5.3: end unfunded work in the way (cut step 1 only) if that alone restores a fit."""
+        if not self._reclaim_could_fit(key):
+            return False
         return self._cut_and_bind(key, cov, key, cutorder.RECLAIM, None)
+
+    def _reclaim_could_fit(self, key: str) -> bool:
+        """A necessary condition for reclaim to restore a fit, in O(log n): step 1 frees only
+        unfunded GPUs, and with the new claim ranked in those are at most today's unfunded,
+        shared and borrowed GPUs plus owned GPUs of runs admitted no earlier than this one."""
+        spec = self.runs[key].spec
+        self.funding.refresh()
+        by_class = self.funding.class_gpus
+        could = (by_class[FundingClass.UNFUNDED] + by_class[FundingClass.SHARED]
+                 + by_class[FundingClass.BORROWED])
+        admitted = self.terms(key).admitted
+        could += sum(self._gpus_by_admitted[t] for t in self._gpus_by_admitted.irange(minimum=admitted))
+        need = spec.min_width + self._spares_for(spec.min_width, key)
+        return bool(self.topo.flavor_free(spec.gpu_type) + could >= need)
 
     def _cut_and_bind(self, key: str, cov: Cover, source: str, max_step: int, res: Reservation | None) -> bool:
         """Choose the slice, plan the cuts that clear its deficit, apply them and bind into it."""
-        intended = self._intended_slice(key, cov, max_level=max_step)
+        world = self._cut_world(key, cov, max_step)
+        intended = self._intended_slice(key, cov, max_step, world)
         if intended is None:
             return False
         _, deficit = self._slice_of(intended)
-        world = self._cut_world(key, cov)
         planned = cutorder.plan(world, deficit, source, max_step)
         if planned is None:
             return False
@@ -945,16 +1083,18 @@ class Cluster:
 
     def _grow(self) -> bool:
         changed = False
-        running = sorted((k for k, st in self.status.items()
-                          if k in self.runs and st.phase is Phase.RUNNING and self.runs[k].spec.malleable),
+        running = sorted((k for k in self._live_in(Phase.RUNNING) if self.runs[k].spec.malleable),
                          key=lambda k: (self.terms(k).admitted, k))
         for key in running:
+            if self._grow_tried.get(key) == self._world():
+                continue
             spec = self.runs[key].spec
             m = spec.malleable
             assert m is not None
             width = sum(self._active(ls) for ls in self._groups(key).values())
             if width + m.step > m.desired:
                 continue
+            self._grow_tried[key] = self._world()
             needs = self._needs(key, width, width + m.step)
             cov = self._cover(key, needs, headroom_only=True)
             if cov.funded_gpus < cov.total_gpus:
@@ -963,6 +1103,7 @@ class Cluster:
             if placed is None:
                 continue
             self._mint(key, placed, MintReason.GROW)
+            self._grow_tried.pop(key, None)
             changed = True
         return changed
 

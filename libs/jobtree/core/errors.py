@@ -13,6 +13,8 @@ class ValidationError(ValueError):
     def __init__(self, path: str, problem: str) -> None:
         self.path = path
         self.problem = problem
+        self.command_index: int | None = None
+        """Which command of a batch was rejected (set by `Cluster.submit`)."""
         super().__init__(f"{path}: {problem}" if path else problem)
 
     def under(self, prefix: str) -> ValidationError:

@@ -146,10 +146,25 @@ def class_for_tier(tier: int) -> FundingClass:
     return FundingClass.SHARED
 
 
-@dataclass
+@dataclass(eq=False)
 class _Component:
     claims: dict[str, Claim] = field(default_factory=dict)
-    dirty: bool = True
+    _dirty: bool = True
+    registry: set[_Component] | None = None
+    """The view's set of dirty components, kept in step with `dirty`."""
+
+    @property
+    def dirty(self) -> bool:
+        return self._dirty
+
+    @dirty.setter
+    def dirty(self, value: bool) -> None:
+        self._dirty = value
+        if self.registry is not None:
+            if value:
+                self.registry.add(self)
+            else:
+                self.registry.discard(self)
     max_rank: Rank | None = None
     bounds: set[Bound] = field(default_factory=set)
 
@@ -169,7 +184,12 @@ class FundingView:
         self._funded: dict[Bound, list[tuple[Rank, int]]] = {}
         self._components: dict[str, _Component] = {}
         self._comp_of_env: dict[EnvelopeRef, str] = {}
-        self._unpaid = _Component(dirty=False)
+        self._unpaid = _Component(_dirty=False)
+        self._dirty: set[_Component] = set()
+        self.class_gpus: dict[FundingClass, int] = dict.fromkeys(FundingClass, 0)
+        """Open GPUs per class, kept in step with the classes (read after `refresh`)."""
+        self.disturbances = 0
+        """Counts adds and removes that may have changed other claims' classes (not appends)."""
         self._build_components()
 
     # --- structure ------------------------------------------------------------------------
@@ -187,9 +207,11 @@ class FundingView:
             for m in members[1:]:
                 parent[find(m)] = find(members[0])
         self._comp_of_env = {r: "/".join(find(r)) for r in self.rules.envelopes}
-        self._components = {cid: _Component() for cid in set(self._comp_of_env.values())}
-        self._components["\x00orphans"] = _Component()
-        self._unpaid = _Component(dirty=False)
+        self._dirty = set()
+        self._components = {cid: _Component(registry=self._dirty) for cid in set(self._comp_of_env.values())}
+        self._components["\x00orphans"] = _Component(registry=self._dirty)
+        self._dirty.update(self._components.values())
+        self._unpaid = _Component(_dirty=False)
         for c in self._claims.values():
             self._component_for(c).claims[c.name] = c
 
@@ -237,27 +259,39 @@ class FundingView:
         comp = self._component_for(c)
         comp.claims[c.name] = c
         if c.payer is None:
-            self._cls[c.name] = FundingClass.UNFUNDED
+            self._set_cls(c, FundingClass.UNFUNDED)
             return
         if comp.dirty:
+            self.disturbances += 1
             return
         rank = self._rank(c)
         if rank is None:
-            self._cls[c.name] = FundingClass.UNFUNDED
+            self._set_cls(c, FundingClass.UNFUNDED)
         elif (comp.max_rank is None or rank > comp.max_rank) and self._terms(c.run).max_borrow is None:
             self._decide(c, rank, comp)
             comp.max_rank = rank
         else:
             comp.dirty = True
+            self.disturbances += 1
 
     def remove(self, name: str) -> None:
         c = self._claims.pop(name)
         comp = self._component_for(c)
         del comp.claims[name]
         cls = self._cls.pop(name, None)
+        if cls is not None:
+            self.class_gpus[cls] -= c.gpus
         if c.payer is not None and (comp.dirty or cls not in (None, FundingClass.UNFUNDED)):
             comp.dirty = True
+            self.disturbances += 1
         self._tier_of.pop(name, None)
+
+    def _set_cls(self, c: Claim, cls: FundingClass) -> None:
+        old = self._cls.get(c.name)
+        if old is not None:
+            self.class_gpus[old] -= c.gpus
+        self._cls[c.name] = cls
+        self.class_gpus[cls] += c.gpus
 
     def claims(self) -> Iterable[Claim]:
         return self._claims.values()
@@ -288,9 +322,9 @@ class FundingView:
         return sum(g for _, g in lst[:cut])
 
     def refresh(self) -> None:
-        dirty = [c for c in self._components.values() if c.dirty]
-        if not dirty:
+        if not self._dirty:
             return
+        dirty = list(self._dirty)
         if any(self._terms(c.run).max_borrow is not None for comp in dirty for c in comp.claims.values()):
             # maxBorrowGPUs is one bound across components: rank everything together.
             self._recompute(list(self._components.values()))
@@ -327,9 +361,9 @@ class FundingView:
                 used[b] = used.get(b, 0) + c.gpus
                 self._funded.setdefault(b, []).append((rank, c.gpus))
                 comp.bounds.add(b)
-            self._cls[c.name] = class_for_tier(tier)
+            self._set_cls(c, class_for_tier(tier))
         else:
-            self._cls[c.name] = FundingClass.UNFUNDED
+            self._set_cls(c, FundingClass.UNFUNDED)
 
     def _recompute(self, comps: list[_Component]) -> None:
         """Forget what these components funded, then refill their claims in one rank order."""
@@ -344,7 +378,7 @@ class FundingView:
             for c in comp.claims.values():
                 rank = self._rank(c)
                 if rank is None:
-                    self._cls[c.name] = FundingClass.UNFUNDED
+                    self._set_cls(c, FundingClass.UNFUNDED)
                     self._tier_of.pop(c.name, None)
                 else:
                     ranked.append((rank, c, comp))

@@ -27,13 +27,14 @@ class Meter:
         """GPU-seconds funded per bound (envelope, lending, aggregate cap)."""
         self.unfunded: dict[str, int] = {}
         """GPU-seconds of unfunded work per run owner."""
-        self.window_key: dict[Bound, tuple[int | None, int | None]] = {}
+        self.window_start: dict[Bound, int | None] = {}
 
-    def reset_window(self, bound: Bound, window: tuple[int | None, int | None]) -> None:
-        """Start counting an envelope afresh when its window changes."""
-        if self.window_key.get(bound, window) != window:
+    def reset_window(self, bound: Bound, start: int | None) -> None:
+        """Start counting an envelope afresh when a new window begins (its `start` changes);
+        moving only the end of the window keeps what it consumed."""
+        if bound in self.window_start and self.window_start[bound] != start:
             self.consumed.pop(bound, None)
-        self.window_key[bound] = window
+        self.window_start[bound] = start
 
     def charge(self, dt: int, funded: Mapping[Bound, int], hour_caps: Mapping[Bound, float],
                unfunded_by_owner: Iterable[tuple[str, int]]) -> None:

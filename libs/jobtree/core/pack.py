@@ -77,6 +77,7 @@ class PlacedGroup:
 
 class FreeView(Protocol):
     def domains_in_order(self) -> Iterator[str]: ...
+    def total_free(self) -> int: ...
     def domain_free(self, domain: str) -> int: ...
     def nodes_in_order(self, domain: str, need: int) -> list[str]: ...
     def free_ordinals(self, node: str) -> list[int]: ...
@@ -93,7 +94,14 @@ class IndexedView:
         self.topo, self.flavor = topo, flavor
 
     def domains_in_order(self) -> Iterator[str]:
-        return iter(list(self.topo.domains_by_free(self.flavor)))
+        # Positional and lazy: callers roll back a failed attempt before reading the next one.
+        i = 0
+        while (d := self.topo.domain_at(self.flavor, i)) is not None:
+            yield d
+            i += 1
+
+    def total_free(self) -> int:
+        return self.topo.flavor_free(self.flavor)
 
     def domain_free(self, domain: str) -> int:
         return self.topo.domain_free(self.flavor, domain)
@@ -133,22 +141,30 @@ class VirtualView:
         self.topo = topo
         self._free: dict[str, set[int]] = {}
         self._by_domain: dict[str, list[str]] = {}
+        extra = extra or {}
+        extra_by_domain: dict[str, list[str]] = {}
+        for name in extra:
+            extra_by_domain.setdefault(topo.domain_of(name), []).append(name)
         for domain in topo.domains(flavor):
             names = []
-            for name in topo.nodes_of(flavor, domain):
+            for name in sorted({*topo.nodes_by_free(flavor, domain), *extra_by_domain.get(domain, ())}):
                 node = topo.nodes[name]
-                if node.state is not NodeState.READY or not labels_match(selector, node.labels):
+                if node.state is not NodeState.READY or node.flavor != flavor or not labels_match(selector, node.labels):
                     continue
                 free = set(topo.free_ordinals(name))
-                if extra and name in extra:
+                if name in extra:
                     free |= extra[name]
-                self._free[name] = free
-                names.append(name)
+                if free:
+                    self._free[name] = free
+                    names.append(name)
             if names:
                 self._by_domain[domain] = names
 
     def domains_in_order(self) -> Iterator[str]:
         return iter(sorted(self._by_domain, key=lambda d: (-self.domain_free(d), d)))
+
+    def total_free(self) -> int:
+        return sum(len(f) for f in self._free.values())
 
     def domain_free(self, domain: str) -> int:
         return sum(len(self._free[n]) for n in self._by_domain.get(domain, ()))
@@ -194,17 +210,25 @@ def pack(view: FreeView, req: PackRequest) -> list[PlacedGroup] | None:
         view.untake(taken)
 
 
-def _ordered_domains(view: FreeView, used: list[str]) -> list[str]:
-    rest = [d for d in view.domains_in_order() if d not in used]
-    return [*used, *rest]
+def _ordered_domains(view: FreeView, used: list[str]) -> Iterator[str]:
+    """Domains the run already uses (in order of first use), then the rest by free GPUs."""
+    yield from used
+    for d in view.domains_in_order():
+        if d not in used:
+            yield d
 
 
 def _pack_groups(view: FreeView, req: PackRequest, used: list[str], taken: list[Slot]) -> list[PlacedGroup] | None:
     fixed = dict(req.fixed_domains)
     placed: list[PlacedGroup] = []
     for g in req.groups:
-        doms = list(fixed[g.index]) if g.index in fixed else _ordered_domains(view, used)
-        pg = _place_spanning(view, g, doms, taken) if req.spanning else _place_in_first(view, g, doms, taken)
+        if g.index in fixed:
+            doms: Iterable[str] = fixed[g.index]
+            pg = _place_spanning(view, g, doms, taken) if req.spanning else _place_in_first(view, g, doms, taken)
+        else:
+            doms = _ordered_domains(view, used)
+            pg = (_place_spanning(view, g, doms, taken) if req.spanning
+                  else _place_in_first(view, g, doms, taken, sorted_after=len(used)))
         if pg is None:
             return None
         placed.append(pg)
@@ -233,10 +257,15 @@ def _pack_one_domain(view: FreeView, req: PackRequest, taken: list[Slot]) -> lis
     return None
 
 
-def _place_in_first(view: FreeView, g: GroupRequest, doms: Iterable[str], taken: list[Slot]) -> PlacedGroup | None:
+def _place_in_first(view: FreeView, g: GroupRequest, doms: Iterable[str], taken: list[Slot],
+                    sorted_after: int | None = None) -> PlacedGroup | None:
+    """The group whole in the first domain that holds it. Past the first `sorted_after` domains
+    the order is by free GPUs, so the search stops at the first one that is too small."""
     size = g.size
-    for d in doms:
+    for i, d in enumerate(doms):
         if view.domain_free(d) < size:
+            if sorted_after is not None and i >= sorted_after:
+                break
             continue
         attempt: list[Slot] = []
         pieces = _fill(view, g, [d], attempt)
@@ -247,11 +276,25 @@ def _place_in_first(view: FreeView, g: GroupRequest, doms: Iterable[str], taken:
     return None
 
 
-def _place_spanning(view: FreeView, g: GroupRequest, doms: list[str], taken: list[Slot]) -> PlacedGroup | None:
-    if sum(view.domain_free(d) for d in doms) < g.size:
+def _place_spanning(view: FreeView, g: GroupRequest, doms: Iterable[str], taken: list[Slot]) -> PlacedGroup | None:
+    """A group that may span domains, filling one before the next. The domain order is read
+    before anything is taken, as far as the domains' free GPUs cover the group."""
+    if view.total_free() < g.size:
         return None
+    prefix: list[str] = []
+    have = 0
+    rest = iter(doms)
+    for d in rest:
+        prefix.append(d)
+        have += view.domain_free(d)
+        if have >= g.size:
+            break
     attempt: list[Slot] = []
-    pieces = _fill(view, g, doms, attempt)
+    pieces = _fill(view, g, prefix, attempt)
+    if pieces is None:  # payer selectors left the prefix short: try every domain
+        view.untake(attempt)
+        attempt = []
+        pieces = _fill(view, g, [*prefix, *rest], attempt)
     if pieces is None:
         view.untake(attempt)
         return None
@@ -259,14 +302,26 @@ def _place_spanning(view: FreeView, g: GroupRequest, doms: list[str], taken: lis
     return PlacedGroup(g.index, pieces)
 
 
-def _fill(view: FreeView, g: GroupRequest, doms: list[str], attempt: list[Slot]) -> tuple[PlacedPiece, ...] | None:
-    """Fill each piece from the domains in order, nodes in order; None if any piece is short."""
-    node_lists = {d: view.nodes_in_order(d, 0 if any(p.selector for p in g.pieces) else g.size) for d in doms}
+def _fill(view: FreeView, g: GroupRequest, doms: Iterable[str], attempt: list[Slot]) -> tuple[PlacedPiece, ...] | None:
+    """Fill each piece from the domains in order, nodes in order; None if any piece is short.
+    Node orders are taken once per domain, when the fill first reaches it."""
+    cutoff = 0 if any(p.selector for p in g.pieces) else g.size
+    seen: list[str] = []
+    node_lists: dict[str, list[str]] = {}
+    source = iter(doms)
+
+    def domains() -> Iterator[str]:
+        yield from seen
+        for d in source:
+            seen.append(d)
+            node_lists[d] = view.nodes_in_order(d, cutoff)
+            yield d
+
     out: list[PlacedPiece] = []
     for piece in g.pieces:
         need = piece.count
         got: list[Slot] = []
-        for d in doms:
+        for d in domains():
             for node in node_lists[d]:
                 if need == 0:
                     break

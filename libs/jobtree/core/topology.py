@@ -25,9 +25,11 @@ class Topology:
         self.nodes: dict[str, Node] = {}
         self._holder: dict[str, list[str | None]] = {}
         self._free: dict[str, int] = {}
+        self._domain: dict[str, str] = {}
         self._dom_nodes: dict[tuple[str, str], SortedList] = {}  # (flavor, domain) -> (-free, name), Ready
         self._dom_free: dict[tuple[str, str], int] = {}  # Ready free GPUs
         self._dom_order: dict[str, SortedList] = {}  # flavor -> (-free, domain)
+        self._flavor_free: dict[str, int] = {}  # Ready free GPUs per flavor
         self._all_nodes_of: dict[tuple[str, str], list[str]] = {}  # (flavor, domain) -> names, any state
         self._selector_all: dict[tuple[str, Labels], bool] = {}
         self._selector_any: dict[tuple[str, Labels], bool] = {}
@@ -42,6 +44,7 @@ class Topology:
         self.nodes[node.name] = node
         self._holder[node.name] = [None] * node.gpus
         self._free[node.name] = node.gpus
+        self._domain[node.name] = node.domain
         key = (node.flavor, node.domain)
         self._all_nodes_of.setdefault(key, []).append(node.name)
         self._all_nodes_of[key].sort()
@@ -65,7 +68,7 @@ class Topology:
             self._index_add(name)
 
     def domain_of(self, node: str) -> str:
-        return self.nodes[node].domain
+        return self._domain[node]
 
     def flavors(self) -> list[str]:
         return sorted(self._dom_order)
@@ -114,20 +117,27 @@ class Topology:
                 yield i, h
 
     def take(self, slots: Iterable[Slot], holder: str) -> None:
+        slots = list(slots)
         for node, i in slots:
-            row = self._holder[node]
-            if row[i] is not None:
-                raise SlotConflict(f"slot {node}#{i} is held by {row[i]}, wanted by {holder}")
-            self._shift(node, -1)
-            row[i] = holder
+            if self._holder[node][i] is not None:
+                raise SlotConflict(f"slot {node}#{i} is held by {self._holder[node][i]}, wanted by {holder}")
+        per_node: dict[str, int] = {}
+        for node, i in slots:
+            self._holder[node][i] = holder
+            per_node[node] = per_node.get(node, 0) + 1
+        for node, n in per_node.items():
+            self._shift(node, -n)
 
     def release(self, slots: Iterable[Slot], holder: str) -> None:
+        per_node: dict[str, int] = {}
         for node, i in slots:
             row = self._holder[node]
             if row[i] != holder:
                 raise SlotConflict(f"slot {node}#{i} is held by {row[i]}, not {holder}")
             row[i] = None
-            self._shift(node, +1)
+            per_node[node] = per_node.get(node, 0) + 1
+        for node, n in per_node.items():
+            self._shift(node, n)
 
     # --- ordered views for pack -------------------------------------------------------------
 
@@ -138,6 +148,13 @@ class Topology:
         """Domains of the flavor by Ready free GPUs (descending), then name."""
         for _, d in self._dom_order.get(flavor, ()):
             yield d
+
+    def domain_at(self, flavor: str, i: int) -> str | None:
+        """The i-th domain of the flavor in free order (O(log n)), or None past the end."""
+        order = self._dom_order.get(flavor)
+        if order is None or i >= len(order):
+            return None
+        return str(order[i][1])
 
     def nodes_by_free(self, flavor: str, domain: str) -> Iterator[str]:
         """Ready nodes of the flavor in the domain with a free slot, by free (descending), then name."""
@@ -150,13 +167,13 @@ class Topology:
 
     def _index_add(self, name: str) -> None:
         n = self.nodes[name]
-        key = (n.flavor, n.domain)
+        key = (n.flavor, self._domain[name])
         self._dom_nodes[key].add((-self._free[name], name))
         self._set_dom_free(key, self._dom_free[key] + self._free[name])
 
     def _index_remove(self, name: str) -> None:
         n = self.nodes[name]
-        key = (n.flavor, n.domain)
+        key = (n.flavor, self._domain[name])
         self._dom_nodes[key].remove((-self._free[name], name))
         self._set_dom_free(key, self._dom_free[key] - self._free[name])
 
@@ -169,8 +186,17 @@ class Topology:
         if ready:
             self._index_add(name)
 
+    def flavor_free(self, flavor: str) -> int:
+        """Free GPUs of the flavor on Ready nodes."""
+        return self._flavor_free.get(flavor, 0)
+
+    def max_domain_free(self, flavor: str) -> int:
+        order = self._dom_order.get(flavor)
+        return -order[0][0] if order else 0
+
     def _set_dom_free(self, key: tuple[str, str], value: int) -> None:
         flavor, domain = key
+        self._flavor_free[flavor] = self._flavor_free.get(flavor, 0) + value - self._dom_free[key]
         order = self._dom_order[flavor]
         order.remove((-self._dom_free[key], domain))
         self._dom_free[key] = value

@@ -8,7 +8,8 @@ with equal length, except that a mapping expected where the output has a list of
 matched by `key` (runs) or `name` (leases, reservations, budgets, envelopes).
 A malformed expectation document raises `ExpectError`.
 Helper keys: `reservationsByRun`, `budgets: {BUDGET: {ENVELOPE: {...}}}`, `groupDomains`,
-`closedGroups`, `closureReasonPrefixes`; `unfundedGPUHours` treats an owner absent from the
+`closedGroups`, `closureReasonPrefixes`; `{absent: true}` for a keyed item (run, lease,
+reservation) asserts it is not in the output; `unfundedGPUHours` treats an owner absent from the
 output as 0.0 GPU-hours.
 Not: a schema validator of the output itself.
 """
@@ -19,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 TOLERANCE = 1e-6
+ABSENT = {"absent": True}
+"""`{absent: true}` in place of a keyed item's fields: the item must not be in the output."""
 
 
 class ExpectError(ValueError):
@@ -224,7 +227,10 @@ def _check_keyed(path: str, items: object, expected: object, id_field: str, what
     for ident, exp in expected.items():
         sub = f"{path}[{ident}]"
         item = index.get(str(ident))
-        if item is None:
+        if exp == ABSENT:
+            if item is not None:
+                out.append(f"{sub}: expected no {what} {ident}, but the output has one")
+        elif item is None:
             out.append(f"{sub}: no {what} {ident} in the output")
         elif exp is not None:
             out += compare(sub, exp, item)

@@ -55,18 +55,11 @@ def run_scenario(scenario: S.Scenario, check_invariants: bool = False) -> dict[s
         try:
             cl.submit(*cmds)
         except ValidationError as err:
-            name = _action_key(step.action)
-            raise S.ScenarioError(f"steps[{step.index}].{name}: {err}") from None
+            where = f"steps[{step.index}]"
+            if isinstance(step.action, S.ApplyAction):
+                where += f".apply[{err.command_index or 0}]"
+            raise S.ScenarioError(f"{where}.{err}") from None
         if check_invariants:
             check_all(cl)
     snapshots[S.FINAL_LABEL] = state_json(cl)
     return {"snapshots": snapshots}
-
-
-def _action_key(action: S.Action) -> str:
-    names = {
-        S.ApplyAction: "apply", S.CompleteAction: "complete", S.FailAction: "fail", S.FailNodeAction: "failNode",
-        S.CordonAction: "cordon", S.UncordonAction: "uncordon", S.DeleteAction: "delete",
-        S.ShrinkAction: "shrink", S.EtaAction: "eta",
-    }
-    return names.get(type(action), "step")
