@@ -79,7 +79,8 @@ def candidates(rules: FundingRules, topo: Topology, run: Run, terms: RunTerms, t
             continue
         if not e.window_open(t):
             pre = e.pre_activation
-            if not (pre.allow_reservations if reserve else pre.allow_admission):
+            before_window = e.start is not None and t < e.start
+            if not before_window or not (pre.allow_reservations if reserve else pre.allow_admission):
                 continue
         sponsor_rank = 0
         if tier == SPONSOR and spec.funding.sponsors:

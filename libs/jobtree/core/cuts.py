@@ -73,6 +73,8 @@ class CutWorld:
     """Whether a freed slot can be used by the claim (a Ready node of its flavor)."""
     placing: str
     now: int
+    protect_bound_now: bool = True
+    """Runs bound at `now` cannot be cut now; a reservation planning a later activation counts them."""
     by_run: dict[str, list[Lease]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,7 +84,7 @@ class CutWorld:
     def cuttable(self, run: str) -> bool:
         if run == self.placing or run not in self.runs:
             return False
-        return self.runs[run][1].bound_at != self.now
+        return not self.protect_bound_now or self.runs[run][1].bound_at != self.now
 
     def lease_domain(self, lease: Lease) -> str:
         return self.domain_of(lease.node)

@@ -763,7 +763,7 @@ class Cluster:
         placed = self._intended_slice(key, cov)
         if placed is None:
             return self._park(key)
-        slice_, deficit = self._slice_of(placed)
+        slice_, deficit = self._slice_of(key, placed)
         if window_only and opens is not None:
             earliest = opens
         else:
@@ -783,7 +783,8 @@ class Cluster:
                          reservation=name)
         return True
 
-    def _cut_world(self, key: str, cov: Cover, max_step: int = cutorder.LOTTERY) -> cutorder.CutWorld:
+    def _cut_world(self, key: str, cov: Cover, max_step: int = cutorder.LOTTERY,
+                   planning: bool = False) -> cutorder.CutWorld:
         """Open leases and their classes with the new claim's funded part ranked in, for the
         runs the allowed cut steps could touch."""
         hypothetical: list[str] = []
@@ -817,7 +818,8 @@ class Cluster:
             return node.state is NodeState.READY and node.flavor == flavor
 
         runs = {k: (self.runs[k].spec, self.status[k]) for k in {x.run for x in opened.values()} if k in self.runs}
-        return cutorder.CutWorld(opened, classes, runs, topo.domain_of, usable, key, self.now)
+        return cutorder.CutWorld(opened, classes, runs, topo.domain_of, usable, key, self.now,
+                                 protect_bound_now=not planning)
 
     def _cuttable_by(self, key: str, leases: dict[str, Lease], cls: dict[str, FundingClass], max_step: int) -> bool:
         if any(c is FundingClass.UNFUNDED for c in cls.values()):
@@ -834,7 +836,7 @@ class Cluster:
         placed = self._pack(key, cov.groups)
         if placed is not None:
             return placed
-        world = world or self._cut_world(key, cov, max_level)
+        world = world or self._cut_world(key, cov, max_level, planning=True)
         for level in cutorder.capacity_levels(world, max_level):
             extra: dict[str, set[int]] = {}
             for node, i in level:
@@ -844,17 +846,18 @@ class Cluster:
                 return placed
         return None
 
-    def _slice_of(self, placed: list[PlacedGroup]) -> tuple[list[tuple[str, int]], dict[str, int]]:
-        """(domain, GPUs) of a placement in order, and the GPUs per domain that are not free."""
+    def _slice_of(self, key: str, placed: list[PlacedGroup]) -> tuple[list[tuple[str, int]], dict[str, int]]:
+        """(domain, GPUs) of a placement in order, and per domain the GPUs it needs there that are
+        not free (§7: counted per domain, not per slot the placement happened to pick)."""
         slice_: dict[str, int] = {}
-        deficit: dict[str, int] = {}
         for pg in placed:
             for pp in pg.pieces:
                 for s in pp.slots:
                     d = self.topo.domain_of(s[0])
                     slice_[d] = slice_.get(d, 0) + 1
-                    if self.topo.holder(s) is not None:
-                        deficit[d] = deficit.get(d, 0) + 1
+        spec = self.runs[key].spec
+        free = view_for(self.topo, spec.gpu_type, spec.locality.selector)
+        deficit = {d: n - free.domain_free(d) for d, n in slice_.items() if n > free.domain_free(d)}
         return list(slice_.items()), deficit
 
     def _group_domains(self, placed: list[PlacedGroup]) -> tuple[tuple[int, tuple[str, ...]], ...]:
@@ -939,7 +942,7 @@ class Cluster:
         intended = self._intended_slice(key, cov, max_step, world)
         if intended is None:
             return False
-        _, deficit = self._slice_of(intended)
+        _, deficit = self._slice_of(key, intended)
         planned = cutorder.plan(world, deficit, source, max_step)
         if planned is None:
             return False

@@ -284,6 +284,8 @@ class FundingView:
         if c.payer is not None and (comp.dirty or cls not in (None, FundingClass.UNFUNDED)):
             comp.dirty = True
             self.disturbances += 1
+            if self._terms(c.run).max_borrow is not None:
+                self.invalidate()  # the run's maxBorrowGPUs spans its other lenders' components
         self._tier_of.pop(name, None)
 
     def _set_cls(self, c: Claim, cls: FundingClass) -> None:
