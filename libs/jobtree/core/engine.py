@@ -910,11 +910,22 @@ class Cluster:
             self._bind(key, placed, MintReason.START)
             return True
         if cov.funded_gpus == 0:
-            self.apply(ReservationPut(replace(res, state=ReservationState.FAILED)))
-            self._set_status(key, phase=Phase.PENDING, reason=R_UNSCHEDULABLE, reservation=None,
-                             message="its reservation failed: GPUs are short and the demand is no longer fundable")
-            return True
+            return self._fail_reservation_and_park(
+                key, res, "its reservation failed: GPUs are short and the demand is no longer fundable")
+        if not self._fits_empty(key, cov):
+            return self._fail_reservation_and_park(
+                key, res, "its reservation failed: the run can never fit the Ready nodes of its flavor")
         return self._cut_and_bind(key, cov, res.name, cutorder.LOTTERY, res)
+
+    def _fits_empty(self, key: str, cov: Cover) -> bool:
+        """Whether the request fits the Ready nodes of its flavor if every slot were free."""
+        everything = {n: set(range(self.topo.nodes[n].gpus)) for n in self.topo.nodes}
+        return self._pack(key, cov.groups, everything) is not None
+
+    def _fail_reservation_and_park(self, key: str, res: Reservation, message: str) -> bool:
+        self.apply(ReservationPut(replace(res, state=ReservationState.FAILED)))
+        self._set_status(key, phase=Phase.PENDING, reason=R_UNSCHEDULABLE, reservation=None, message=message)
+        return True
 
     def _reclaim_then_bind(self, key: str, cov: Cover) -> bool:
         """§5.3: end unfunded work in the way (cut step 1 only) if that alone restores a fit."""
