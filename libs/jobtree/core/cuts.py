@@ -50,6 +50,8 @@ class Cut:
     run: str
     leases: tuple[str, ...]
     """For a lottery victim: every open lease of the run."""
+    group: int | None = None
+    """Set for a whole top-group cut of a malleable run (steps 1 and 3): taken top-down only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +148,9 @@ def _reclaim_units(world: CutWorld, domains: set[str] | None) -> list[Cut]:
                 world.classes.get(x.name) is FundingClass.UNFUNDED for x in members
             ):
                 break
-            if any(_in(domains, world.lease_domain(x)) for x in members):
-                out.append(Cut(RECLAIM, key, tuple(x.name for x in members)))
+            if not any(_in(domains, world.lease_domain(x)) for x in members):
+                break  # the top group is out of scope: nothing below it may go first
+            out.append(Cut(RECLAIM, key, tuple(x.name for x in members), g))
             width -= gw
     return out
 
@@ -185,7 +188,7 @@ def _shrink_units(world: CutWorld, domains: set[str] | None) -> list[Cut]:
                 break
             if not any(_in(domains, world.lease_domain(x)) for x in members):
                 break
-            out.append(Cut(SHRINK, key, tuple(x.name for x in members)))
+            out.append(Cut(SHRINK, key, tuple(x.name for x in members), g))
             width -= gw
     return out
 
@@ -242,12 +245,17 @@ def plan(world: CutWorld, deficit: dict[str, int], source: str, max_step: int = 
     for step in (RECLAIM, DROP_SPARE, SHRINK):
         if step > max_step:
             break
+        stopped: set[str] = set()  # runs whose current top group did not help: keep their lower groups
         for cut in units(world, step, scope):
             short = need.short(chosen)
             if not short:
                 break
+            if cut.group is not None and cut.run in stopped:
+                continue
             if need.helps(cut, chosen, short):
                 chosen.append(cut)
+            elif cut.group is not None:
+                stopped.add(cut.run)
     conflict: list[str] = []
     victims: list[str] = []
     if need.short(chosen) and max_step >= LOTTERY:

@@ -117,7 +117,10 @@ class Topology:
                 yield i, h
 
     def take(self, slots: Iterable[Slot], holder: str) -> None:
+        """Hold every slot for `holder`, all or nothing."""
         slots = list(slots)
+        if len(set(slots)) != len(slots):
+            raise SlotConflict(f"{holder} names a slot twice")
         for node, i in slots:
             if self._holder[node][i] is not None:
                 raise SlotConflict(f"slot {node}#{i} is held by {self._holder[node][i]}, wanted by {holder}")
@@ -129,12 +132,16 @@ class Topology:
             self._shift(node, -n)
 
     def release(self, slots: Iterable[Slot], holder: str) -> None:
+        """Free every slot held by `holder`, all or nothing."""
+        slots = list(slots)
+        if len(set(slots)) != len(slots):
+            raise SlotConflict(f"{holder} names a slot twice")
+        for node, i in slots:
+            if self._holder[node][i] != holder:
+                raise SlotConflict(f"slot {node}#{i} is held by {self._holder[node][i]}, not {holder}")
         per_node: dict[str, int] = {}
         for node, i in slots:
-            row = self._holder[node]
-            if row[i] != holder:
-                raise SlotConflict(f"slot {node}#{i} is held by {row[i]}, not {holder}")
-            row[i] = None
+            self._holder[node][i] = None
             per_node[node] = per_node.get(node, 0) + 1
         for node, n in per_node.items():
             self._shift(node, n)
