@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv test lint types contracts unit up bench clean
+.PHONY: all venv proto proto-check test lint types contracts unit up bench clean
 
 all: venv
 
@@ -25,10 +25,16 @@ types: venv
 contracts: venv
 	$(BIN)/lint-imports
 
-unit: venv
-	$(BIN)/pytest
+proto: venv
+	$(BIN)/python tools/gen_proto.py
 
-test: lint types contracts unit
+proto-check: venv
+	$(BIN)/python tools/check_proto_fresh.py
+
+unit: venv
+	$(BIN)/pytest -q
+
+test: lint types contracts proto-check unit
 
 up: venv
 	$(BIN)/jobtree up

