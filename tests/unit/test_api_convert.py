@@ -399,6 +399,7 @@ COMMANDS: list[F.Command] = [
     F.AddNode(_nodes()[0]),
     F.ShrinkRun("ns/r", 16),
     F.ReportEta("ns/r", T0 + 3600),
+    F.Tick(),
 ]
 
 
@@ -434,6 +435,7 @@ ENTRIES: list[F.JournalEntry] = [
     (T0, F.SpecDeleted("ns/r")),
     (T0, F.NodeStatePut(_nodes()[1])),
     (T0, F.ApplyBudget(_budgets()[0])),
+    (T0 + 60, F.ClockAdvanced()),
 ]
 
 

@@ -500,6 +500,8 @@ def command_to_proto(
         case facts.ReportEta(key, at):
             msg.report_eta.run.CopyFrom(run_ref(key))
             msg.report_eta.at.seconds = at
+        case facts.Tick():
+            msg.tick.SetInParent()
         case _:
             raise TypeError(f"not a command: {cmd!r}")
     return msg
@@ -530,6 +532,7 @@ _COMMANDS_FROM: dict[str, Callable[[Any, str], Command]] = {
     "add_node": lambda b, p: facts.AddNode(node_from_proto(b.node, _at(p, "node"))),
     "shrink_run": lambda b, p: facts.ShrinkRun(run_key(b.run, _at(p, "run")), b.desired_total_gpus),
     "report_eta": lambda b, p: facts.ReportEta(run_key(b.run, _at(p, "run")), _required_instant(b, "at", p)),
+    "tick": lambda b, p: facts.Tick(),
 }
 _COMMAND_FIELDS = tuple(f.name for f in bus.Command.DESCRIPTOR.oneofs_by_name["command"].fields)
 assert set(_COMMAND_FIELDS) == set(_COMMANDS_FROM), "bus.proto Command and convert disagree"
@@ -564,6 +567,8 @@ def entry_to_proto(entry: JournalEntry, *, command_id: str = "", epoch: int = 0)
             msg.node_state_put.node.CopyFrom(node_to_proto(node))
         case facts.ApplyBudget(budget):
             msg.budget_put.budget.CopyFrom(budget_to_proto(budget))
+        case facts.ClockAdvanced():
+            msg.clock_advanced.SetInParent()
         case _:
             raise TypeError(f"not a fact or spec change: {what!r}")
     return msg
@@ -592,6 +597,7 @@ _FACTS_FROM: dict[str, Callable[[Any, str], Fact | SpecChange]] = {
     "spec_deleted": lambda b, p: facts.SpecDeleted(run_key(b.run, _at(p, "run"))),
     "node_state_put": lambda b, p: facts.NodeStatePut(node_from_proto(b.node, _at(p, "node"))),
     "budget_put": lambda b, p: facts.ApplyBudget(budget_from_proto(b.budget, _at(p, "budget"))),
+    "clock_advanced": lambda b, p: facts.ClockAdvanced(),
 }
 _FACT_FIELDS = tuple(f.name for f in bus.LedgerEntry.DESCRIPTOR.oneofs_by_name["fact"].fields)
 assert set(_FACT_FIELDS) == set(_FACTS_FROM), "bus.proto LedgerEntry and convert disagree"

@@ -25,6 +25,7 @@ from jobtree.core.facts import (
     AddNode,
     ApplyBudget,
     ApplyRun,
+    ClockAdvanced,
     Command,
     CompleteRun,
     CordonNode,
@@ -43,6 +44,7 @@ from jobtree.core.facts import (
     SpecChange,
     SpecDeleted,
     SpecPut,
+    Tick,
 )
 from jobtree.core.funding import Claim, FundingRules, FundingView, RunTerms, env_bound
 from jobtree.core.meter import Meter
@@ -150,6 +152,8 @@ class Cluster:
         elif isinstance(item, SpecDeleted):
             self.runs.pop(item.run, None)
             self.deleted[item.run] = self.now
+        elif isinstance(item, ClockAdvanced):
+            pass  # the instant is the entry's: replay has already moved the clock there
         elif item.node.name in self.topo.nodes:
             self.topo.set_state(item.node.name, item.node.state)
         else:
@@ -239,7 +243,8 @@ class Cluster:
     # ======================================================================================
 
     def advance(self, t: int) -> list[Fact]:
-        """Move the clock to `t`, firing every timer due on the way at its own instant."""
+        """Move the clock to `t`, firing every timer due on the way at its own instant. The
+        journal records each instant the clock stopped at (`ClockAdvanced`)."""
         if t < self.now:
             raise ValidationError("at", f"time moves forward only: {t} is before {self.now}")
         mark = len(self.facts)
@@ -248,8 +253,11 @@ class Cluster:
             if due is None or due > t:
                 break
             self._move_clock(due)
+            self.journal.append((due, ClockAdvanced()))
             self._settle()
-        self._move_clock(t)
+        if t > self.now:
+            self._move_clock(t)
+            self.journal.append((t, ClockAdvanced()))
         return self.facts[mark:]
 
     def _move_clock(self, t: int) -> None:
@@ -326,6 +334,8 @@ class Cluster:
             self._apply_run(cmd.run)
         elif isinstance(cmd, AddNode):
             self.change_spec(NodeStatePut(cmd.node))
+        elif isinstance(cmd, Tick):
+            pass
         elif isinstance(cmd, ReportEta):
             self._set_status(self._live(cmd.run, "eta.run"), eta=cmd.at)
         elif isinstance(cmd, ShrinkRun):

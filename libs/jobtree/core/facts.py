@@ -73,8 +73,13 @@ class ReportEta:
     at: int
 
 
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Nothing but the passage of time: the caller advances the clock to the command's instant."""
+
+
 Command = (ApplyBudget | ApplyRun | DeleteRun | CompleteRun | FailRun | FailNode | CordonNode
-           | UncordonNode | AddNode | ShrinkRun | ReportEta)
+           | UncordonNode | AddNode | ShrinkRun | ReportEta | Tick)
 
 # --- facts ------------------------------------------------------------------------------
 
@@ -119,7 +124,13 @@ class NodeStatePut:
     node: Node
 
 
+@dataclass(frozen=True, slots=True)
+class ClockAdvanced:
+    """The clock reached the entry's instant (journaled so that a follower meters what the
+    leader metered even when nothing else happened)."""
+
+
 Fact = LeaseMinted | LeaseClosed | ReservationPut | RunStatusPut
-SpecChange = ApplyBudget | SpecPut | SpecDeleted | NodeStatePut
+SpecChange = ApplyBudget | SpecPut | SpecDeleted | NodeStatePut | ClockAdvanced
 JournalEntry = tuple[int, "Fact | SpecChange"]
 """(instant, what happened): the ledger plus the spec changes it was decided against."""

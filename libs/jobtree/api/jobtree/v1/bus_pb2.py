@@ -22,65 +22,78 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from jobtree.api.jobtree.v1 import objects_pb2 as jobtree_dot_v1_dot_objects__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14jobtree/v1/bus.proto\x12\njobtree.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18jobtree/v1/objects.proto\"1\n\x0b\x41pplyBudget\x12\"\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.Budget\"(\n\x08\x41pplyRun\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.jobtree.v1.Run\",\n\tDeleteRun\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\".\n\x0b\x43ompleteRun\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\"*\n\x07\x46\x61ilRun\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\"\x18\n\x08\x46\x61ilNode\x12\x0c\n\x04node\x18\x01 \x01(\t\"\x1a\n\nCordonNode\x12\x0c\n\x04node\x18\x01 \x01(\t\"\x1c\n\x0cUncordonNode\x12\x0c\n\x04node\x18\x01 \x01(\t\")\n\x07\x41\x64\x64Node\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.jobtree.v1.Node\"H\n\tShrinkRun\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\x12\x1a\n\x12\x64\x65sired_total_gpus\x18\x02 \x01(\x05\"T\n\tReportEta\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf4\x04\n\x07\x43ommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12+\n\x07instant\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13min_ledger_sequence\x18\x04 \x01(\x04\x12/\n\x0c\x61pply_budget\x18\n \x01(\x0b\x32\x17.jobtree.v1.ApplyBudgetH\x00\x12)\n\tapply_run\x18\x0b \x01(\x0b\x32\x14.jobtree.v1.ApplyRunH\x00\x12+\n\ndelete_run\x18\x0c \x01(\x0b\x32\x15.jobtree.v1.DeleteRunH\x00\x12/\n\x0c\x63omplete_run\x18\r \x01(\x0b\x32\x17.jobtree.v1.CompleteRunH\x00\x12\'\n\x08\x66\x61il_run\x18\x0e \x01(\x0b\x32\x13.jobtree.v1.FailRunH\x00\x12)\n\tfail_node\x18\x0f \x01(\x0b\x32\x14.jobtree.v1.FailNodeH\x00\x12-\n\x0b\x63ordon_node\x18\x10 \x01(\x0b\x32\x16.jobtree.v1.CordonNodeH\x00\x12\x31\n\runcordon_node\x18\x11 \x01(\x0b\x32\x18.jobtree.v1.UncordonNodeH\x00\x12\'\n\x08\x61\x64\x64_node\x18\x12 \x01(\x0b\x32\x13.jobtree.v1.AddNodeH\x00\x12+\n\nshrink_run\x18\x13 \x01(\x0b\x32\x15.jobtree.v1.ShrinkRunH\x00\x12+\n\nreport_eta\x18\x14 \x01(\x0b\x32\x15.jobtree.v1.ReportEtaH\x00\x42\t\n\x07\x63ommand\"Q\n\x05\x45rror\x12#\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x15.jobtree.v1.ErrorCode\x12\x12\n\nfield_path\x18\x02 \x01(\t\x12\x0f\n\x07problem\x18\x03 \x01(\t\"]\n\x0c\x43ommandReply\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.jobtree.v1.Error\x12\x17\n\x0fledger_sequence\x18\x03 \x01(\x04\"2\n\x0bLeaseMinted\x12#\n\x05lease\x18\x01 \x01(\x0b\x32\x14.jobtree.v1.GPULease\"T\n\x0bLeaseClosed\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x03 \x01(\t\">\n\x0eReservationPut\x12,\n\x0breservation\x18\x01 \x01(\x0b\x32\x17.jobtree.v1.Reservation\"V\n\x0cRunStatusPut\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\x12%\n\x06status\x18\x02 \x01(\x0b\x32\x15.jobtree.v1.RunStatus\"\'\n\x07SpecPut\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.jobtree.v1.Run\".\n\x0bSpecDeleted\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\".\n\x0cNodeStatePut\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.jobtree.v1.Node\"/\n\tBudgetPut\x12\"\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.Budget\"\xed\x03\n\x0bLedgerEntry\x12+\n\x07instant\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncommand_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12/\n\x0clease_minted\x18\n \x01(\x0b\x32\x17.jobtree.v1.LeaseMintedH\x00\x12/\n\x0clease_closed\x18\x0b \x01(\x0b\x32\x17.jobtree.v1.LeaseClosedH\x00\x12\x35\n\x0freservation_put\x18\x0c \x01(\x0b\x32\x1a.jobtree.v1.ReservationPutH\x00\x12\x32\n\x0erun_status_put\x18\r \x01(\x0b\x32\x18.jobtree.v1.RunStatusPutH\x00\x12\'\n\x08spec_put\x18\x0e \x01(\x0b\x32\x13.jobtree.v1.SpecPutH\x00\x12/\n\x0cspec_deleted\x18\x0f \x01(\x0b\x32\x17.jobtree.v1.SpecDeletedH\x00\x12\x32\n\x0enode_state_put\x18\x10 \x01(\x0b\x32\x18.jobtree.v1.NodeStatePutH\x00\x12+\n\nbudget_put\x18\x11 \x01(\x0b\x32\x15.jobtree.v1.BudgetPutH\x00\x42\x06\n\x04\x66\x61\x63t\"7\n\x0bLedgerBatch\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.jobtree.v1.LedgerEntry*\xcc\x01\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45RROR_CODE_INVALID_ARGUMENT\x10\x01\x12\x18\n\x14\x45RROR_CODE_NOT_FOUND\x10\x02\x12\x17\n\x13\x45RROR_CODE_CONFLICT\x10\x03\x12\x1a\n\x16\x45RROR_CODE_STALE_EPOCH\x10\x04\x12\x1a\n\x16\x45RROR_CODE_UNAVAILABLE\x10\x05\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14jobtree/v1/bus.proto\x12\njobtree.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18jobtree/v1/objects.proto\"1\n\x0b\x41pplyBudget\x12\"\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.Budget\"(\n\x08\x41pplyRun\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.jobtree.v1.Run\",\n\tDeleteRun\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\".\n\x0b\x43ompleteRun\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\"*\n\x07\x46\x61ilRun\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\"\x18\n\x08\x46\x61ilNode\x12\x0c\n\x04node\x18\x01 \x01(\t\"\x1a\n\nCordonNode\x12\x0c\n\x04node\x18\x01 \x01(\t\"\x1c\n\x0cUncordonNode\x12\x0c\n\x04node\x18\x01 \x01(\t\")\n\x07\x41\x64\x64Node\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.jobtree.v1.Node\"H\n\tShrinkRun\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\x12\x1a\n\x12\x64\x65sired_total_gpus\x18\x02 \x01(\x05\"T\n\tReportEta\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x96\x05\n\x07\x43ommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12+\n\x07instant\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13min_ledger_sequence\x18\x04 \x01(\x04\x12/\n\x0c\x61pply_budget\x18\n \x01(\x0b\x32\x17.jobtree.v1.ApplyBudgetH\x00\x12)\n\tapply_run\x18\x0b \x01(\x0b\x32\x14.jobtree.v1.ApplyRunH\x00\x12+\n\ndelete_run\x18\x0c \x01(\x0b\x32\x15.jobtree.v1.DeleteRunH\x00\x12/\n\x0c\x63omplete_run\x18\r \x01(\x0b\x32\x17.jobtree.v1.CompleteRunH\x00\x12\'\n\x08\x66\x61il_run\x18\x0e \x01(\x0b\x32\x13.jobtree.v1.FailRunH\x00\x12)\n\tfail_node\x18\x0f \x01(\x0b\x32\x14.jobtree.v1.FailNodeH\x00\x12-\n\x0b\x63ordon_node\x18\x10 \x01(\x0b\x32\x16.jobtree.v1.CordonNodeH\x00\x12\x31\n\runcordon_node\x18\x11 \x01(\x0b\x32\x18.jobtree.v1.UncordonNodeH\x00\x12\'\n\x08\x61\x64\x64_node\x18\x12 \x01(\x0b\x32\x13.jobtree.v1.AddNodeH\x00\x12+\n\nshrink_run\x18\x13 \x01(\x0b\x32\x15.jobtree.v1.ShrinkRunH\x00\x12+\n\nreport_eta\x18\x14 \x01(\x0b\x32\x15.jobtree.v1.ReportEtaH\x00\x12 \n\x04tick\x18\x15 \x01(\x0b\x32\x10.jobtree.v1.TickH\x00\x42\t\n\x07\x63ommand\"\x06\n\x04Tick\"Q\n\x05\x45rror\x12#\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x15.jobtree.v1.ErrorCode\x12\x12\n\nfield_path\x18\x02 \x01(\t\x12\x0f\n\x07problem\x18\x03 \x01(\t\"]\n\x0c\x43ommandReply\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.jobtree.v1.Error\x12\x17\n\x0fledger_sequence\x18\x03 \x01(\x04\"2\n\x0bLeaseMinted\x12#\n\x05lease\x18\x01 \x01(\x0b\x32\x14.jobtree.v1.GPULease\"T\n\x0bLeaseClosed\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x03 \x01(\t\">\n\x0eReservationPut\x12,\n\x0breservation\x18\x01 \x01(\x0b\x32\x17.jobtree.v1.Reservation\"V\n\x0cRunStatusPut\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\x12%\n\x06status\x18\x02 \x01(\x0b\x32\x15.jobtree.v1.RunStatus\"\'\n\x07SpecPut\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.jobtree.v1.Run\".\n\x0bSpecDeleted\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\".\n\x0cNodeStatePut\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.jobtree.v1.Node\"/\n\tBudgetPut\x12\"\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.Budget\"\xa2\x04\n\x0bLedgerEntry\x12+\n\x07instant\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncommand_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12/\n\x0clease_minted\x18\n \x01(\x0b\x32\x17.jobtree.v1.LeaseMintedH\x00\x12/\n\x0clease_closed\x18\x0b \x01(\x0b\x32\x17.jobtree.v1.LeaseClosedH\x00\x12\x35\n\x0freservation_put\x18\x0c \x01(\x0b\x32\x1a.jobtree.v1.ReservationPutH\x00\x12\x32\n\x0erun_status_put\x18\r \x01(\x0b\x32\x18.jobtree.v1.RunStatusPutH\x00\x12\'\n\x08spec_put\x18\x0e \x01(\x0b\x32\x13.jobtree.v1.SpecPutH\x00\x12/\n\x0cspec_deleted\x18\x0f \x01(\x0b\x32\x17.jobtree.v1.SpecDeletedH\x00\x12\x32\n\x0enode_state_put\x18\x10 \x01(\x0b\x32\x18.jobtree.v1.NodeStatePutH\x00\x12+\n\nbudget_put\x18\x11 \x01(\x0b\x32\x15.jobtree.v1.BudgetPutH\x00\x12\x33\n\x0e\x63lock_advanced\x18\x12 \x01(\x0b\x32\x19.jobtree.v1.ClockAdvancedH\x00\x42\x06\n\x04\x66\x61\x63t\"\x0f\n\rClockAdvanced\"7\n\x0bLedgerBatch\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.jobtree.v1.LedgerEntry\"v\n\rAppendRequest\x12&\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x17.jobtree.v1.LedgerBatch\x12\x1e\n\x16\x65xpected_last_sequence\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0e\n\x06msg_id\x18\x04 \x01(\t\"k\n\x0b\x41ppendReply\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12 \n\x05\x65rror\x18\x03 \x01(\x0b\x32\x11.jobtree.v1.Error\x12\x15\n\rlast_sequence\x18\x04 \x01(\x04\"+\n\x0cStateRequest\x12\x1b\n\x13min_ledger_sequence\x18\x01 \x01(\x04\"o\n\nStateReply\x12&\n\x05state\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fledger_sequence\x18\x02 \x01(\x04\x12 \n\x05\x65rror\x18\x03 \x01(\x0b\x32\x11.jobtree.v1.Error*\xcc\x01\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45RROR_CODE_INVALID_ARGUMENT\x10\x01\x12\x18\n\x14\x45RROR_CODE_NOT_FOUND\x10\x02\x12\x17\n\x13\x45RROR_CODE_CONFLICT\x10\x03\x12\x1a\n\x16\x45RROR_CODE_STALE_EPOCH\x10\x04\x12\x1a\n\x16\x45RROR_CODE_UNAVAILABLE\x10\x05\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jobtree.api.jobtree.v1.bus_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ERRORCODE']._serialized_start=2452
-  _globals['_ERRORCODE']._serialized_end=2656
-  _globals['_APPLYBUDGET']._serialized_start=95
-  _globals['_APPLYBUDGET']._serialized_end=144
-  _globals['_APPLYRUN']._serialized_start=146
-  _globals['_APPLYRUN']._serialized_end=186
-  _globals['_DELETERUN']._serialized_start=188
-  _globals['_DELETERUN']._serialized_end=232
-  _globals['_COMPLETERUN']._serialized_start=234
-  _globals['_COMPLETERUN']._serialized_end=280
-  _globals['_FAILRUN']._serialized_start=282
-  _globals['_FAILRUN']._serialized_end=324
-  _globals['_FAILNODE']._serialized_start=326
-  _globals['_FAILNODE']._serialized_end=350
-  _globals['_CORDONNODE']._serialized_start=352
-  _globals['_CORDONNODE']._serialized_end=378
-  _globals['_UNCORDONNODE']._serialized_start=380
-  _globals['_UNCORDONNODE']._serialized_end=408
-  _globals['_ADDNODE']._serialized_start=410
-  _globals['_ADDNODE']._serialized_end=451
-  _globals['_SHRINKRUN']._serialized_start=453
-  _globals['_SHRINKRUN']._serialized_end=525
-  _globals['_REPORTETA']._serialized_start=527
-  _globals['_REPORTETA']._serialized_end=611
-  _globals['_COMMAND']._serialized_start=614
-  _globals['_COMMAND']._serialized_end=1242
-  _globals['_ERROR']._serialized_start=1244
-  _globals['_ERROR']._serialized_end=1325
-  _globals['_COMMANDREPLY']._serialized_start=1327
-  _globals['_COMMANDREPLY']._serialized_end=1420
-  _globals['_LEASEMINTED']._serialized_start=1422
-  _globals['_LEASEMINTED']._serialized_end=1472
-  _globals['_LEASECLOSED']._serialized_start=1474
-  _globals['_LEASECLOSED']._serialized_end=1558
-  _globals['_RESERVATIONPUT']._serialized_start=1560
-  _globals['_RESERVATIONPUT']._serialized_end=1622
-  _globals['_RUNSTATUSPUT']._serialized_start=1624
-  _globals['_RUNSTATUSPUT']._serialized_end=1710
-  _globals['_SPECPUT']._serialized_start=1712
-  _globals['_SPECPUT']._serialized_end=1751
-  _globals['_SPECDELETED']._serialized_start=1753
-  _globals['_SPECDELETED']._serialized_end=1799
-  _globals['_NODESTATEPUT']._serialized_start=1801
-  _globals['_NODESTATEPUT']._serialized_end=1847
-  _globals['_BUDGETPUT']._serialized_start=1849
-  _globals['_BUDGETPUT']._serialized_end=1896
-  _globals['_LEDGERENTRY']._serialized_start=1899
-  _globals['_LEDGERENTRY']._serialized_end=2392
-  _globals['_LEDGERBATCH']._serialized_start=2394
-  _globals['_LEDGERBATCH']._serialized_end=2449
+  _globals['_ERRORCODE']._serialized_start=2981
+  _globals['_ERRORCODE']._serialized_end=3185
+  _globals['_APPLYBUDGET']._serialized_start=125
+  _globals['_APPLYBUDGET']._serialized_end=174
+  _globals['_APPLYRUN']._serialized_start=176
+  _globals['_APPLYRUN']._serialized_end=216
+  _globals['_DELETERUN']._serialized_start=218
+  _globals['_DELETERUN']._serialized_end=262
+  _globals['_COMPLETERUN']._serialized_start=264
+  _globals['_COMPLETERUN']._serialized_end=310
+  _globals['_FAILRUN']._serialized_start=312
+  _globals['_FAILRUN']._serialized_end=354
+  _globals['_FAILNODE']._serialized_start=356
+  _globals['_FAILNODE']._serialized_end=380
+  _globals['_CORDONNODE']._serialized_start=382
+  _globals['_CORDONNODE']._serialized_end=408
+  _globals['_UNCORDONNODE']._serialized_start=410
+  _globals['_UNCORDONNODE']._serialized_end=438
+  _globals['_ADDNODE']._serialized_start=440
+  _globals['_ADDNODE']._serialized_end=481
+  _globals['_SHRINKRUN']._serialized_start=483
+  _globals['_SHRINKRUN']._serialized_end=555
+  _globals['_REPORTETA']._serialized_start=557
+  _globals['_REPORTETA']._serialized_end=641
+  _globals['_COMMAND']._serialized_start=644
+  _globals['_COMMAND']._serialized_end=1306
+  _globals['_TICK']._serialized_start=1308
+  _globals['_TICK']._serialized_end=1314
+  _globals['_ERROR']._serialized_start=1316
+  _globals['_ERROR']._serialized_end=1397
+  _globals['_COMMANDREPLY']._serialized_start=1399
+  _globals['_COMMANDREPLY']._serialized_end=1492
+  _globals['_LEASEMINTED']._serialized_start=1494
+  _globals['_LEASEMINTED']._serialized_end=1544
+  _globals['_LEASECLOSED']._serialized_start=1546
+  _globals['_LEASECLOSED']._serialized_end=1630
+  _globals['_RESERVATIONPUT']._serialized_start=1632
+  _globals['_RESERVATIONPUT']._serialized_end=1694
+  _globals['_RUNSTATUSPUT']._serialized_start=1696
+  _globals['_RUNSTATUSPUT']._serialized_end=1782
+  _globals['_SPECPUT']._serialized_start=1784
+  _globals['_SPECPUT']._serialized_end=1823
+  _globals['_SPECDELETED']._serialized_start=1825
+  _globals['_SPECDELETED']._serialized_end=1871
+  _globals['_NODESTATEPUT']._serialized_start=1873
+  _globals['_NODESTATEPUT']._serialized_end=1919
+  _globals['_BUDGETPUT']._serialized_start=1921
+  _globals['_BUDGETPUT']._serialized_end=1968
+  _globals['_LEDGERENTRY']._serialized_start=1971
+  _globals['_LEDGERENTRY']._serialized_end=2517
+  _globals['_CLOCKADVANCED']._serialized_start=2519
+  _globals['_CLOCKADVANCED']._serialized_end=2534
+  _globals['_LEDGERBATCH']._serialized_start=2536
+  _globals['_LEDGERBATCH']._serialized_end=2591
+  _globals['_APPENDREQUEST']._serialized_start=2593
+  _globals['_APPENDREQUEST']._serialized_end=2711
+  _globals['_APPENDREPLY']._serialized_start=2713
+  _globals['_APPENDREPLY']._serialized_end=2820
+  _globals['_STATEREQUEST']._serialized_start=2822
+  _globals['_STATEREQUEST']._serialized_end=2865
+  _globals['_STATEREPLY']._serialized_start=2867
+  _globals['_STATEREPLY']._serialized_end=2978
 # @@protoc_insertion_point(module_scope)

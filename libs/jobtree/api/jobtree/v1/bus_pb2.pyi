@@ -9,6 +9,7 @@ conversion lives in jobtree.api.convert. Subjects are built only by jobtree.bus.
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -317,6 +318,7 @@ class Command(_message.Message):
     ADD_NODE_FIELD_NUMBER: _builtins.int
     SHRINK_RUN_FIELD_NUMBER: _builtins.int
     REPORT_ETA_FIELD_NUMBER: _builtins.int
+    TICK_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     epoch: _builtins.int
     min_ledger_sequence: _builtins.int
@@ -347,6 +349,8 @@ class Command(_message.Message):
     def shrink_run(self) -> Global___ShrinkRun: ...
     @_builtins.property
     def report_eta(self) -> Global___ReportEta: ...
+    @_builtins.property
+    def tick(self) -> Global___Tick: ...
     def __init__(
         self,
         *,
@@ -365,16 +369,36 @@ class Command(_message.Message):
         add_node: Global___AddNode | None = ...,
         shrink_run: Global___ShrinkRun | None = ...,
         report_eta: Global___ReportEta | None = ...,
+        tick: Global___Tick | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["add_node", b"add_node", "apply_budget", b"apply_budget", "apply_run", b"apply_run", "command", b"command", "complete_run", b"complete_run", "cordon_node", b"cordon_node", "delete_run", b"delete_run", "fail_node", b"fail_node", "fail_run", b"fail_run", "instant", b"instant", "report_eta", b"report_eta", "shrink_run", b"shrink_run", "uncordon_node", b"uncordon_node"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["add_node", b"add_node", "apply_budget", b"apply_budget", "apply_run", b"apply_run", "command", b"command", "complete_run", b"complete_run", "cordon_node", b"cordon_node", "delete_run", b"delete_run", "fail_node", b"fail_node", "fail_run", b"fail_run", "instant", b"instant", "report_eta", b"report_eta", "shrink_run", b"shrink_run", "tick", b"tick", "uncordon_node", b"uncordon_node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_node", b"add_node", "apply_budget", b"apply_budget", "apply_run", b"apply_run", "command", b"command", "command_id", b"command_id", "complete_run", b"complete_run", "cordon_node", b"cordon_node", "delete_run", b"delete_run", "epoch", b"epoch", "fail_node", b"fail_node", "fail_run", b"fail_run", "instant", b"instant", "min_ledger_sequence", b"min_ledger_sequence", "report_eta", b"report_eta", "shrink_run", b"shrink_run", "uncordon_node", b"uncordon_node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_node", b"add_node", "apply_budget", b"apply_budget", "apply_run", b"apply_run", "command", b"command", "command_id", b"command_id", "complete_run", b"complete_run", "cordon_node", b"cordon_node", "delete_run", b"delete_run", "epoch", b"epoch", "fail_node", b"fail_node", "fail_run", b"fail_run", "instant", b"instant", "min_ledger_sequence", b"min_ledger_sequence", "report_eta", b"report_eta", "shrink_run", b"shrink_run", "tick", b"tick", "uncordon_node", b"uncordon_node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["apply_budget", "apply_run", "delete_run", "complete_run", "fail_run", "fail_node", "cordon_node", "uncordon_node", "add_node", "shrink_run", "report_eta"]  # noqa: Y015
+    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["apply_budget", "apply_run", "delete_run", "complete_run", "fail_run", "fail_node", "cordon_node", "uncordon_node", "add_node", "shrink_run", "report_eta", "tick"]  # noqa: Y015
     _WhichOneofArgType_command: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_command) -> _WhichOneofReturnType_command | None: ...
 
 Global___Command: _TypeAlias = Command  # noqa: Y015
+
+@_typing.final
+class Tick(_message.Message):
+    """Moves the decision loop's clock to the command's instant and fires every timer due by then
+    (the resolver sends these in production; the scenario runner in virtual time).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Tick: _TypeAlias = Tick  # noqa: Y015
 
 @_typing.final
 class Error(_message.Message):
@@ -631,6 +655,7 @@ class LedgerEntry(_message.Message):
     SPEC_DELETED_FIELD_NUMBER: _builtins.int
     NODE_STATE_PUT_FIELD_NUMBER: _builtins.int
     BUDGET_PUT_FIELD_NUMBER: _builtins.int
+    CLOCK_ADVANCED_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     epoch: _builtins.int
     @_builtins.property
@@ -651,6 +676,8 @@ class LedgerEntry(_message.Message):
     def node_state_put(self) -> Global___NodeStatePut: ...
     @_builtins.property
     def budget_put(self) -> Global___BudgetPut: ...
+    @_builtins.property
+    def clock_advanced(self) -> Global___ClockAdvanced: ...
     def __init__(
         self,
         *,
@@ -665,16 +692,34 @@ class LedgerEntry(_message.Message):
         spec_deleted: Global___SpecDeleted | None = ...,
         node_state_put: Global___NodeStatePut | None = ...,
         budget_put: Global___BudgetPut | None = ...,
+        clock_advanced: Global___ClockAdvanced | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["budget_put", b"budget_put", "fact", b"fact", "instant", b"instant", "lease_closed", b"lease_closed", "lease_minted", b"lease_minted", "node_state_put", b"node_state_put", "reservation_put", b"reservation_put", "run_status_put", b"run_status_put", "spec_deleted", b"spec_deleted", "spec_put", b"spec_put"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget_put", b"budget_put", "clock_advanced", b"clock_advanced", "fact", b"fact", "instant", b"instant", "lease_closed", b"lease_closed", "lease_minted", b"lease_minted", "node_state_put", b"node_state_put", "reservation_put", b"reservation_put", "run_status_put", b"run_status_put", "spec_deleted", b"spec_deleted", "spec_put", b"spec_put"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_put", b"budget_put", "command_id", b"command_id", "epoch", b"epoch", "fact", b"fact", "instant", b"instant", "lease_closed", b"lease_closed", "lease_minted", b"lease_minted", "node_state_put", b"node_state_put", "reservation_put", b"reservation_put", "run_status_put", b"run_status_put", "spec_deleted", b"spec_deleted", "spec_put", b"spec_put"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_put", b"budget_put", "clock_advanced", b"clock_advanced", "command_id", b"command_id", "epoch", b"epoch", "fact", b"fact", "instant", b"instant", "lease_closed", b"lease_closed", "lease_minted", b"lease_minted", "node_state_put", b"node_state_put", "reservation_put", b"reservation_put", "run_status_put", b"run_status_put", "spec_deleted", b"spec_deleted", "spec_put", b"spec_put"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_fact: _TypeAlias = _typing.Literal["lease_minted", "lease_closed", "reservation_put", "run_status_put", "spec_put", "spec_deleted", "node_state_put", "budget_put"]  # noqa: Y015
+    _WhichOneofReturnType_fact: _TypeAlias = _typing.Literal["lease_minted", "lease_closed", "reservation_put", "run_status_put", "spec_put", "spec_deleted", "node_state_put", "budget_put", "clock_advanced"]  # noqa: Y015
     _WhichOneofArgType_fact: _TypeAlias = _typing.Literal["fact", b"fact"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_fact) -> _WhichOneofReturnType_fact | None: ...
 
 Global___LedgerEntry: _TypeAlias = LedgerEntry  # noqa: Y015
+
+@_typing.final
+class ClockAdvanced(_message.Message):
+    """The clock reached the entry's instant (so followers meter exactly what the leader metered)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClockAdvanced: _TypeAlias = ClockAdvanced  # noqa: Y015
 
 @_typing.final
 class LedgerBatch(_message.Message):
@@ -699,3 +744,113 @@ class LedgerBatch(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LedgerBatch: _TypeAlias = LedgerBatch  # noqa: Y015
+
+@_typing.final
+class AppendRequest(_message.Message):
+    """admission -> binder: one decision's entries, appended whole or not at all."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_FIELD_NUMBER: _builtins.int
+    EXPECTED_LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    MSG_ID_FIELD_NUMBER: _builtins.int
+    expected_last_sequence: _builtins.int
+    epoch: _builtins.int
+    msg_id: _builtins.str
+    @_builtins.property
+    def batch(self) -> Global___LedgerBatch: ...
+    def __init__(
+        self,
+        *,
+        batch: Global___LedgerBatch | None = ...,
+        expected_last_sequence: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+        msg_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "epoch", b"epoch", "expected_last_sequence", b"expected_last_sequence", "msg_id", b"msg_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendRequest: _TypeAlias = AppendRequest  # noqa: Y015
+
+@_typing.final
+class AppendReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    duplicate: _builtins.bool
+    last_sequence: _builtins.int
+    @_builtins.property
+    def error(self) -> Global___Error: ...
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        duplicate: _builtins.bool = ...,
+        error: Global___Error | None = ...,
+        last_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "error", b"error", "last_sequence", b"last_sequence", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendReply: _TypeAlias = AppendReply  # noqa: Y015
+
+@_typing.final
+class StateRequest(_message.Message):
+    """Read side: the derived state (the STATE object of SCENARIOS.md) once the view has applied
+    `min_ledger_sequence`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIN_LEDGER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    min_ledger_sequence: _builtins.int
+    def __init__(
+        self,
+        *,
+        min_ledger_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_ledger_sequence", b"min_ledger_sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StateRequest: _TypeAlias = StateRequest  # noqa: Y015
+
+@_typing.final
+class StateReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    LEDGER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    ledger_sequence: _builtins.int
+    @_builtins.property
+    def state(self) -> _struct_pb2.Struct: ...
+    @_builtins.property
+    def error(self) -> Global___Error: ...
+    def __init__(
+        self,
+        *,
+        state: _struct_pb2.Struct | None = ...,
+        ledger_sequence: _builtins.int = ...,
+        error: Global___Error | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "ledger_sequence", b"ledger_sequence", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StateReply: _TypeAlias = StateReply  # noqa: Y015
