@@ -58,14 +58,14 @@ SERVICE_VERBS: dict[str, tuple[str, ...]] = {
     "gateway": ("health",),
     # The per-cluster decision loop: bus.Command in, bus.CommandReply out.
     "admission": ("health", "command"),
-    # Cover requests and classification, usage/headroom, sponsors.
-    "budget": ("health", "cover", "usage", "sponsors"),
-    # Placement and what-if placement for forecasts.
-    "packer": ("health", "pack", "whatif"),
+    # The derived funding view: the STATE object, usage/headroom, sponsors.
+    "budget": ("health", "state", "usage", "sponsors"),
+    # Topology and what-if placement for forecasts.
+    "packer": ("health", "nodes", "plan"),
     # The single writer of the ledger: a decision's facts in, the committed sequence out.
     "binder": ("health", "commit"),
-    # Deficits: reservation activation, cut order, node-failure swaps.
-    "resolver": ("health", "resolve"),
+    # Timers: sends Tick commands when reservations activate, deadlines and windows fall due.
+    "resolver": ("health",),
     "notifier": ("health",),
     # Per-cluster allowances of global aggregate caps.
     "federation": ("health", "allowances"),

@@ -250,6 +250,8 @@ def plan(world: CutWorld, deficit: dict[str, int], source: str, max_step: int = 
             short = need.short(chosen)
             if not short:
                 break
+            if set(cut.leases) <= {name for c in chosen for name in c.leases}:
+                continue  # already cut by an earlier step (e.g. a top group reclaimed in step 1)
             if cut.group is not None and cut.run in stopped:
                 continue
             if need.helps(cut, chosen, short):

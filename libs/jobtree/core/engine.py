@@ -134,12 +134,16 @@ class Cluster:
         """Rebuild a view from its journal alone, deciding nothing (the audit property of §10)."""
         cl = cls(config, nodes, start)
         for t, item in journal:
-            cl._move_clock(t)
-            if isinstance(item, (LeaseMinted, LeaseClosed, ReservationPut, RunStatusPut)):
-                cl.apply(item)
-            else:
-                cl.change_spec(item)
+            cl.replay_entry(t, item)
         return cl
+
+    def replay_entry(self, t: int, item: Fact | SpecChange) -> None:
+        """Apply one journal entry at its instant, deciding nothing (followers and replay)."""
+        self._move_clock(t)
+        if isinstance(item, (LeaseMinted, LeaseClosed, ReservationPut, RunStatusPut)):
+            self.apply(item)
+        else:
+            self.change_spec(item)
 
     def change_spec(self, item: SpecChange) -> None:
         """Apply a spec change (budget, run spec, node state) and journal it."""

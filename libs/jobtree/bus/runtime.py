@@ -1,0 +1,167 @@
+"""The service runtime: what every jobtree service runs inside (`jobtree serve NAME`).
+
+Contract: `run(main, settings)` connects to NATS (reconnecting for ever), opens JetStream,
+answers `health` on the service's subject, exposes Prometheus metrics when a port is set, logs
+structured JSON lines to stderr, calls `main(ctx)` and, on SIGINT/SIGTERM or when `main`
+returns, drains the connection and exits. `ServiceContext.serve` registers a request/reply
+handler (optionally in the service's queue group). Handlers take the request bytes and
+return the reply bytes; an exception in a handler is logged and answered with nothing (the
+caller times out) rather than crashing the service.
+Not: scheduling logic (the core), not subjects (see `subjects`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from jobtree.bus import subjects
+from jobtree.core.model import ClusterConfig
+
+Handler = Callable[[bytes], Awaitable[bytes | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    name: str
+    cluster: str
+    nats_url: str
+    user: str | None = None
+    password: str | None = None
+    data_dir: Path = Path(".")
+    metrics_port: int = 0
+    clock: str = "system"
+    """`system` (wall clock) or `virtual` (instants come only from commands)."""
+    config: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "service": record.name,
+            "msg": record.getMessage(),
+        }
+        extra = getattr(record, "fields", None)
+        if isinstance(extra, dict):
+            out.update(extra)
+        if record.exc_info:
+            out["error"] = self.formatException(record.exc_info)
+        return json.dumps(out, sort_keys=True)
+
+
+def service_logger(name: str) -> logging.Logger:
+    log = logging.getLogger(f"jobtree.{name}")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
+
+
+@dataclass
+class ServiceContext:
+    settings: ServiceSettings
+    nc: NATS
+    js: JetStreamContext
+    log: logging.Logger
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    _subs: list[Any] = field(default_factory=list)
+
+    @property
+    def cluster(self) -> str:
+        return self.settings.cluster
+
+    def subject(self, verb: str, service: str | None = None) -> str:
+        return subjects.request(self.cluster, service or self.settings.name, verb)
+
+    async def serve(self, subject: str, handler: Handler, *, queue: bool = False) -> None:
+        """Answer requests on `subject` with `handler` (in the service's queue group if asked)."""
+
+        async def on_msg(msg: Msg) -> None:
+            started = time.perf_counter()
+            try:
+                reply = await handler(msg.data)
+            except Exception:
+                self.log.exception("handler failed", extra={"fields": {"subject": subject}})
+                return
+            if reply is not None and msg.reply:
+                await msg.respond(reply)
+            self.log.debug("handled", extra={"fields": {"subject": subject,
+                                                        "ms": round(1000 * (time.perf_counter() - started), 3)}})
+
+        group = subjects.queue_group(self.settings.name) if queue else ""
+        self._subs.append(await self.nc.subscribe(subject, queue=group, cb=on_msg))
+
+    async def request(self, subject: str, data: bytes, timeout: float = 5.0) -> bytes:
+        msg = await self.nc.request(subject, data, timeout=timeout)
+        return bytes(msg.data)
+
+
+async def connect(settings: ServiceSettings) -> NATS:
+    opts: dict[str, Any] = {
+        "servers": [settings.nats_url],
+        "name": f"jobtree-{settings.name}",
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "inbox_prefix": subjects.inbox_prefix(settings.cluster, settings.name).encode(),
+    }
+    if settings.user:
+        opts["user"] = settings.user
+        opts["password"] = settings.password or ""
+    return await nats.connect(**opts)
+
+
+async def run(main: Callable[[ServiceContext], Awaitable[None]], settings: ServiceSettings) -> int:
+    """Run one service until it is told to stop; returns the process exit status."""
+    log = service_logger(settings.name)
+    nc = await connect(settings)
+    ctx = ServiceContext(settings, nc, nc.jetstream(), log)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, ctx.stopping.set)
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr="127.0.0.1")
+
+    async def health(_: bytes) -> bytes:
+        return b"ok"
+
+    await ctx.serve(ctx.subject("health"), health)
+    log.info("started", extra={"fields": {"cluster": settings.cluster, "clock": settings.clock}})
+    task: asyncio.Task[None] = asyncio.ensure_future(main(ctx))
+    stop = asyncio.create_task(ctx.stopping.wait())
+    done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    status = 0
+    if task in done and task.exception() is not None:
+        log.error("service failed", exc_info=task.exception())
+        status = 1
+    ctx.stopping.set()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    stop.cancel()
+    with contextlib.suppress(Exception):
+        await nc.drain()
+    log.info("stopped")
+    return status
