@@ -404,7 +404,7 @@ COMMANDS: list[F.Command] = [
 
 
 def test_every_command_round_trips() -> None:
-    assert {type(c).__name__ for c in COMMANDS} == {
+    assert {type(c).__name__ for c in COMMANDS} | {"Batch"} == {
         f.message_type.name for f in bus.Command.DESCRIPTOR.oneofs_by_name["command"].fields
     }
     for cmd in COMMANDS:
@@ -480,3 +480,14 @@ def test_a_played_journal_survives_the_wire_and_replays_to_the_same_state(path: 
         }
 
     assert recorded(replayed) == recorded(cl)
+
+
+def test_a_batch_round_trips_in_order_and_names_a_bad_member() -> None:
+    msg = convert.batch_to_proto(COMMANDS[:3], command_id="b-1", instant=T0)
+    wire = bus.Command.FromString(msg.SerializeToString())
+    assert convert.commands_from_proto(wire) == COMMANDS[:3]
+    assert convert.commands_from_proto(convert.command_to_proto(COMMANDS[3])) == [COMMANDS[3]]
+    wire.batch.commands[1].delete_run.run.ClearField("name")
+    with pytest.raises(ValidationError) as info:
+        convert.commands_from_proto(wire)
+    assert info.value.path == "batch.commands[1].delete_run.run.name"

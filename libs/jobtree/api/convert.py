@@ -516,8 +516,36 @@ def command_from_proto(msg: bus.Command) -> Command:
     which = msg.WhichOneof("command")
     if which is None:
         raise ValidationError("command", "is required: one of " + ", ".join(_COMMAND_FIELDS))
+    if which == "batch":
+        raise ValidationError("batch", "a batch holds several commands: use commands_from_proto")
     body = getattr(msg, which)
     return _COMMANDS_FROM[which](body, which)
+
+
+def commands_from_proto(msg: bus.Command) -> list[Command]:
+    """The core commands of a Command message: one, or every command of a batch (in order)."""
+    if msg.WhichOneof("command") != "batch":
+        return [command_from_proto(msg)]
+    out: list[Command] = []
+    for i, inner in enumerate(msg.batch.commands):
+        if inner.WhichOneof("command") == "batch":
+            raise ValidationError(f"batch.commands[{i}]", "a batch may not hold another batch")
+        try:
+            out.append(command_from_proto(inner))
+        except ValidationError as err:
+            raise err.under(f"batch.commands[{i}]") from None
+    return out
+
+
+def batch_to_proto(cmds: list[Command], *, command_id: str = "", instant: int | None = None) -> bus.Command:
+    """Several commands as one Command (applied together, then one settling)."""
+    msg = bus.Command(command_id=command_id)
+    if instant is not None:
+        msg.instant.seconds = instant
+    msg.batch.SetInParent()
+    for cmd in cmds:
+        msg.batch.commands.append(command_to_proto(cmd))
+    return msg
 
 
 _COMMANDS_FROM: dict[str, Callable[[Any, str], Command]] = {
@@ -535,7 +563,7 @@ _COMMANDS_FROM: dict[str, Callable[[Any, str], Command]] = {
     "tick": lambda b, p: facts.Tick(),
 }
 _COMMAND_FIELDS = tuple(f.name for f in bus.Command.DESCRIPTOR.oneofs_by_name["command"].fields)
-assert set(_COMMAND_FIELDS) == set(_COMMANDS_FROM), "bus.proto Command and convert disagree"
+assert set(_COMMAND_FIELDS) == {*_COMMANDS_FROM, "batch"}, "bus.proto Command and convert disagree"
 
 
 # --- Journal entries (ledger facts and spec changes) ---------------------------------------

@@ -319,6 +319,7 @@ class Command(_message.Message):
     SHRINK_RUN_FIELD_NUMBER: _builtins.int
     REPORT_ETA_FIELD_NUMBER: _builtins.int
     TICK_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     epoch: _builtins.int
     min_ledger_sequence: _builtins.int
@@ -351,6 +352,8 @@ class Command(_message.Message):
     def report_eta(self) -> Global___ReportEta: ...
     @_builtins.property
     def tick(self) -> Global___Tick: ...
+    @_builtins.property
+    def batch(self) -> Global___Batch: ...
     def __init__(
         self,
         *,
@@ -370,16 +373,41 @@ class Command(_message.Message):
         shrink_run: Global___ShrinkRun | None = ...,
         report_eta: Global___ReportEta | None = ...,
         tick: Global___Tick | None = ...,
+        batch: Global___Batch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["add_node", b"add_node", "apply_budget", b"apply_budget", "apply_run", b"apply_run", "command", b"command", "complete_run", b"complete_run", "cordon_node", b"cordon_node", "delete_run", b"delete_run", "fail_node", b"fail_node", "fail_run", b"fail_run", "instant", b"instant", "report_eta", b"report_eta", "shrink_run", b"shrink_run", "tick", b"tick", "uncordon_node", b"uncordon_node"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["add_node", b"add_node", "apply_budget", b"apply_budget", "apply_run", b"apply_run", "batch", b"batch", "command", b"command", "complete_run", b"complete_run", "cordon_node", b"cordon_node", "delete_run", b"delete_run", "fail_node", b"fail_node", "fail_run", b"fail_run", "instant", b"instant", "report_eta", b"report_eta", "shrink_run", b"shrink_run", "tick", b"tick", "uncordon_node", b"uncordon_node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_node", b"add_node", "apply_budget", b"apply_budget", "apply_run", b"apply_run", "command", b"command", "command_id", b"command_id", "complete_run", b"complete_run", "cordon_node", b"cordon_node", "delete_run", b"delete_run", "epoch", b"epoch", "fail_node", b"fail_node", "fail_run", b"fail_run", "instant", b"instant", "min_ledger_sequence", b"min_ledger_sequence", "report_eta", b"report_eta", "shrink_run", b"shrink_run", "tick", b"tick", "uncordon_node", b"uncordon_node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_node", b"add_node", "apply_budget", b"apply_budget", "apply_run", b"apply_run", "batch", b"batch", "command", b"command", "command_id", b"command_id", "complete_run", b"complete_run", "cordon_node", b"cordon_node", "delete_run", b"delete_run", "epoch", b"epoch", "fail_node", b"fail_node", "fail_run", b"fail_run", "instant", b"instant", "min_ledger_sequence", b"min_ledger_sequence", "report_eta", b"report_eta", "shrink_run", b"shrink_run", "tick", b"tick", "uncordon_node", b"uncordon_node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["apply_budget", "apply_run", "delete_run", "complete_run", "fail_run", "fail_node", "cordon_node", "uncordon_node", "add_node", "shrink_run", "report_eta", "tick"]  # noqa: Y015
+    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["apply_budget", "apply_run", "delete_run", "complete_run", "fail_run", "fail_node", "cordon_node", "uncordon_node", "add_node", "shrink_run", "report_eta", "tick", "batch"]  # noqa: Y015
     _WhichOneofArgType_command: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_command) -> _WhichOneofReturnType_command | None: ...
 
 Global___Command: _TypeAlias = Command  # noqa: Y015
+
+@_typing.final
+class Batch(_message.Message):
+    """Several commands applied together at one instant, then one settling of the calculus (a
+    scenario's `apply` of several objects, or a kubectl apply of a multi-document file).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMANDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def commands(self) -> _containers.RepeatedCompositeFieldContainer[Global___Command]: ...
+    def __init__(
+        self,
+        *,
+        commands: _abc.Iterable[Global___Command] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Batch: _TypeAlias = Batch  # noqa: Y015
 
 @_typing.final
 class Tick(_message.Message):
