@@ -15,6 +15,7 @@ Not: a writer of the ledger (the binder is), not a reader for clients (followers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
@@ -162,7 +163,5 @@ async def main(ctx: ServiceContext) -> None:
 
 
 async def _sleep(ctx: ServiceContext, seconds: float) -> None:
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(ctx.stopping.wait(), seconds)
-    except TimeoutError:
-        pass

@@ -14,6 +14,7 @@ Not: a decision maker; it never changes what it is given.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import nats.js.errors
 
@@ -36,7 +37,7 @@ class Binder:
         last = await self.ledger.last_sequence()
         if last:
             msg = await self.ctx.js.get_msg(self.ledger.stream, seq=last)
-            batch = bus.LedgerBatch.FromString(msg.data)
+            batch = bus.LedgerBatch.FromString(msg.data or b"")
             self.epoch = max((e.epoch for e in batch.entries), default=0)
         for name in ("runs", "budgets", "nodes"):
             bucket = subjects.bucket(self.ctx.cluster, name)
@@ -89,10 +90,8 @@ class Binder:
 
 async def main(ctx: ServiceContext) -> None:
     binder = Binder(ctx)
-    try:
+    with contextlib.suppress(LedgerError):  # it exists (with the configuration `jobtree up` gave it)
         await binder.ledger.create()
-    except LedgerError:
-        pass  # it exists (with the configuration `jobtree up` gave it)
     await binder.start()
     await ctx.serve(subjects.request(ctx.cluster, "binder", "commit"), binder.handle)
     await ctx.stopping.wait()
