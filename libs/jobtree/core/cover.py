@@ -61,14 +61,21 @@ class Candidate:
     envelope: Envelope
 
 
-def candidates(rules: FundingRules, topo: Topology, run: Run, terms: RunTerms, t: int,
-               reserve: bool = False) -> list[Candidate]:
-    """Envelopes eligible to pay for the run at instant `t`, in cover order.
+def eligible_at(e: Envelope, t: int, reserve: bool = False) -> bool:
+    """Whether an envelope may pay at instant `t`: its window is open, or it opens later and
+    `preActivation` allows binding (`allowAdmission`) or reserving (`allowReservations`) now."""
+    if e.window_open(t):
+        return True
+    pre = e.pre_activation
+    before_window = e.start is not None and t < e.start
+    return before_window and (pre.allow_reservations if reserve else pre.allow_admission)
 
-    For binding, an envelope whose window is closed is eligible when `preActivation.allowAdmission`
-    (it pays, unfunded until the window opens); for a reservation at `t`, when its window is open
-    at `t` or `allowReservations`.
-    """
+
+def candidates(rules: FundingRules, topo: Topology, run: Run, terms: RunTerms,
+               t: int | None = None, reserve: bool = False) -> list[Candidate]:
+    """Envelopes that may pay for the run, in cover order; with `t`, only those eligible at `t`
+    (see `eligible_at`). Everything but the window is independent of time, so callers may
+    cache the list without `t` and filter it per instant."""
     spec = run.spec
     found: list[tuple[tuple[int, int, int, str, str], Candidate]] = []
     for ref, e in rules.envelopes.items():
@@ -77,11 +84,8 @@ def candidates(rules: FundingRules, topo: Topology, run: Run, terms: RunTerms, t
         tier = rules.tier(spec.owner, ref, terms.allow_borrow)
         if tier is None:
             continue
-        if not e.window_open(t):
-            pre = e.pre_activation
-            before_window = e.start is not None and t < e.start
-            if not before_window or not (pre.allow_reservations if reserve else pre.allow_admission):
-                continue
+        if t is not None and not eligible_at(e, t, reserve):
+            continue
         sponsor_rank = 0
         if tier == SPONSOR and spec.funding.sponsors:
             owner = rules.owner_of[ref]

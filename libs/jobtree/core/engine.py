@@ -19,7 +19,7 @@ from dataclasses import replace
 from sortedcontainers import SortedDict
 
 from jobtree.core import cuts as cutorder
-from jobtree.core.cover import Candidate, Cover, GroupNeed, Payment, candidates, cover
+from jobtree.core.cover import Candidate, Cover, GroupNeed, Payment, candidates, cover, eligible_at
 from jobtree.core.errors import ValidationError
 from jobtree.core.facts import (
     AddNode,
@@ -121,8 +121,10 @@ class Cluster:
         """Counts events that can turn a failed attempt into a success (capacity freed, budgets,
         node states, specs, the clock); with funding disturbances it keys the retry memos."""
         self._tried: dict[str, tuple[int, int]] = {}
+        self._terms_cache: dict[str, RunTerms] = {}
+        self._runtime_running: set[str] = set()
         self._spec_epoch = 0
-        self._cand_epoch = (-1, -1)
+        self._cand_epoch = -1
         self._cand_cache: dict[object, list[Candidate]] = {}
         self._grow_tried: dict[str, tuple[int, int]] = {}
         self._act_tried: dict[str, tuple[int, int]] = {}
@@ -152,9 +154,17 @@ class Cluster:
         elif isinstance(item, SpecPut):
             self.runs[item.run.key] = item.run
             self.deleted.pop(item.run.key, None)
-            self.funding.invalidate()  # a run's funding terms feed the ranking of its leases
+            self._terms_cache.pop(item.run.key, None)
+            st = self.status.get(item.run.key)
+            if st is not None and st.phase is Phase.RUNNING and item.run.spec.runtime is not None:
+                self._runtime_running.add(item.run.key)
+            else:
+                self._runtime_running.discard(item.run.key)
+            self.funding.invalidate_run(item.run.key)  # its funding terms feed its leases' ranks
         elif isinstance(item, SpecDeleted):
             self.runs.pop(item.run, None)
+            self._terms_cache.pop(item.run, None)
+            self._runtime_running.discard(item.run)
             self.deleted[item.run] = self.now
         elif isinstance(item, ClockAdvanced):
             pass  # the instant is the entry's: replay has already moved the clock there
@@ -163,7 +173,8 @@ class Cluster:
         else:
             self.topo.add_node(item.node)
         self._epoch += 1
-        self._spec_epoch += 1
+        if isinstance(item, (ApplyBudget, NodeStatePut)):
+            self._spec_epoch += 1  # what cover candidates depend on: budgets and nodes
         self.journal.append((self.now, item))
 
     # ======================================================================================
@@ -222,6 +233,12 @@ class Cluster:
             self._timed.discard(key)
         self._tried.pop(key, None)
         self._grow_tried.pop(key, None)
+        self._terms_cache.pop(key, None)
+        run = self.runs.get(key)
+        if new.phase is Phase.RUNNING and run is not None and run.spec.runtime is not None:
+            self._runtime_running.add(key)
+        else:
+            self._runtime_running.discard(key)
 
     def _world(self) -> tuple[int, int]:
         return (self._epoch, self.funding.disturbances)
@@ -234,6 +251,12 @@ class Cluster:
                      lease.paid_by, self.topo.nodes[lease.node].labels)
 
     def terms(self, run_key: str) -> RunTerms:
+        got = self._terms_cache.get(run_key)
+        if got is None:
+            got = self._terms_cache[run_key] = self._make_terms(run_key)
+        return got
+
+    def _make_terms(self, run_key: str) -> RunTerms:
         run = self.runs.get(run_key)
         st = self.status.get(run_key)
         admitted = (st.admitted if st.admitted is not None else st.created) if st else 0
@@ -301,7 +324,7 @@ class Cluster:
         for key in self._timed:
             st = self.status[key]
             times.extend(x for x in (st.hold_down_until, st.checkpoint_deadline) if x is not None)
-        for key in self._live_in(Phase.RUNNING):
+        for key in self._runtime_running:
             rt, st = self.runs[key].spec.runtime, self.status[key]
             if rt is not None and st.bound_at is not None:
                 times.append(st.bound_at + rt)
@@ -481,7 +504,7 @@ class Cluster:
 
     def _workload_timers(self) -> bool:
         changed = False
-        for key in self._live_in(Phase.RUNNING):
+        for key in sorted(self._runtime_running):
             st = self.status[key]
             rt = self.runs[key].spec.runtime
             if st.phase is Phase.RUNNING and rt is not None and st.bound_at is not None and st.bound_at + rt <= self.now:
@@ -628,13 +651,14 @@ class Cluster:
         at = self.now if t is None else t
         terms = self.terms(key)
         spec = run.spec
-        ck = (spec.owner, spec.gpu_type, spec.locality.selector, terms.allow_borrow, spec.funding.sponsors, at, reserve)
-        if self._cand_epoch != (self._spec_epoch, self.now):
+        ck = (spec.owner, spec.gpu_type, spec.locality.selector, terms.allow_borrow, spec.funding.sponsors)
+        if self._cand_epoch != self._spec_epoch:
             self._cand_cache.clear()
-            self._cand_epoch = (self._spec_epoch, self.now)
-        cands = self._cand_cache.get(ck)
-        if cands is None:
-            cands = self._cand_cache[ck] = candidates(self.rules, self.topo, run, terms, at, reserve)
+            self._cand_epoch = self._spec_epoch
+        static = self._cand_cache.get(ck)
+        if static is None:
+            static = self._cand_cache[ck] = candidates(self.rules, self.topo, run, terms)
+        cands = [c for c in static if eligible_at(c.envelope, at, reserve)]
         return cover(self.rules, self.funding, self.meter, run, terms, needs, at, self._period_of,
                      cands, headroom_only=headroom_only)
 

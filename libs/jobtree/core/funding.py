@@ -186,6 +186,8 @@ class FundingView:
         self._comp_of_env: dict[EnvelopeRef, str] = {}
         self._unpaid = _Component(_dirty=False)
         self._dirty: set[_Component] = set()
+        self._static: dict[str, tuple[Rank | None, list[tuple[Bound, int]]]] = {}
+        self._by_run: dict[str, set[str]] = {}
         self.class_gpus: dict[FundingClass, int] = dict.fromkeys(FundingClass, 0)
         """Open GPUs per class, kept in step with the classes (read after `refresh`)."""
         self.disturbances = 0
@@ -223,6 +225,7 @@ class FundingView:
 
     def set_rules(self, rules: FundingRules) -> None:
         self.rules = rules
+        self._static.clear()
         self._build_components()
         self.used.clear()
         self._funded.clear()
@@ -248,7 +251,21 @@ class FundingView:
                     if any(key == b for key, _ in self.rules.caps_of[ref])}
         return set(self._components)
 
+    def invalidate_run(self, run: str) -> None:
+        """A run's terms changed: re-rank its claims (and everything ranked with them)."""
+        for name in sorted(self._by_run.get(run, ())):
+            c = self._claims[name]
+            self._static.pop(name, None)
+            comp = self._component_for(c)
+            if comp is not self._unpaid:
+                comp.dirty = True
+                self.disturbances += 1
+            if self._terms(run).max_borrow is not None:
+                self.invalidate()
+                return
+
     def invalidate(self) -> None:
+        self._static.clear()
         for comp in self._components.values():
             comp.dirty = True
 
@@ -256,6 +273,7 @@ class FundingView:
 
     def add(self, c: Claim) -> None:
         self._claims[c.name] = c
+        self._by_run.setdefault(c.run, set()).add(c.name)
         comp = self._component_for(c)
         comp.claims[c.name] = c
         if c.payer is None:
@@ -276,6 +294,11 @@ class FundingView:
 
     def remove(self, name: str) -> None:
         c = self._claims.pop(name)
+        self._static.pop(name, None)
+        names = self._by_run[c.run]
+        names.discard(name)
+        if not names:
+            del self._by_run[c.run]
         comp = self._component_for(c)
         del comp.claims[name]
         cls = self._cls.pop(name, None)
@@ -338,24 +361,38 @@ class FundingView:
 
     def _rank(self, c: Claim) -> Rank | None:
         """The claim's rank, or None when it cannot be funded at all right now."""
+        static = self._static.get(c.name)
+        if static is None:
+            static = self._static[c.name] = self._static_terms(c)
+        if static[0] is None:
+            return None
+        assert c.payer is not None
+        if not self.rules.envelopes[c.payer].window_open(self.now):
+            return None
+        return static[0]
+
+    def _static_terms(self, c: Claim) -> tuple[Rank | None, list[tuple[Bound, int]]]:
+        """What ranking needs of a claim apart from the clock: its rank (None when it may never
+        be funded under these rules: no such envelope, wrong node, tier not allowed) and its
+        bounds. Cached until the rules or any run's terms change (`invalidate`)."""
         assert c.payer is not None
         e = self.rules.envelopes.get(c.payer)
-        if e is None or not e.window_open(self.now):
-            return None
+        if e is None:
+            return None, []
         if c.node_labels is not None and not (
             dict(c.node_labels).get("gpu.flavor") == e.flavor and labels_match(e.selector, c.node_labels)
         ):
-            return None
+            return None, []
         terms = self._terms(c.run)
         tier = self.rules.tier(c.owner, c.payer, terms.allow_borrow)
         if tier is None:
-            return None
-        return (tier, terms.admitted, c.run, c.group, c.name)
+            return None, []
+        return (tier, terms.admitted, c.run, c.group, c.name), self.rules.bounds(c.payer, tier, c.run, terms)
 
     def _decide(self, c: Claim, rank: Rank, comp: _Component) -> None:
         assert c.payer is not None
         tier = rank[0]
-        bounds = self.rules.bounds(c.payer, tier, c.run, self._terms(c.run))
+        bounds = self._static[c.name][1]
         used = self.used
         self._tier_of[c.name] = tier
         if all(b not in self.spent and used.get(b, 0) + c.gpus <= cap for b, cap in bounds):
