@@ -34,6 +34,9 @@ from jobtree.core.engine import Cluster
 from jobtree.core.errors import ValidationError
 
 STALE_RETRIES = 3
+COMMIT_TIMEOUT = 1.0
+"""Seconds to wait for the binder before resending the same append."""
+COMMIT_ATTEMPTS = 8
 
 
 def _error(code: int, path: str, problem: str) -> bus.Error:
@@ -65,6 +68,19 @@ class DecisionLoop:
                     committed[entry.command_id] = record.sequence
             seq = record.sequence
         self.cluster, self.committed, self.sequence = cluster, committed, seq
+
+    async def _commit(self, request: bus.AppendRequest) -> bytes | None:
+        """Send an append to the binder, resending the identical request (same message id and
+        expected sequence, so it commits at most once) while the binder restarts."""
+        data = request.SerializeToString()
+        for _ in range(COMMIT_ATTEMPTS):
+            try:
+                return await self.ctx.request(self.commit_subject, data, timeout=COMMIT_TIMEOUT)
+            except nats.errors.TimeoutError:
+                continue
+            except nats.errors.NoRespondersError:
+                await asyncio.sleep(COMMIT_TIMEOUT / 4)
+        return None
 
     def _instant(self, msg: bus.Command) -> int:
         if self.ctx.settings.clock == "virtual":
@@ -110,9 +126,8 @@ class DecisionLoop:
                                              for e in entries])
             request = bus.AppendRequest(batch=batch, expected_last_sequence=self.sequence,
                                         epoch=self.epoch, msg_id=command_id)
-            try:
-                raw = await self.ctx.request(self.commit_subject, request.SerializeToString(), timeout=10.0)
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            raw = await self._commit(request)
+            if raw is None:
                 await self.rebuild()
                 return bus.CommandReply(command_id=command_id, error=_error(
                     bus.ERROR_CODE_UNAVAILABLE, "", "the binder did not answer; retry with the same command id"))
@@ -137,6 +152,20 @@ async def main(ctx: ServiceContext) -> None:
     kv = await leader_bucket(ctx.js, ctx.cluster)
     holder = f"admission-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     lock = LeaderLock(kv, "admission", holder)
+    ledger = Ledger(ctx.js, ctx.cluster)
+    while not ctx.stopping.is_set():  # the ledger stream is made by `jobtree up` or the binder
+        try:
+            await ledger.last_sequence()
+            break
+        except Exception:
+            await _sleep(ctx, 0.5)
+    try:
+        await _lead(ctx, lock, holder)
+    finally:
+        await lock.release()
+
+
+async def _lead(ctx: ServiceContext, lock: LeaderLock, holder: str) -> None:
     while not ctx.stopping.is_set():
         if not await lock.acquire():
             await _sleep(ctx, LEADER_TTL / 4)
@@ -159,7 +188,6 @@ async def main(ctx: ServiceContext) -> None:
                     break
         finally:
             await sub.unsubscribe()
-    await lock.release()
 
 
 async def _sleep(ctx: ServiceContext, seconds: float) -> None:

@@ -65,9 +65,28 @@ class Binder:
         except (LedgerError, ValueError) as err:
             return bus.AppendReply(error=bus.Error(code=bus.ERROR_CODE_UNAVAILABLE, problem=str(err)))
         self.epoch = max(self.epoch, req.epoch)
-        if not done.duplicate:
-            await self._mirror_specs(req.batch)
+        await self._mirror_specs(req.batch)  # idempotent: a retry repairs a copy a crash cut short
         return bus.AppendReply(sequence=done.sequence, duplicate=done.duplicate, last_sequence=done.sequence)
+
+    async def reconcile(self) -> None:
+        """Rewrite the spec buckets from the ledger (a crash between append and copy loses nothing)."""
+        latest = bus.LedgerBatch()
+        seen: dict[tuple[str, str], bus.LedgerEntry] = {}
+        for record in await self.ledger.replay():
+            for entry in record.batch.entries:
+                which = entry.WhichOneof("fact")
+                if which == "spec_put":
+                    m = entry.spec_put.run.metadata
+                    seen[("run", f"{m.namespace}/{m.name}")] = entry
+                elif which == "spec_deleted":
+                    ref = entry.spec_deleted.run
+                    seen[("run", f"{ref.namespace}/{ref.name}")] = entry
+                elif which == "budget_put":
+                    seen[("budget", entry.budget_put.budget.metadata.name)] = entry
+                elif which == "node_state_put":
+                    seen[("node", entry.node_state_put.node.name)] = entry
+        latest.entries.extend(seen.values())
+        await self._mirror_specs(latest)
 
     async def _mirror_specs(self, batch: bus.LedgerBatch) -> None:
         for entry in batch.entries:
@@ -78,7 +97,8 @@ class Binder:
                     subjects.kv_key(run.metadata.namespace, run.metadata.name), run.SerializeToString())
             elif which == "spec_deleted":
                 ref = entry.spec_deleted.run
-                await self.kv["runs"].delete(subjects.kv_key(ref.namespace, ref.name))  # type: ignore[attr-defined]
+                with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                    await self.kv["runs"].delete(subjects.kv_key(ref.namespace, ref.name))  # type: ignore[attr-defined]
             elif which == "budget_put":
                 b = entry.budget_put.budget
                 await self.kv["budgets"].put(  # type: ignore[attr-defined]
@@ -93,6 +113,7 @@ async def main(ctx: ServiceContext) -> None:
     with contextlib.suppress(LedgerError):  # it exists (with the configuration `jobtree up` gave it)
         await binder.ledger.create()
     await binder.start()
+    await binder.reconcile()
     await ctx.serve(subjects.request(ctx.cluster, "binder", "commit"), binder.handle)
     await ctx.stopping.wait()
 

@@ -86,3 +86,18 @@ def test_invalid_scenario(path: Path) -> None:
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
     assert proc.stdout == ""
+
+
+def test_every_stable_reason_is_produced_by_some_scenario() -> None:
+    """Each documented `reason` word (docs/design/decisions.md) occurs in some scenario's output."""
+    from jobtree.core import engine
+
+    transient = {engine.R_QUEUED}  # a new run's reason, replaced within the same decision
+    stable = {v for k, v in vars(engine).items() if k.startswith("R_") and isinstance(v, str)} - transient
+    seen: set[str] = set()
+    for path in _scenarios():
+        out = run_scenario(parse_scenario(path.read_text()))
+        for state in out["snapshots"].values():
+            seen.update(r["reason"] for r in state["runs"])
+    assert stable - seen == set(), f"reasons no scenario produces: {sorted(stable - seen)}"
+    assert seen - stable == set(), f"reasons not in the engine's stable list: {sorted(seen - stable)}"

@@ -1,4 +1,4 @@
-"""The `jobtree` command: bad input exits 2 with one stderr line; output formats; --check; up."""
+"""The `jobtree` command: bad input exits 2 with one stderr line; output formats; --check; demo."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def test_missing_check_file_exits_2(tmp_path: Path) -> None:
 
 def test_help_exits_0() -> None:
     proc = run_cli("--help")
-    assert proc.returncode == 0 and "sim" in proc.stdout and "up" in proc.stdout
+    assert proc.returncode == 0 and all(c in proc.stdout for c in ("sim", "serve", "up", "demo"))
     proc = run_cli("sim", "run", "--help")
     assert proc.returncode == 0 and "--check" in proc.stdout and "--output" in proc.stdout
 
@@ -188,9 +188,9 @@ def test_runtime_rejection_is_one_line(tmp_path: Path, capsys: pytest.CaptureFix
     assert "acyclic" in captured.err and captured.out == ""
 
 
-def test_up_json_and_scenario_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_json_and_scenario_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, "s.yaml", GOOD)
-    assert main(["up", "--scenario", str(path), "--output", "json"]) == 0
+    assert main(["demo", "--scenario", str(path), "--output", "json"]) == 0
     out = capsys.readouterr().out
     assert json.loads(out)["snapshots"]["s1"]["time"] == "2026-01-05T00:10:00Z"
 
@@ -212,8 +212,8 @@ def test_reference_scenarios_meet_their_expectations(path: Path, capsys: pytest.
     assert code == 0, err
 
 
-def test_real_up_plays_the_demo(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["up"]) == 0
+def test_real_demo_plays_the_demo(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo"]) == 0
     out = capsys.readouterr().out
     for label in ("morning", "reserved", "activated", "afternoon", "evening", "final"):
         assert f"=== snapshot {label} @ " in out

@@ -4,8 +4,10 @@ Contract: `LeaderLock.acquire()` creates the key (it succeeds only while no live
 and returns the fencing epoch — the key's revision at acquisition, which only grows across
 terms. The holder refreshes it (`refresh()`, an update conditioned on its last revision) more
 often than the bucket's TTL; a holder that fails to refresh has lost the lock and must stop
-deciding at once. A standby that acquires after the TTL lapsed gets a higher epoch, and the
-binder refuses appends carrying an older one — so two leaders can never both commit.
+deciding at once. A standby that acquires after the TTL lapsed gets a higher epoch; once it has
+committed, the binder refuses appends carrying an older one. Until then a deposed leader could
+still append, but only on the ledger's current sequence (expected-last-sequence), so the two
+can never both commit decisions taken against the same state.
 Not: the decision loop itself (see services/admission).
 """
 

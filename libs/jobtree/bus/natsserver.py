@@ -17,7 +17,6 @@ Not: a client (use nats-py), not cluster or leaf-node setup (later, for producti
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.metadata
 import json
 import os
@@ -41,10 +40,25 @@ _BINARY = "nats-server.exe" if os.name == "nt" else "nats-server"
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: SIGTERM the server when the process that started it dies (no orphans after a crash)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+_TRAMPOLINE = """
+import ctypes, os, signal, sys
+parent = int(sys.argv[1])
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+if os.getppid() != parent:  # the parent died before we could ask to be told
+    sys.exit(1)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def orphan_safe(argv: list[str], die_with_parent: bool = True) -> list[str]:
+    """`argv` wrapped so that, on Linux, the child gets SIGTERM when this process dies.
+
+    A fresh interpreter sets PR_SET_PDEATHSIG on itself and then execs `argv` (the setting
+    survives exec). This replaces `preexec_fn`, which runs Python between fork and exec and can
+    deadlock a child of a multi-threaded parent (gRPC, for one, runs threads)."""
+    if not die_with_parent or sys.platform != "linux":
+        return argv
+    return [sys.executable, "-c", _TRAMPOLINE, str(os.getpid()), *argv]
 
 
 class NatsServerError(RuntimeError):
@@ -229,12 +243,11 @@ class NatsServer:
         self.config_path.write_text(self.render_config())
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
-                [str(binary), "-c", str(self.config_path)],
+                orphan_safe([str(binary), "-c", str(self.config_path)], self.die_with_parent),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C for the parent is not delivered twice
-                preexec_fn=_die_with_parent if self.die_with_parent and sys.platform == "linux" else None,
             )
         try:
             self._wait_ready(timeout)

@@ -2,10 +2,10 @@
 
 Contract: `main(argv) -> int` never prints a traceback for bad input: usage errors, unreadable
 or malformed files give exit status 2 and exactly one stderr line `jobtree: <message>`.
-Subcommands: `sim run FILE [--output json|table] [--check EXPECT.yaml]` (see `sim_cmd`) and
-`up`. Interim `up`: until the services exist, it plays the demo scenario `examples/demo.yaml`
-(or `--scenario FILE`) on the simulator and prints its tables — the documented behaviour of
-`make up` for now.
+Subcommands: `sim run FILE [--output json|table] [--check EXPECT.yaml]` (see `sim_cmd`),
+`serve NAME` (one service, see `serve_cmd`), `up` (the whole system on this machine, see
+`up_cmd`; what `make up` runs) and `demo`, which plays the demo scenario `examples/demo.yaml`
+(or `--scenario FILE`) on the simulator and prints its tables.
 Not: the simulator, the services or the gRPC client.
 """
 
@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from jobtree.cli.serve_cmd import add_serve_parser
 from jobtree.cli.sim_cmd import (
     EXIT_BAD_INPUT,
     OUTPUT_FORMATS,
@@ -25,6 +26,7 @@ from jobtree.cli.sim_cmd import (
     add_sim_parser,
     play,
 )
+from jobtree.cli.up_cmd import add_up_parser
 from jobtree.core.errors import ValidationError
 from jobtree.sim.scenario import ScenarioError
 
@@ -50,15 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_sim_parser(sub)
-    up = sub.add_parser(
-        "up",
-        help="start jobtree on this machine (interim: plays the demo scenario on the simulator)",
-        description="Interim behaviour until the services exist: play the demo scenario "
-        f"({DEMO_RELATIVE}) on the simulator and print its tables.",
+    add_serve_parser(sub)
+    add_up_parser(sub)
+    demo = sub.add_parser(
+        "demo",
+        help="play the demo scenario on the simulator (no services) and print its tables",
+        description=f"Play the demo scenario ({DEMO_RELATIVE}) on the simulator and print its tables.",
     )
-    up.add_argument("--scenario", metavar="FILE", help=f"scenario to play instead of {DEMO_RELATIVE}")
-    up.add_argument("-o", "--output", choices=OUTPUT_FORMATS, default="table", help="table (default) or json")
-    up.set_defaults(handler=cmd_up)
+    demo.add_argument("--scenario", metavar="FILE", help=f"scenario to play instead of {DEMO_RELATIVE}")
+    demo.add_argument("-o", "--output", choices=OUTPUT_FORMATS, default="table", help="table (default) or json")
+    demo.set_defaults(handler=cmd_demo)
     return parser
 
 
@@ -71,9 +74,8 @@ def demo_scenario_path() -> Path:
     raise CliError(f"demo scenario {DEMO_RELATIVE} not found (looked in {', '.join(str(p) for p in candidates)})")
 
 
-def cmd_up(args: argparse.Namespace) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
     path = Path(args.scenario) if args.scenario else demo_scenario_path()
-    print(f"jobtree up (interim): services not available yet; playing {path} on the simulator", file=sys.stderr)
     return play(path, args.output)
 
 

@@ -13,7 +13,7 @@ Not: a clock, a store or a transport — callers own time and persistence.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from sortedcontainers import SortedDict
@@ -75,7 +75,6 @@ R_WAITING = "WaitingForUpstream"
 R_QUEUED = "Queued"
 R_UNSCHEDULABLE = "Unschedulable"
 R_PREEMPTED = "Preempted"
-R_REQUEUED = "Requeued"
 R_CHECKPOINT = "CheckpointRequeue"
 R_RESERVED = "Reserved"
 R_WINDOW = "AwaitingWindow"
@@ -112,6 +111,8 @@ class Cluster:
         self._res_seq: dict[str, int] = {}
         self.facts: list[Fact] = []
         self.journal: list[JournalEntry] = []
+        self.observer: Callable[[Cluster], None] | None = None
+        """Called after every settling (every decision instant); tests run the §10 oracle here."""
         # Indexes (derived from the state above; speed only).
         self._phase: dict[Phase, set[str]] = {p: set() for p in Phase}
         self._gpus_by_admitted: SortedDict = SortedDict()  # open lease GPUs by run admission time
@@ -499,6 +500,8 @@ class Cluster:
             changed = self._admit_pending() or changed
             changed = self._grow() or changed
             if not changed:
+                if self.observer is not None:
+                    self.observer(self)
                 return
         raise RuntimeError("the scheduler did not reach quiescence")
 

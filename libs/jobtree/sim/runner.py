@@ -5,7 +5,8 @@ clock to the step's instant (timers due on the way fire at their own instants, t
 exactly then fire before the step), applies the step's action as one batch, lets the calculus
 settle, and records snapshots; a `final` snapshot is taken after the last step. Returns the
 JSON-ready output `{"snapshots": {label: STATE}}`. A command the calculus rejects raises
-ScenarioError naming the step. `check_invariants=True` runs the §10 oracle after every step.
+ScenarioError naming the step. `check_invariants=True` runs the §10 oracle after every
+decision instant (each step and each timer between steps).
 Not: a parser (see `scenario`), not a renderer (see `table`).
 """
 
@@ -41,6 +42,8 @@ def _commands(action: S.Action) -> list[F.Command]:
 
 def run_scenario(scenario: S.Scenario, check_invariants: bool = False) -> dict[str, Any]:
     cl = Cluster(scenario.config, scenario.nodes, scenario.start)
+    if check_invariants:
+        cl.observer = check_all  # after every decision instant, timers included
     snapshots: dict[str, Any] = {}
     for step in scenario.steps:
         cl.advance(step.at)

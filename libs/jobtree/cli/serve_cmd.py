@@ -1,0 +1,172 @@
+"""`jobtree serve NAME`: run one service (`jobtree.services.<NAME>.main`) under the bus runtime.
+
+Contract: `jobtree serve NAME [--cluster C] [--nats URL] [--user U --password P] [--data-dir D]
+[--metrics-port N] [--clock system|virtual] [--config FILE] [--grpc-port P]` imports
+`jobtree.services.<NAME>` (a `-` in NAME is `_` in the package) and runs its `main(ctx)` with
+`jobtree.bus.runtime.run` until SIGINT/SIGTERM; the exit status is the runtime's (0 on a clean
+stop, 1 when the service failed). Credentials come from `--user/--password` or, preferably
+(argv is visible to every local user), from JOBTREE_NATS_USER / JOBTREE_NATS_PASSWORD; the URL
+from `--nats` or JOBTREE_NATS_URL. `--config FILE` is a YAML mapping with the keys of a
+scenario's `config:` (cluster, period, reservationLead, preemptionHoldDown, capAllowances).
+`--grpc-port` is handed to the gateway as JOBTREE_GRPC_PORT. An unknown NAME, or one whose
+package has no `main` yet, exits 2 with one line listing the services that can be served.
+Not: the services themselves, not process supervision (see `jobtree.bus.supervisor`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, cast
+
+from jobtree.cli.sim_cmd import CliError
+from jobtree.core.model import ClusterConfig
+
+CLOCKS = ("system", "virtual")
+ENV_URL = "JOBTREE_NATS_URL"
+ENV_USER = "JOBTREE_NATS_USER"
+ENV_PASSWORD = "JOBTREE_NATS_PASSWORD"
+ENV_GRPC_PORT = "JOBTREE_GRPC_PORT"
+DEFAULT_URL = "nats://127.0.0.1:4222"
+DEFAULT_CLUSTER = "default"
+
+ServiceMain = Callable[[Any], Awaitable[None]]
+
+
+def services_dir() -> Path:
+    """The directory of the service packages (`libs/jobtree/services` -> `services/`)."""
+    import jobtree.services
+
+    return Path(next(iter(jobtree.services.__path__)))
+
+
+def module_name(name: str) -> str:
+    return f"jobtree.services.{name.replace('-', '_')}"
+
+
+def available_services() -> list[str]:
+    """Services whose package exists (a folder with `__init__.py`), by service name."""
+    root = services_dir()
+    return sorted(p.name.replace("_", "-") for p in root.iterdir()
+                  if p.is_dir() and (p / "__init__.py").is_file())
+
+
+def load_service(name: str) -> ServiceMain:
+    """`main` of service NAME; CliError (one line listing the services) if there is none."""
+    available = available_services()
+    listing = ", ".join(available) if available else "none yet"
+    if name not in available:
+        raise CliError(f"unknown service {name!r}; services: {listing}")
+    module = importlib.import_module(module_name(name))
+    main = getattr(module, "main", None)
+    if not callable(main):
+        raise CliError(f"service {name!r} has no `async def main(ctx)` in {module_name(name)}; services: {listing}")
+    return cast(ServiceMain, main)
+
+
+def missing_services(names: list[str] | tuple[str, ...]) -> list[str]:
+    """The names among `names` that cannot be served yet (no package or no `main`)."""
+    out = []
+    for name in names:
+        try:
+            load_service(name)
+        except CliError:
+            out.append(name)
+    return out
+
+
+def read_config(path: Path, cluster: str | None) -> ClusterConfig:
+    """A ClusterConfig from a YAML file of `config:` keys (cluster from `--cluster` if absent)."""
+    from jobtree.sim.scenario import ScenarioError, _parse_config, load_yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CliError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"{path}: cannot read: {e}") from None
+    try:
+        doc = load_yaml(text)
+        if isinstance(doc, dict) and "cluster" not in doc and cluster:
+            doc = {**doc, "cluster": cluster}
+        config = _parse_config(doc if doc is not None else {})
+    except ScenarioError as e:
+        raise CliError(f"{path}: {e}") from None
+    if cluster and config.cluster != cluster:
+        raise CliError(f"{path}: config.cluster is {config.cluster!r} but --cluster is {cluster!r}")
+    return config
+
+
+def add_serve_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="run one service (admission, binder, budget, gateway, packer, resolver, ...)",
+        description="Run one jobtree service as this process, connected to NATS, until SIGINT/SIGTERM.",
+    )
+    p.add_argument("name", metavar="NAME", help="the service (a package under services/)")
+    p.add_argument("--cluster", help=f"cluster name, a DNS label (default: the config's, else {DEFAULT_CLUSTER})")
+    p.add_argument("--nats", metavar="URL", help=f"NATS URL (default ${ENV_URL} or {DEFAULT_URL})")
+    p.add_argument("--user", help=f"NATS user (default ${ENV_USER})")
+    p.add_argument("--password", help=f"NATS password (default ${ENV_PASSWORD}; prefer the variable)")
+    p.add_argument("--data-dir", metavar="D", default=".", help="the service's own files (default .)")
+    p.add_argument("--metrics-port", metavar="N", type=int, default=0,
+                   help="serve Prometheus /metrics on 127.0.0.1:N (default 0: off)")
+    p.add_argument("--clock", choices=CLOCKS, default="system",
+                   help="system (wall clock, default) or virtual (instants come from commands)")
+    p.add_argument("--config", metavar="FILE", help="YAML mapping of cluster config keys (period, ...)")
+    p.add_argument("--grpc-port", metavar="P", type=int,
+                   help=f"gateway only: the gRPC port (passed as ${ENV_GRPC_PORT})")
+    p.set_defaults(handler=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    main = load_service(args.name)
+    from jobtree.bus import subjects
+    from jobtree.bus.runtime import ServiceSettings, run
+
+    cluster = args.cluster
+    if cluster is not None:
+        try:
+            subjects.check_cluster(cluster)
+        except ValueError as e:
+            raise CliError(f"--cluster: {e}") from None
+    config = read_config(Path(args.config), cluster) if args.config else ClusterConfig(
+        cluster=cluster or DEFAULT_CLUSTER)
+    cluster = config.cluster
+    user = args.user if args.user is not None else os.environ.get(ENV_USER) or None
+    password = args.password if args.password is not None else os.environ.get(ENV_PASSWORD)
+    if password and not user:
+        raise CliError(f"a password needs a user (--user or ${ENV_USER})")
+    if not 0 <= args.metrics_port <= 65535:
+        raise CliError(f"--metrics-port: must be a port number, got {args.metrics_port}")
+    if args.grpc_port is not None:
+        if not 0 <= args.grpc_port <= 65535:
+            raise CliError(f"--grpc-port: must be a port number, got {args.grpc_port}")
+        os.environ[ENV_GRPC_PORT] = str(args.grpc_port)
+    settings = ServiceSettings(
+        name=args.name,
+        cluster=cluster,
+        nats_url=args.nats or os.environ.get(ENV_URL) or DEFAULT_URL,
+        user=user,
+        password=password,
+        data_dir=Path(args.data_dir),
+        metrics_port=args.metrics_port,
+        clock=args.clock,
+        config=config,
+    )
+    try:
+        return asyncio.run(run(main, settings))
+    except (OSError, TimeoutError) as e:
+        print(f"jobtree: serve {args.name}: cannot reach NATS at {settings.nats_url}: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # nats.errors.Error and friends: one line, the log has the rest
+        if type(e).__module__.startswith("nats"):
+            print(f"jobtree: serve {args.name}: NATS at {settings.nats_url}: {' '.join(str(e).split())}",
+                  file=sys.stderr)
+            return 1
+        raise

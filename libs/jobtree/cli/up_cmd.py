@@ -1,0 +1,423 @@
+"""`jobtree up`: the whole system on this machine — nats-server, every service, a demo cluster.
+
+Contract: `jobtree up [--data-dir D] [--no-demo] [--cluster C] [--grpc-port P] [--clock K]`
+1. refuses at once, with one line, when a service cannot be served yet, the data directory
+   belongs to another cluster or another `jobtree up` runs on it, or the gRPC port is taken;
+2. starts a nats-server with JetStream (`D/nats`, fsync before ack) and one NATS user per
+   service with the permissions of `jobtree.bus.security` (passwords in `D/secrets.json`,
+   mode 0600, reused on every start);
+3. as `admin`, creates the ledger stream and the KV buckets (leader: TTL 2 s, history 1);
+4. starts every service as its own process (`jobtree serve NAME`, logs in `D/logs/NAME.log`)
+   and waits until each answers `health` over NATS and the gateway's gRPC port accepts
+   connections;
+5. on a fresh ledger, unless `--no-demo`, loads the demo cluster by sending `bus.Command`s to
+   `jobtree.C.admission.command`: 3 fabric domains of 4 nodes with 8 `H100-80GB` GPUs, and an
+   organisation `org:ml` funding a pool its two teams (vision, nlp) share. A ledger that
+   already holds messages is resumed as it is (nothing loaded twice);
+6. prints `nats: URL` and then `grpc: 127.0.0.1:PORT` on stdout, writes `D/up.json` (addresses
+   and process ids), and runs until SIGINT (Ctrl-C) or SIGTERM, reporting services that stop
+   by themselves (none is restarted);
+7. then stops every service (SIGTERM, SIGKILL after 10 s) and the nats-server, removes
+   `D/up.json` and exits 0 (130 if interrupted before it was ready, 1 if starting failed).
+Not: the services (see `services/`), not the simulator demo (`jobtree demo`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from jobtree.cli.serve_cmd import CLOCKS, ENV_GRPC_PORT, missing_services
+from jobtree.cli.sim_cmd import CliError
+
+DEFAULT_DATA_DIR = Path(".jobtree")
+DEFAULT_CLUSTER = "demo"
+DEFAULT_GRPC_PORT = 50051
+HOST = "127.0.0.1"
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+START_ORDER = ("binder", "admission", "budget", "packer", "resolver", "gateway")
+"""The writer first, the public entry last (its port opens when the pipeline is there)."""
+
+DEMO_FLAVOR = "H100-80GB"
+DEMO_DOMAINS = ("A", "B", "C")
+DEMO_NODES_PER_DOMAIN = 4
+DEMO_GPUS_PER_NODE = 8
+
+
+class UpError(Exception):
+    """`jobtree up` could not start: printed as one line, exit status 1."""
+
+
+def add_up_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "up",
+        help="start jobtree on this machine: nats-server and every service, with a demo cluster",
+        description="Start a nats-server with JetStream and every jobtree service on loopback, load a "
+        "demo topology and budgets (unless --no-demo or the data directory already holds a ledger), "
+        "print the gRPC address and run until Ctrl-C. Starting again on the same data directory resumes.",
+    )
+    p.add_argument("--data-dir", metavar="D", default=str(DEFAULT_DATA_DIR),
+                   help=f"where the ledger, secrets and logs live (default {DEFAULT_DATA_DIR})")
+    p.add_argument("--no-demo", action="store_true", help="start empty: no demo nodes or budgets")
+    p.add_argument("--cluster", default=DEFAULT_CLUSTER, help=f"cluster name (default {DEFAULT_CLUSTER})")
+    p.add_argument("--grpc-port", metavar="P", type=int, default=DEFAULT_GRPC_PORT,
+                   help=f"the gateway's gRPC port on {HOST} (default {DEFAULT_GRPC_PORT}; 0 = a free port)")
+    p.add_argument("--clock", choices=CLOCKS, default="system",
+                   help="system (default) or virtual (instants come from commands; the resolver idles)")
+    p.set_defaults(handler=cmd_up)
+
+
+# --- the demo cluster ----------------------------------------------------------------------
+
+
+def demo_budgets(cluster: str) -> list[dict[str, Any]]:
+    """Budget manifests of the demo: an org pool, shared by two teams with their own envelopes."""
+    def envelope(name: str, gpus: int, **extra: Any) -> dict[str, Any]:
+        return {"name": name, "flavor": DEMO_FLAVOR, "selector": {"cluster": cluster}, "concurrency": gpus, **extra}
+
+    def budget(name: str, owner: str, envelopes: list[dict[str, Any]], parents: list[str] | None = None
+               ) -> dict[str, Any]:
+        spec: dict[str, Any] = {"owner": owner, "envelopes": envelopes}
+        if parents:
+            spec["parents"] = parents
+        return {"apiVersion": "rq.davidlangworthy.io/v1", "kind": "Budget", "metadata": {"name": name}, "spec": spec}
+
+    return [
+        budget("ml", "org:ml", [envelope("pool", 48)]),
+        budget("ml-vision", "org:ml:vision", [envelope("main", 16)], ["org:ml"]),
+        budget("ml-nlp", "org:ml:nlp", [envelope("main", 16, maxGPUHours=400)], ["org:ml"]),
+    ]
+
+
+def demo_commands(cluster: str) -> list[tuple[str, Any]]:
+    """(command id, core command) of the demo: every node, then every budget."""
+    from jobtree.core import facts
+    from jobtree.core.manifest import generate_nodes, parse_budget
+
+    out: list[tuple[str, Any]] = []
+    for domain in DEMO_DOMAINS:
+        labels = {"region": "local", "cluster": cluster, "fabric.domain": domain, "gpu.flavor": DEMO_FLAVOR}
+        gen = {"generate": {"prefix": f"{domain.lower()}-", "count": DEMO_NODES_PER_DOMAIN,
+                            "gpus": DEMO_GPUS_PER_NODE, "labels": labels}}
+        out += [(f"demo-node-{n.name}", facts.AddNode(n)) for n in generate_nodes(gen)]
+    for i, doc in enumerate(demo_budgets(cluster)):
+        out.append((f"demo-budget-{doc['metadata']['name']}", facts.ApplyBudget(parse_budget(doc, f"budgets[{i}]"))))
+    return out
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def port_in_use(port: int, host: str = HOST) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.errno in (errno.EADDRINUSE, errno.EACCES)
+    return False
+
+
+def accepts(port: int, host: str = HOST) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def data_dir_lock(data_dir: Path) -> Iterator[None]:
+    """Only one `jobtree up` per data directory."""
+    with (data_dir / "up.lock").open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise CliError(f"another `jobtree up` is running on {data_dir}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@dataclass
+class Options:
+    data_dir: Path
+    cluster: str
+    grpc_port: int
+    clock: str
+    demo: bool
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from jobtree.bus import subjects
+    from jobtree.bus.security import SERVICES
+
+    try:
+        subjects.check_cluster(args.cluster)
+    except ValueError as e:
+        raise CliError(f"--cluster: {e}") from None
+    missing = missing_services(list(SERVICES))
+    if missing:
+        raise CliError(
+            f"cannot start: service(s) not available yet: {', '.join(missing)} "
+            "(no `main` in jobtree.services.<name>); `jobtree demo` plays the demo on the simulator")
+    port = args.grpc_port
+    if not 0 <= port <= 65535:
+        raise CliError(f"--grpc-port: must be a port number (0 for a free one), got {port}")
+    if port and port_in_use(port):
+        raise CliError(f"--grpc-port: {HOST}:{port} is in use; pick another port or 0 for a free one")
+    data_dir = Path(args.data_dir).resolve()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(data_dir, 0o700)  # the nats-server config inside holds the passwords
+    except OSError as e:
+        raise CliError(f"--data-dir {data_dir}: {e.strerror or e}") from None
+    opts = Options(data_dir, args.cluster, port, args.clock, not args.no_demo)
+    with data_dir_lock(data_dir):
+        try:
+            return asyncio.run(_up(opts))
+        except UpError as e:
+            print(f"jobtree: up: {' '.join(str(e).split())}", file=sys.stderr)
+            return 1
+
+
+def _say(text: str, stream: IO[str] | None = None) -> None:
+    print(text, file=stream or sys.stderr, flush=True)
+
+
+async def _up(opts: Options) -> int:
+    import nats
+
+    from jobtree.bus.natsserver import NatsServer, NatsServerError
+    from jobtree.bus.security import SERVICES, Secrets, server_users
+    from jobtree.bus.supervisor import Supervisor, SupervisorError
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    ready = False
+    try:
+        secrets = Secrets.load_or_create(opts.data_dir / "secrets.json", opts.cluster)
+    except ValueError as e:
+        raise UpError(f"{e}; pass the cluster it was made for, or another --data-dir") from None
+    server = NatsServer(opts.data_dir / "nats", users=server_users(opts.cluster, secrets))
+    supervisor: Supervisor | None = None
+    nc: Any = None
+    state_path = opts.data_dir / "up.json"
+    try:
+        try:
+            server.start()
+        except NatsServerError as e:
+            raise UpError(f"nats-server: {e}") from None
+        _say(f"jobtree up: nats-server {server.url} (JetStream in {server.store_dir}), cluster {opts.cluster}")
+
+        async def quiet(_: Exception) -> None:
+            pass
+
+        nc = await nats.connect(server.url, user="admin", password=secrets.passwords["admin"],
+                                error_cb=quiet, max_reconnect_attempts=2, name="jobtree-up")
+        sequence = await _prepare_streams(nc, opts.cluster)
+        supervisor = Supervisor(opts.data_dir, opts.cluster, server.url, clock=opts.clock)
+        with contextlib.suppress(FileNotFoundError):
+            _port_file(supervisor).unlink()  # left by a crash: the gateway writes it once bound
+        for name in START_ORDER + tuple(s for s in SERVICES if s not in START_ORDER):
+            env = secrets.env(name)
+            if name == "gateway":
+                env[ENV_GRPC_PORT] = str(opts.grpc_port)
+            try:
+                supervisor.start(name, env=env)
+            except SupervisorError as e:
+                raise UpError(str(e)) from None
+        _write_state(state_path, opts, server, supervisor, ready=False)
+        if not await _until(stop, _wait_healthy(nc, opts, supervisor)):
+            return 130
+        _write_state(state_path, opts, server, supervisor, ready=False)
+        if opts.demo and sequence == 0:
+            if not await _until(stop, _load_demo(nc, opts.cluster)):
+                return 130
+            note = f"demo loaded ({len(DEMO_DOMAINS) * DEMO_NODES_PER_DOMAIN} nodes, {len(demo_budgets(opts.cluster))} budgets)"
+        elif sequence:
+            note = f"resumed at ledger sequence {sequence}"
+        else:
+            note = "started empty (--no-demo)"
+        _write_state(state_path, opts, server, supervisor, ready=True)
+        _say(f"jobtree up: {note}; logs in {supervisor.logs_dir}; Ctrl-C to stop")
+        _say(f"nats: {server.url}", sys.stdout)
+        _say(f"grpc: {HOST}:{opts.grpc_port}", sys.stdout)
+        ready = True
+        reported: set[str] = set()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+            for name, code in supervisor.exited().items():
+                if name not in reported:
+                    reported.add(name)
+                    _say(f"jobtree up: service {name} stopped by itself (status {code}); it is not restarted; "
+                         f"see {supervisor.processes[name].log_path}")
+        _say("jobtree up: stopping")
+        return 0
+    finally:
+        if supervisor is not None:
+            statuses = supervisor.stop(timeout=STOP_TIMEOUT)
+            failed = {n: c for n, c in statuses.items() if c not in (0, -signal.SIGTERM)}
+            if failed and ready:
+                _say("jobtree up: services stopped with status " + ", ".join(f"{n}={c}" for n, c in failed.items()))
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await nc.close()
+        server.stop()
+        with contextlib.suppress(FileNotFoundError):
+            state_path.unlink()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        if ready:
+            _say("jobtree up: stopped")
+
+
+async def _until(stop: asyncio.Event, work: Any) -> bool:
+    """Run `work` unless `stop` is set first (then False)."""
+    task = asyncio.ensure_future(work)
+    halt = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({task, halt}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        halt.cancel()
+        task.result()
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    return False
+
+
+async def _prepare_streams(nc: Any, cluster: str) -> int:
+    """Create (or find) the ledger stream and the KV buckets; the ledger's last sequence."""
+    import nats.js.errors
+
+    from jobtree.bus import subjects
+    from jobtree.bus.leader import LEADER_TTL
+    from jobtree.bus.ledger import Ledger, LedgerError
+
+    js = nc.jetstream()
+    ledger = Ledger(js, cluster)
+    try:
+        await ledger.create()
+    except LedgerError as e:
+        raise UpError(str(e)) from None
+    for name in subjects.BUCKETS:
+        bucket = subjects.bucket(cluster, name)
+        try:
+            await js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            if name == "leader":
+                await js.create_key_value(bucket=bucket, ttl=LEADER_TTL, history=1)
+            else:
+                await js.create_key_value(bucket=bucket, history=1)
+    return await ledger.last_sequence()
+
+
+async def _wait_healthy(nc: Any, opts: Options, supervisor: Any) -> None:
+    """Every service answers `health` (and the gateway's port accepts connections)."""
+    import nats.errors
+
+    from jobtree.bus import subjects
+
+    deadline = time.monotonic() + READY_TIMEOUT
+
+    async def one(name: str) -> None:
+        subject = subjects.request(opts.cluster, name, "health")
+        while True:
+            sp = supervisor.processes[name]
+            if not sp.running:
+                raise UpError(f"service {name} exited with status {sp.proc.returncode} while starting; "
+                              f"see {sp.log_path}")
+            try:
+                msg = await nc.request(subject, b"", timeout=0.5)
+                if msg.data == b"ok":
+                    break
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                pass
+            if time.monotonic() > deadline:
+                raise UpError(f"service {name} did not answer health within {READY_TIMEOUT:.0f} s; see {sp.log_path}")
+            await asyncio.sleep(0.1)
+        if name == "gateway":
+            port_file = _port_file(supervisor)
+            while True:
+                with contextlib.suppress(OSError, ValueError):
+                    port = int(port_file.read_text())
+                    if (not opts.grpc_port or port == opts.grpc_port) and accepts(port):
+                        opts.grpc_port = port
+                        break
+                if not sp.running:
+                    raise UpError(f"the gateway exited with status {sp.proc.returncode}; see {sp.log_path}")
+                if time.monotonic() > deadline:
+                    raise UpError(f"the gateway does not accept gRPC connections on {HOST} "
+                                  f"within {READY_TIMEOUT:.0f} s; see {sp.log_path}")
+                await asyncio.sleep(0.1)
+
+    await asyncio.gather(*(one(name) for name in supervisor.processes))
+
+
+async def _load_demo(nc: Any, cluster: str) -> None:
+    """Send the demo's commands to admission, one decision each, in order."""
+    import nats.errors
+
+    from jobtree.api import convert
+    from jobtree.api.jobtree.v1 import bus_pb2 as bus
+    from jobtree.bus import subjects
+
+    subject = subjects.request(cluster, "admission", "command")
+    now = int(time.time())
+    for command_id, cmd in demo_commands(cluster):
+        msg = convert.command_to_proto(cmd, command_id=command_id, instant=now)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:  # admission answers once it holds the leader lock: retry the same command id
+            try:
+                raw = await nc.request(subject, msg.SerializeToString(), timeout=5.0)
+                reply = bus.CommandReply.FromString(raw.data)
+                if reply.error.code != bus.ERROR_CODE_UNAVAILABLE:
+                    break
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                pass
+            if time.monotonic() > deadline:
+                raise UpError(f"admission did not accept the demo command {command_id} within {READY_TIMEOUT:.0f} s")
+            await asyncio.sleep(0.2)
+        if reply.error.code != bus.ERROR_CODE_UNSPECIFIED:
+            where = f"{reply.error.field_path}: " if reply.error.field_path else ""
+            raise UpError(f"the demo command {command_id} was refused "
+                          f"({bus.ErrorCode.Name(reply.error.code)}): {where}{reply.error.problem}")
+
+
+def _port_file(supervisor: Any) -> Path:
+    """Where the gateway writes the port it listens on (`<its data dir>/gateway.port`)."""
+    return Path(supervisor.data_dir) / "services" / "gateway" / "gateway.port"
+
+
+def _write_state(path: Path, opts: Options, server: Any, supervisor: Any, *, ready: bool) -> None:
+    doc = {
+        "pid": os.getpid(),
+        "ready": ready,
+        "cluster": opts.cluster,
+        "clock": opts.clock,
+        "nats": server.url,
+        "grpc": f"{HOST}:{opts.grpc_port}",
+        "nats_pid": server.pid,
+        "services": supervisor.pids(),
+        "logs": str(supervisor.logs_dir),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,154 @@
+"""budget: the derived funding view of one cluster, answered from a ledger follower.
+
+Contract: a `Follower` replays the cluster's ledger stream into a core `Cluster` and keeps
+following it (waiting for the stream if it starts before the binder has created it);
+the service decides nothing. It answers:
+- `jobtree.C.budget.state` (bus.StateRequest -> bus.StateReply): the STATE object of
+  SCENARIOS.md (`views.state_json`) as a `google.protobuf.Struct`, once the view has applied
+  `min_ledger_sequence` (else `ERROR_CODE_UNAVAILABLE` after `WAIT_TIMEOUT` seconds).
+  A Struct holds numbers as doubles and its keys unordered: readers that need the exact JSON
+  text restore both (`jobtree.sim.live.restore_state`).
+- `jobtree.C.budget.usage` (service.UsageRequest -> service.UsageResponse): every envelope's
+  funded GPUs by class, headroom and consumed GPU-hours (`views.budgets_json`), optionally
+  filtered by owner, budget and flavor, plus the unfunded GPU-hours per owner.
+- `jobtree.C.budget.sponsors` (service.ListSponsorsRequest -> service.ListSponsorsResponse): the
+  envelopes outside the owner's family whose lending ACL lends to the owner (what
+  `spec.funding.sponsors` may name), with what they can lend now: the envelope's headroom,
+  lowered to its lending concurrency cap, and the GPU-hours left under its lending and
+  envelope hours caps (absent when neither is capped).
+All three are request/reply handlers in the `budget` queue group (replicas share the load).
+Not: a decision maker (admission is), not a writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+
+import nats.js.errors
+
+from jobtree.api.jobtree.v1 import bus_pb2 as bus
+from jobtree.api.jobtree.v1 import service_pb2 as svc
+from jobtree.bus.follower import Follower
+from jobtree.bus.runtime import ServiceContext
+from jobtree.core import views
+from jobtree.core.engine import Cluster
+from jobtree.core.funding import env_bound, lend_bound
+
+WAIT_TIMEOUT = 5.0
+"""Seconds a read waits for the view to reach its `min_ledger_sequence`."""
+
+
+def state_reply(follower: Follower) -> bus.StateReply:
+    reply = bus.StateReply(ledger_sequence=follower.sequence)
+    reply.state.update(views.state_json(follower.cluster))
+    return reply
+
+
+def usage(cl: Cluster, req: svc.UsageRequest) -> svc.UsageResponse:
+    out = svc.UsageResponse()
+    out.at.seconds = cl.now
+    for row in views.budgets_json(cl):
+        budget = cl.budgets[row["name"]]
+        if req.owner and budget.owner != req.owner:
+            continue
+        if req.budget and budget.name != req.budget:
+            continue
+        for env_row, env in zip(row["envelopes"], budget.envelopes, strict=True):
+            if req.flavor and env.flavor != req.flavor:
+                continue
+            item = out.envelopes.add(
+                budget=budget.name,
+                envelope=env.name,
+                owner=budget.owner,
+                flavor=env.flavor,
+                concurrency=env.concurrency,
+                funded=svc.FundedGPUs(**env_row["funded"]),
+                headroom=env_row["headroom"],
+                consumed_gpu_hours=env_row["consumedGPUHours"],
+            )
+            if env.max_gpu_hours is not None:
+                item.max_gpu_hours = env.max_gpu_hours
+    for owner, hours in sorted(cl.meter.unfunded.items()):
+        if not req.owner or owner == req.owner:
+            out.unfunded_gpu_hours[owner] = round(hours / 3600, 6)
+    return out
+
+
+def sponsors(cl: Cluster, req: svc.ListSponsorsRequest) -> svc.ListSponsorsResponse:
+    out = svc.ListSponsorsResponse()
+    rules = cl.rules
+    for ref in sorted(rules.envelopes):
+        env = rules.envelopes[ref]
+        owner = rules.owner_of[ref]
+        if req.flavor and env.flavor != req.flavor:
+            continue
+        if rules.family.family_tier(req.owner, owner) is not None:
+            continue  # family (or its own): funded through the family tiers, not lending
+        if not env.lending.lends_to(req.owner):
+            continue
+        lend = lend_bound(ref)
+        gpus = views.headroom(cl, ref)
+        if env.lending.max_concurrency is not None:
+            gpus = min(gpus, env.lending.max_concurrency - cl.funding.used_now(lend))
+        if lend in cl.funding.spent:
+            gpus = 0
+        item = out.sponsors.add(owner=owner, budget=ref[0], envelope=ref[1], flavor=env.flavor,
+                                lendable_gpus=max(0, gpus))
+        left = math.inf
+        if env.lending.max_gpu_hours is not None:
+            left = env.lending.max_gpu_hours - cl.meter.hours(lend)
+        if env.max_gpu_hours is not None:
+            left = min(left, env.max_gpu_hours - cl.meter.hours(env_bound(ref)))
+        if math.isfinite(left):
+            item.lendable_gpu_hours = round(max(0.0, left), 6)
+    return out
+
+
+async def follow(ctx: ServiceContext) -> Follower | None:
+    """A started follower of the cluster's ledger, waiting for the stream if it does not exist
+    yet (services may start before the binder creates it); None if told to stop first."""
+    delay = 0.05
+    while not ctx.stopping.is_set():
+        follower = Follower(ctx.js, ctx.cluster, ctx.settings.config)
+        try:
+            await follower.start()
+            return follower
+        except nats.js.errors.NotFoundError:
+            if delay == 0.05:
+                ctx.log.info("waiting for the ledger stream", extra={"fields": {"cluster": ctx.cluster}})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ctx.stopping.wait(), delay)
+        delay = min(1.0, delay * 2)
+    return None
+
+
+async def main(ctx: ServiceContext) -> None:
+    follower = await follow(ctx)
+    if follower is None:
+        return
+
+    async def on_state(data: bytes) -> bytes:
+        req = bus.StateRequest.FromString(data)
+        if not await follower.wait_for(req.min_ledger_sequence, WAIT_TIMEOUT):
+            return bus.StateReply(ledger_sequence=follower.sequence, error=bus.Error(
+                code=bus.ERROR_CODE_UNAVAILABLE,
+                problem=f"the view is at ledger sequence {follower.sequence}, "
+                        f"not yet {req.min_ledger_sequence}; retry")).SerializeToString()
+        return state_reply(follower).SerializeToString()
+
+    async def on_usage(data: bytes) -> bytes:
+        return usage(follower.cluster, svc.UsageRequest.FromString(data)).SerializeToString()
+
+    async def on_sponsors(data: bytes) -> bytes:
+        return sponsors(follower.cluster, svc.ListSponsorsRequest.FromString(data)).SerializeToString()
+
+    await ctx.serve(ctx.subject("state"), on_state, queue=True)
+    await ctx.serve(ctx.subject("usage"), on_usage, queue=True)
+    await ctx.serve(ctx.subject("sponsors"), on_sponsors, queue=True)
+    try:
+        await ctx.stopping.wait()
+    finally:
+        await follower.stop()
+

@@ -1,0 +1,123 @@
+"""The gateway: jobtree's public gRPC API (`jobtree.v1.Jobtree`), the only public entry.
+
+Contract: `main(ctx)` serves `jobtree.v1.Jobtree` (see `servicer`), grpcio health checking
+(`grpc.health.v1.Health`: NOT_SERVING until the gateway's view has caught up with the ledger,
+then SERVING for "" and "jobtree.v1.Jobtree") and server reflection, on
+`$JOBTREE_GRPC_HOST:$JOBTREE_GRPC_PORT` (default 127.0.0.1:50051; port 0 picks a free port).
+Once bound it logs `{"msg": "grpc listening", "port": N}` and writes N to
+`<data_dir>/gateway.port` (removed again on a clean stop). Its view is a `Follower` of the
+cluster's ledger stream, started as soon as the stream exists. Instants come from a clock
+object: the wall clock, or on a virtual clock the request's `jobtree-instant` metadata (see
+`clock`). On stop: health NOT_SERVING, watch streams end, the server stops with a short grace.
+Environment: JOBTREE_GRPC_HOST, JOBTREE_GRPC_PORT, JOBTREE_GATEWAY_COMMAND_TIMEOUT (seconds
+admission has to answer a write, default 5), JOBTREE_GATEWAY_READ_TIMEOUT (seconds a read waits
+for the view to reach `min_ledger_sequence`, default 5), JOBTREE_GATEWAY_FORWARD_TIMEOUT (seconds
+the budget and packer services have to answer, default 5).
+Not: scheduling (admission), persistence (the ledger), materialisation (the binder).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from jobtree.api.jobtree.v1 import service_pb2 as api
+from jobtree.api.jobtree.v1 import service_pb2_grpc as api_grpc
+from jobtree.bus.follower import Follower
+from jobtree.bus.ledger import Ledger
+from jobtree.bus.runtime import ServiceContext
+from jobtree.services.gateway.clock import Clock, SystemClock, VirtualClock
+from jobtree.services.gateway.servicer import Gateway
+
+__all__ = ["DEFAULT_PORT", "PORT_FILE", "SERVICE_NAME", "main"]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 50051
+PORT_FILE = "gateway.port"
+SERVICE_NAME = api.DESCRIPTOR.services_by_name["Jobtree"].full_name
+STOP_GRACE = 2.0
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    value = float(raw)
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def grpc_address() -> tuple[str, int]:
+    host = os.environ.get("JOBTREE_GRPC_HOST") or DEFAULT_HOST
+    raw = os.environ.get("JOBTREE_GRPC_PORT")
+    port = DEFAULT_PORT if raw is None or raw == "" else int(raw)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"JOBTREE_GRPC_PORT must be a port number (0 = any free port), got {raw!r}")
+    return host, port
+
+
+def _write_port(path: Path, port: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{port}\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+async def main(ctx: ServiceContext) -> None:
+    host, port = grpc_address()
+    follower = Follower(ctx.js, ctx.cluster, ctx.settings.config)
+    clock: Clock = VirtualClock() if ctx.settings.clock == "virtual" else SystemClock()
+    gateway = Gateway(
+        ctx, follower, Ledger(ctx.js, ctx.cluster), clock,
+        command_timeout=_env_float("JOBTREE_GATEWAY_COMMAND_TIMEOUT", 5.0),
+        read_timeout=_env_float("JOBTREE_GATEWAY_READ_TIMEOUT", 5.0),
+        forward_timeout=_env_float("JOBTREE_GATEWAY_FORWARD_TIMEOUT", 5.0),
+    )
+    server = grpc.aio.server()
+    api_grpc.add_JobtreeServicer_to_server(gateway, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if not bound:
+        raise RuntimeError(f"cannot listen on {host}:{port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    port_file = ctx.settings.data_dir / PORT_FILE
+    _write_port(port_file, bound)
+    ctx.log.info("grpc listening", extra={"fields": {"port": bound, "host": host}})
+
+    async def shutdown() -> None:
+        with contextlib.suppress(Exception):
+            await health.enter_graceful_shutdown()
+        gateway.close()
+        await server.stop(STOP_GRACE)
+        await follower.stop()
+        with contextlib.suppress(OSError):
+            port_file.unlink()
+        ctx.log.info("grpc stopped")
+
+    try:
+        await gateway.start()
+        for name in ("", SERVICE_NAME):
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await ctx.stopping.wait()
+    finally:
+        # The runtime cancels this task when it stops: finish the shutdown regardless.
+        done = asyncio.ensure_future(shutdown())
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            await done
+            raise

@@ -1,0 +1,325 @@
+"""The write path against real processes: admission (the decision loop) and the binder (the only
+ledger writer), each `jobtree serve NAME` on a real nats-server. The tests talk NATS to the
+services and read the ledger stream themselves.
+
+1. a batch commits as one ledger message, and the ledger alone replays to the decided view;
+2. a retried command id commits once (also across an admission restart, and at the binder);
+3. a command the core rejects answers INVALID_ARGUMENT naming the field and writes nothing;
+4. the binder refuses a stale fencing epoch and a stale expected-last-sequence, writing nothing;
+5. a restarted binder keeps the epoch fence (it reads the newest epoch back from the ledger).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import nats
+import pytest
+from nats.aio.client import Client
+from procs import (
+    FLAVOR,
+    T0,
+    Reference,
+    Services,
+    append,
+    assert_same_view,
+    budget,
+    check_ledger,
+    create_ledger,
+    deliver,
+    last_sequence,
+    nodes,
+    read_ledger,
+    send,
+    wait_admission,
+    wait_binder,
+)
+
+from jobtree.api import convert
+from jobtree.api.jobtree.v1 import bus_pb2 as bus
+from jobtree.bus.natsserver import NatsServer
+from jobtree.core import facts as F
+from jobtree.core.model import Locality, Malleable, Phase, Role, Run, RunSpec
+
+T = TypeVar("T")
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def services(nats_server: NatsServer, cluster: str, tmp_path: Path) -> Iterator[Services]:
+    procs = Services(cluster, nats_server.url, tmp_path / "logs")
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+def play(url: str, scenario: Callable[[Client], Awaitable[T]]) -> T:
+    async def main() -> T:
+        nc = await nats.connect(url, connect_timeout=5)
+        try:
+            return await scenario(nc)
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
+
+
+async def bring_up(services: Services, nc: Client) -> None:
+    """The ledger stream, then binder and admission (started together), both answering."""
+    await create_ledger(nc, services.cluster)
+    services.start("binder")
+    services.start("admission")
+    await wait_binder(nc, services.cluster)
+    await wait_admission(nc, services.cluster)
+
+
+def run(name: str, gpus: int, **spec: object) -> Run:
+    return Run("default", name, RunSpec("org:a", FLAVOR, gpus, locality=Locality(group_gpus=8), **spec))  # type: ignore[arg-type]
+
+
+def setup_batch(*extra: F.Command, command_id: str = "setup") -> bus.Command:
+    """Four nodes in two fabric domains, a budget of 32 GPUs, and whatever `extra` holds."""
+    cmds: list[F.Command] = [F.AddNode(n) for n in nodes(("A", "B"), 2)]
+    cmds += [F.ApplyBudget(budget("team-a", "org:a", 32)), *extra]
+    return convert.batch_to_proto(cmds, command_id=command_id, instant=T0)
+
+
+def ok(reply: bus.CommandReply) -> int:
+    assert not reply.HasField("error"), reply
+    assert reply.ledger_sequence > 0, reply
+    return reply.ledger_sequence
+
+
+def epochs(records: list) -> list[int]:  # type: ignore[type-arg]
+    return [max(e.epoch for e in r.batch.entries) for r in records]
+
+
+def clock_batch(instant: int, command_id: str, epoch: int) -> bus.LedgerBatch:
+    return bus.LedgerBatch(entries=[convert.entry_to_proto((instant, F.ClockAdvanced()), command_id=command_id,
+                                                           epoch=epoch)])
+
+
+# --- 1 ---------------------------------------------------------------------------------------
+
+
+def test_batch_commits_as_one_ledger_message(services: Services, nats_server: NatsServer, cluster: str) -> None:
+    cmd = setup_batch(F.ApplyRun(run("train", 16)))
+
+    async def scenario(nc: Client) -> None:
+        await bring_up(services, nc)
+        seq = ok((await deliver(nc, cluster, cmd)).reply)
+        records = await read_ledger(nc, cluster)
+        assert [r.sequence for r in records] == [seq] == [1], "the batch is not one ledger message"
+        batch = records[0].batch
+        assert {e.command_id for e in batch.entries} == {"setup"}
+        kinds = [e.WhichOneof("fact") for e in batch.entries]
+        assert kinds.count("node_state_put") == 4
+        assert kinds.count("budget_put") == 1
+        assert kinds.count("spec_put") == 1
+        assert kinds.count("lease_minted") == 2  # 16 GPUs, groups of 8, one lease per node
+
+        view = check_ledger(records, cluster, {"setup": seq})
+        status = view.status["default/train"]
+        assert status.phase is Phase.RUNNING, status
+        assert status.bound_at == T0
+        leases = view.open_by_run["default/train"]
+        assert sum(x.gpus for x in leases.values()) == 16
+        assert all(x.role is Role.ACTIVE and x.paid_by == ("team-a", "main") for x in leases.values())
+        assert len({x.node for x in leases.values()}) == 2
+        assert len({view.topo.nodes[x.node].domain for x in leases.values()}) == 1, "a group of 8 spans domains"
+
+        ref = Reference(cluster)
+        ref.play(cmd)
+        assert_same_view(view, ref.view)
+
+    play(nats_server.url, scenario)
+
+
+# --- 2 ---------------------------------------------------------------------------------------
+
+
+def test_retried_command_commits_once(services: Services, nats_server: NatsServer, cluster: str) -> None:
+    first = setup_batch(F.ApplyRun(run("train", 8)))
+    second = convert.command_to_proto(F.ApplyRun(run("eval", 8)), command_id="eval", instant=T0 + 60)
+
+    async def scenario(nc: Client) -> None:
+        await bring_up(services, nc)
+        s1 = ok((await deliver(nc, cluster, first)).reply)
+        # the same id again, at once: the original sequence, nothing written
+        assert ok(await send(nc, cluster, first)) == s1
+        assert await last_sequence(nc, cluster) == s1
+        s2 = ok((await deliver(nc, cluster, second)).reply)
+        assert s2 == s1 + 1
+        # a retry after the ledger moved on (its view's sequence is stale now)
+        assert ok(await send(nc, cluster, first)) == s1
+        assert ok(await send(nc, cluster, second)) == s2
+        assert await last_sequence(nc, cluster) == s2
+
+        # a new decision loop remembers the committed ids from the ledger alone
+        services["admission"].terminate()
+        services.start("admission")
+        await wait_admission(nc, cluster)
+        assert ok(await send(nc, cluster, first)) == s1
+        assert ok(await send(nc, cluster, second)) == s2
+        assert await last_sequence(nc, cluster) == s2
+
+        # the binder, too, commits a repeated message id once, with a current or a stale
+        # expected sequence (a lost AppendReply retried)
+        records = await read_ledger(nc, cluster)
+        epoch = epochs(records)[-1]
+        again = bus.AppendRequest(batch=records[-1].batch, epoch=epoch, msg_id="eval")
+        for expected in (s2, s1):
+            again.expected_last_sequence = expected
+            done = await append(nc, cluster, again)
+            assert not done.HasField("error"), done
+            assert (done.sequence, done.duplicate) == (s2, True), done
+        assert await last_sequence(nc, cluster) == s2
+
+        records = await read_ledger(nc, cluster)
+        view = check_ledger(records, cluster, {"setup": s1, "eval": s2})
+        ref = Reference(cluster)
+        ref.play(first)
+        ref.play(second)
+        assert_same_view(view, ref.view)
+
+    play(nats_server.url, scenario)
+
+
+# --- 3 ---------------------------------------------------------------------------------------
+
+
+def test_rejected_command_writes_nothing(services: Services, nats_server: NatsServer, cluster: str) -> None:
+    elastic = run("elastic", 16, malleable=Malleable(min_total=8, max_total=16, step=8, desired=16))
+    setup = setup_batch(F.ApplyRun(elastic))
+    rejected = {
+        # the core refuses: not a width the run can shrink to
+        "bad-shrink": (convert.command_to_proto(F.ShrinkRun("default/elastic", 12), command_id="bad-shrink",
+                                                instant=T0 + 60), "shrink.desiredTotalGPUs"),
+        # the second command of a batch is refused: the first (a new run) must not stick either
+        "bad-batch": (convert.batch_to_proto([F.ApplyRun(run("ghost", 8)), F.CompleteRun("default/nope")],
+                                             command_id="bad-batch", instant=T0 + 60), "batch.commands[1].complete"),
+        # a workload report for a run that never started
+        "bad-complete": (convert.batch_to_proto([F.ApplyRun(run("late", 32)), F.CompleteRun("default/late")],
+                                                command_id="bad-complete", instant=T0 + 60),
+                         "batch.commands[1].complete"),
+        # the schema refuses: a run of no GPUs
+        "bad-run": (convert.command_to_proto(F.ApplyRun(run("empty", 0)), command_id="bad-run", instant=T0 + 60),
+                    "apply_run.run.spec.resources.totalGPUs"),
+        # time runs forward only
+        "bad-instant": (convert.command_to_proto(F.Tick(), command_id="bad-instant", instant=T0 - 60), "instant"),
+    }
+    valid = convert.command_to_proto(F.ShrinkRun("default/elastic", 8), command_id="shrink", instant=T0 + 120)
+
+    async def scenario(nc: Client) -> None:
+        await bring_up(services, nc)
+        s1 = ok((await deliver(nc, cluster, setup)).reply)
+        for name, (cmd, field) in rejected.items():
+            for _ in range(2):  # a retried rejection is refused again, never committed
+                reply = await send(nc, cluster, cmd)
+                assert reply.command_id == name
+                assert reply.error.code == bus.ERROR_CODE_INVALID_ARGUMENT, (name, reply)
+                assert reply.error.field_path == field, (name, reply.error)
+                assert reply.error.problem, (name, reply.error)
+                assert reply.ledger_sequence == 0, (name, reply)
+                assert await last_sequence(nc, cluster) == s1, f"{name} wrote to the ledger"
+        raw = await nc.request(f"jobtree.{cluster}.admission.command", b"\xff\xff\xff", timeout=5)
+        garbage = bus.CommandReply.FromString(raw.data)
+        assert garbage.error.code == bus.ERROR_CODE_INVALID_ARGUMENT, garbage
+        assert await last_sequence(nc, cluster) == s1
+
+        s2 = ok((await deliver(nc, cluster, valid)).reply)
+        assert s2 == s1 + 1
+        records = await read_ledger(nc, cluster)
+        view = check_ledger(records, cluster, {"setup": s1, "shrink": s2})
+        assert "default/ghost" not in view.runs and "default/late" not in view.runs
+        assert sum(x.gpus for x in view.open_by_run["default/elastic"].values()) == 8
+        ref = Reference(cluster)
+        ref.play(setup)
+        ref.play(valid)
+        assert_same_view(view, ref.view)
+
+    play(nats_server.url, scenario)
+
+
+# --- 4 and 5 ---------------------------------------------------------------------------------
+
+
+async def two_terms(services: Services, nc: Client, cluster: str) -> tuple[int, int, int]:
+    """Two commits by two leader terms (admission restarted between them): (old epoch, new
+    epoch, last sequence)."""
+    await bring_up(services, nc)
+    ok((await deliver(nc, cluster, setup_batch(F.ApplyRun(run("train", 8))))).reply)
+    services["admission"].terminate()  # a graceful stop releases the lock: the next term begins at once
+    services.start("admission")
+    await wait_admission(nc, cluster)
+    cmd = convert.command_to_proto(F.ApplyRun(run("eval", 8)), command_id="eval", instant=T0 + 60)
+    last = ok((await deliver(nc, cluster, cmd)).reply)
+    old, new = epochs(await read_ledger(nc, cluster))
+    assert old < new, f"a new leader term must carry a higher epoch: {old} then {new}"
+    terms = services["admission"].leader_terms()
+    assert [e for e, _ in terms] == [old, new], terms
+    return old, new, last
+
+
+async def refused(nc: Client, cluster: str, req: bus.AppendRequest, code: int, last: int) -> bus.AppendReply:
+    reply = await append(nc, cluster, req)
+    assert reply.error.code == code, reply
+    assert reply.sequence == 0 and not reply.duplicate, reply
+    assert await last_sequence(nc, cluster) == last, "a refused append wrote to the ledger"
+    return reply
+
+
+def test_binder_refuses_stale_epoch_and_stale_sequence(
+        services: Services, nats_server: NatsServer, cluster: str) -> None:
+    async def scenario(nc: Client) -> None:
+        old, new, last = await two_terms(services, nc, cluster)
+        t = T0 + 120
+        # a deposed leader (the old term), with an up-to-date view
+        stale_epoch = bus.AppendRequest(batch=clock_batch(t, "rogue-1", old), epoch=old,
+                                        expected_last_sequence=last, msg_id="rogue-1")
+        await refused(nc, cluster, stale_epoch, bus.ERROR_CODE_STALE_EPOCH, last)
+        # the current term, with a view one decision behind
+        stale_view = bus.AppendRequest(batch=clock_batch(t, "rogue-2", new), epoch=new,
+                                       expected_last_sequence=last - 1, msg_id="rogue-2")
+        reply = await refused(nc, cluster, stale_view, bus.ERROR_CODE_CONFLICT, last)
+        assert reply.last_sequence == last, reply
+        # and one ahead of the ledger
+        stale_view.expected_last_sequence = last + 1
+        await refused(nc, cluster, stale_view, bus.ERROR_CODE_CONFLICT, last)
+
+        # the decision loop is unaffected: its next command commits
+        cmd = convert.command_to_proto(F.ApplyRun(run("more", 8)), command_id="more", instant=t)
+        s3 = ok((await deliver(nc, cluster, cmd)).reply)
+        assert s3 == last + 1
+        records = await read_ledger(nc, cluster)
+        assert epochs(records) == [old, new, new]
+        check_ledger(records, cluster, {"setup": 1, "eval": 2, "more": 3})
+
+    play(nats_server.url, scenario)
+
+
+def test_binder_restart_keeps_the_epoch_fence(services: Services, nats_server: NatsServer, cluster: str) -> None:
+    async def scenario(nc: Client) -> None:
+        old, new, last = await two_terms(services, nc, cluster)
+        t = T0 + 120
+        binder = services["binder"]
+        for stop in (binder.terminate, binder.kill):
+            stop()
+            services.start("binder")
+            await wait_binder(nc, cluster)
+            # the new binder process has seen no append: only the ledger tells it the fence
+            stale = bus.AppendRequest(batch=clock_batch(t, "rogue", old), epoch=old,
+                                      expected_last_sequence=last, msg_id="rogue")
+            await refused(nc, cluster, stale, bus.ERROR_CODE_STALE_EPOCH, last)
+        assert len(binder.pids) == 3
+        cmd = convert.command_to_proto(F.ApplyRun(run("more", 8)), command_id="more", instant=t)
+        assert ok((await deliver(nc, cluster, cmd)).reply) == last + 1
+        records = await read_ledger(nc, cluster)
+        assert epochs(records) == [old, new, new]
+        check_ledger(records, cluster, {"setup": 1, "eval": 2, "more": 3})
+
+    play(nats_server.url, scenario)

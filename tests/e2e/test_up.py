@@ -1,0 +1,278 @@
+"""`jobtree up` and `jobtree serve` as real processes: the whole system starts, answers, stops
+cleanly on Ctrl-C (SIGINT) leaving no process behind, and resumes from its data directory.
+
+The system runs with the users and permissions of `jobtree.bus.security`, so a service doing
+something its NATS user may not do shows up here as a permissions violation in the server log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+import nats
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jobtree.api import convert
+from jobtree.api.jobtree.v1 import bus_pb2 as bus
+from jobtree.api.jobtree.v1 import objects_pb2 as pb
+from jobtree.api.jobtree.v1 import service_pb2 as api
+from jobtree.api.jobtree.v1 import service_pb2_grpc as api_grpc
+from jobtree.bus import subjects
+from jobtree.bus.ledger import Ledger
+from jobtree.bus.security import SERVICES
+from jobtree.cli.serve_cmd import missing_services
+from jobtree.cli.up_cmd import DEMO_DOMAINS, DEMO_NODES_PER_DOMAIN, demo_budgets, demo_commands
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER = "demo"
+READY = 25.0
+DEMO_NODES = len(DEMO_DOMAINS) * DEMO_NODES_PER_DOMAIN
+
+
+def jobtree(*args: str, **kw: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "jobtree.cli.main", *args], cwd=REPO, text=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, **kw)
+
+
+class Up:
+    """A running `jobtree up`: its stdout lines arrive on a queue; stderr goes to a file."""
+
+    def __init__(self, data_dir: Path, *args: str) -> None:
+        self.data_dir = data_dir
+        self.err_path = data_dir.parent / f"{data_dir.name}-up-{time.monotonic_ns()}.err"
+        self._err: IO[str] = self.err_path.open("w")
+        self.proc = jobtree("up", "--data-dir", str(data_dir), "--grpc-port", "0", "--clock", "virtual", *args,
+                            stderr=self._err)
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.grpc = ""
+        self.nats = ""
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    @property
+    def stderr(self) -> str:
+        return self.err_path.read_text()
+
+    def wait_ready(self) -> Up:
+        deadline = time.monotonic() + READY
+        while not self.grpc:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    pytest.fail(f"jobtree up not ready (status {self.proc.returncode}):\n{self.stderr}")
+                continue
+            key, _, value = line.partition(": ")
+            if key == "nats":
+                self.nats = value
+            elif key == "grpc":
+                self.grpc = value
+        return self
+
+    def state(self) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads((self.data_dir / "up.json").read_text())
+        return doc
+
+    def admin_password(self) -> str:
+        return str(json.loads((self.data_dir / "secrets.json").read_text())["users"]["admin"])
+
+    def interrupt(self, timeout: float = 20.0) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._err.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._err.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def violations(data_dir: Path) -> list[str]:
+    return [line for line in (data_dir / "nats" / "nats-server.log").read_text().splitlines() if "Violation" in line]
+
+
+async def bus_checks(up: Up, command: bus.Command | None) -> tuple[dict[str, bytes], int, bus.CommandReply | None]:
+    """Every service's health over NATS, optionally one command to admission; the ledger's last sequence."""
+    nc = await nats.connect(up.nats, user="admin", password=up.admin_password(), connect_timeout=2,
+                            allow_reconnect=False)
+    try:
+        health = {}
+        for name in SERVICES:
+            msg = await nc.request(subjects.request(CLUSTER, name, "health"), b"", timeout=5)
+            health[name] = msg.data
+        reply = None
+        if command is not None:
+            raw = await nc.request(subjects.request(CLUSTER, "admission", "command"), command.SerializeToString(),
+                                   timeout=10)
+            reply = bus.CommandReply.FromString(raw.data)
+        return health, await Ledger(nc.jetstream(), CLUSTER).last_sequence(), reply
+    finally:
+        await nc.close()
+
+
+async def ledger_facts(up: Up) -> Counter[str]:
+    nc = await nats.connect(up.nats, user="admin", password=up.admin_password(), connect_timeout=2,
+                            allow_reconnect=False)
+    try:
+        records = await Ledger(nc.jetstream(), CLUSTER).replay()
+        return Counter(str(e.WhichOneof("fact")) for r in records for e in r.batch.entries)
+    finally:
+        await nc.close()
+
+
+def run_manifest(name: str, gpus: int) -> pb.Run:
+    return convert.manifest_to_proto({
+        "apiVersion": "rq.davidlangworthy.io/v1", "kind": "Run",
+        "metadata": {"name": name, "namespace": "vision"},
+        "spec": {"owner": "org:ml:vision", "resources": {"gpuType": "H100-80GB", "totalGPUs": gpus},
+                 "locality": {"groupGPUs": 8}},
+    })  # type: ignore[return-value]
+
+
+def test_every_service_can_be_served() -> None:
+    assert missing_services(list(SERVICES)) == []
+    assert missing_services(["nosuch"]) == ["nosuch"]
+
+
+def test_serve_refuses_an_unknown_service_in_one_line() -> None:
+    proc = jobtree("serve", "nosuch", stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2, err
+    assert err.count("\n") == 1 and err.startswith("jobtree: unknown service 'nosuch'; services: ")
+    for name in SERVICES:
+        assert name in err
+    assert out == ""
+
+
+def test_the_demo_is_valid_for_the_core() -> None:
+    cmds = demo_commands(CLUSTER)
+    assert len(cmds) == DEMO_NODES + len(demo_budgets(CLUSTER))
+    assert len({cid for cid, _ in cmds}) == len(cmds)  # one id each: a retried load commits once
+
+
+def test_up_serves_stops_cleanly_and_resumes(tmp_path: Path) -> None:
+    data = tmp_path / "jt"
+    up = Up(data).wait_ready()
+    try:
+        state = up.state()
+        assert state["ready"] and state["cluster"] == CLUSTER and state["grpc"] == up.grpc
+        pids = [state["pid"], state["nats_pid"], *state["services"].values()]
+        assert sorted(state["services"]) == sorted(SERVICES)
+        assert "demo loaded" in up.stderr
+        assert oct((data / "secrets.json").stat().st_mode & 0o777) == "0o600"
+
+        # Every service answers health over NATS; the demo is in the ledger, once.
+        health, demo_seq, _ = asyncio.run(bus_checks(up, None))
+        assert health == dict.fromkeys(SERVICES, b"ok")
+        facts = asyncio.run(ledger_facts(up))
+        assert facts["budget_put"] == len(demo_budgets(CLUSTER)) and facts["node_state_put"] == DEMO_NODES, facts
+
+        # The public entry: gRPC health, the demo through the gateway's view, a submission.
+        with grpc.insecure_channel(up.grpc) as channel:
+            probe = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert probe.status == health_pb2.HealthCheckResponse.SERVING
+            stub = api_grpc.JobtreeStub(channel)
+            nodes = stub.ListNodes(api.ListNodesRequest(), timeout=5).nodes
+            assert len(nodes) == DEMO_NODES and {n.gpus for n in nodes} == {8}
+            submitted = stub.SubmitRun(api.SubmitRunRequest(run=run_manifest("resnet", 16), request_id="t-1"),
+                                       timeout=10)
+            assert submitted.ledger_sequence > demo_seq
+            got = stub.GetRun(api.GetRunRequest(run=pb.RunRef(namespace="vision", name="resnet"),
+                                                min_ledger_sequence=submitted.ledger_sequence), timeout=5)
+            assert got.run.status.phase == "Running"
+
+        # A command on the bus, as the admin user (the gateway is the public way in).
+        cmd = bus.Command(command_id="t-2", tick=bus.Tick())
+        _, before, reply = asyncio.run(bus_checks(up, cmd))
+        assert reply is not None and not reply.HasField("error"), reply
+
+        # A second `up` on the same directory is refused at once.
+        other = jobtree("up", "--data-dir", str(data), "--grpc-port", "0", stderr=subprocess.PIPE)
+        _, err = other.communicate(timeout=30)
+        assert other.returncode == 2 and err.startswith("jobtree: another `jobtree up` is running on ")
+
+        assert up.interrupt() == 0, up.stderr
+    finally:
+        up.stop()
+    assert "Traceback" not in up.stderr and "jobtree up: stopped" in up.stderr
+    assert not [pid for pid in pids if alive(pid)], "processes left behind"
+    assert not (data / "up.json").exists()
+    assert violations(data) == [], "a service did something its NATS user may not"
+
+    # Again on the same directory: resumed, nothing loaded twice, the ledger intact.
+    again = Up(data).wait_ready()
+    try:
+        assert "resumed at ledger sequence" in again.stderr and "demo loaded" not in again.stderr
+        health, seq, _ = asyncio.run(bus_checks(again, None))
+        assert health == dict.fromkeys(SERVICES, b"ok")
+        assert seq >= before
+        assert asyncio.run(ledger_facts(again))["budget_put"] == len(demo_budgets(CLUSTER))
+        with grpc.insecure_channel(again.grpc) as channel:
+            stub = api_grpc.JobtreeStub(channel)
+            got = stub.GetRun(api.GetRunRequest(run=pb.RunRef(namespace="vision", name="resnet"),
+                                                min_ledger_sequence=seq), timeout=5)
+            assert got.run.status.phase == "Running"
+        pids = [again.state()["pid"], again.state()["nats_pid"], *again.state()["services"].values()]
+        assert again.interrupt() == 0, again.stderr
+    finally:
+        again.stop()
+    assert not [pid for pid in pids if alive(pid)]
+    assert violations(data) == []
+
+
+def test_up_refuses_a_data_dir_of_another_cluster(tmp_path: Path) -> None:
+    data = tmp_path / "jt"
+    data.mkdir()
+    (data / "secrets.json").write_text(json.dumps({"cluster": "gpu-a", "users": {}}))
+    proc = jobtree("up", "--data-dir", str(data), "--grpc-port", "0", stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and err.count("\n") == 1, err
+    assert "cluster 'gpu-a', not 'demo'" in err and out == ""
+    assert not (data / "nats").exists()
+
+
+def test_up_names_the_services_it_cannot_start_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """While a service has no package yet, `up` refuses before starting anything."""
+    from jobtree.bus import security
+    from jobtree.cli.main import main
+
+    monkeypatch.setattr(security, "SERVICES", (*SERVICES, "notifier"))  # listed in subjects, not built
+    assert main(["up", "--data-dir", str(tmp_path / "jt"), "--grpc-port", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith("jobtree: cannot start: service(s) not available yet: notifier ")
+    assert "jobtree demo" in err and not (tmp_path / "jt").exists()
