@@ -22,15 +22,11 @@ Not: a decision maker (admission is), not a writer.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import math
-
-import nats.js.errors
 
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.api.jobtree.v1 import service_pb2 as svc
-from jobtree.bus.follower import Follower
+from jobtree.bus.follower import Follower, follow
 from jobtree.bus.runtime import ServiceContext
 from jobtree.core import views
 from jobtree.core.engine import Cluster
@@ -104,24 +100,6 @@ def sponsors(cl: Cluster, req: svc.ListSponsorsRequest) -> svc.ListSponsorsRespo
         if math.isfinite(left):
             item.lendable_gpu_hours = round(max(0.0, left), 6)
     return out
-
-
-async def follow(ctx: ServiceContext) -> Follower | None:
-    """A started follower of the cluster's ledger, waiting for the stream if it does not exist
-    yet (services may start before the binder creates it); None if told to stop first."""
-    delay = 0.05
-    while not ctx.stopping.is_set():
-        follower = Follower(ctx.js, ctx.cluster, ctx.settings.config)
-        try:
-            await follower.start()
-            return follower
-        except nats.js.errors.NotFoundError:
-            if delay == 0.05:
-                ctx.log.info("waiting for the ledger stream", extra={"fields": {"cluster": ctx.cluster}})
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(ctx.stopping.wait(), delay)
-        delay = min(1.0, delay * 2)
-    return None
 
 
 async def main(ctx: ServiceContext) -> None:

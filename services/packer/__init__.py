@@ -21,16 +21,12 @@ Not: the placement policy (the core's `pack` is), not a writer.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import copy
 import time
 
-import nats.js.errors
-
 from jobtree.api import convert
 from jobtree.api.jobtree.v1 import service_pb2 as svc
-from jobtree.bus.follower import Follower
+from jobtree.bus.follower import follow
 from jobtree.bus.runtime import ServiceContext
 from jobtree.core.engine import Cluster
 from jobtree.core.errors import ValidationError
@@ -85,24 +81,6 @@ def plan(cl: Cluster, req: svc.PlanRunRequest, now: int | None = None) -> svc.Pl
         if run_key != key and not lease.open:
             out.reasons.append(f"would end lease {name} of {run_key} ({lease.closure_reason})")
     return out
-
-
-async def follow(ctx: ServiceContext) -> Follower | None:
-    """A started follower of the cluster's ledger, waiting for the stream if it does not exist
-    yet (services may start before the binder creates it); None if told to stop first."""
-    delay = 0.05
-    while not ctx.stopping.is_set():
-        follower = Follower(ctx.js, ctx.cluster, ctx.settings.config)
-        try:
-            await follower.start()
-            return follower
-        except nats.js.errors.NotFoundError:
-            if delay == 0.05:
-                ctx.log.info("waiting for the ledger stream", extra={"fields": {"cluster": ctx.cluster}})
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(ctx.stopping.wait(), delay)
-        delay = min(1.0, delay * 2)
-    return None
 
 
 async def main(ctx: ServiceContext) -> None:

@@ -25,7 +25,7 @@ import nats.js.errors
 
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.bus import codec, subjects
-from jobtree.bus.follower import Follower
+from jobtree.bus.follower import follow
 from jobtree.bus.runtime import ServiceContext
 
 HEARTBEAT = 30
@@ -58,24 +58,6 @@ async def _wait(ctx: ServiceContext, changed: asyncio.Event, seconds: float) -> 
             w.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await w
-
-
-async def follow(ctx: ServiceContext) -> Follower | None:
-    """A started follower of the cluster's ledger, waiting for the stream if it does not exist
-    yet (services may start before the binder creates it); None if told to stop first."""
-    delay = 0.05
-    while not ctx.stopping.is_set():
-        follower = Follower(ctx.js, ctx.cluster, ctx.settings.config)
-        try:
-            await follower.start()
-            return follower
-        except nats.js.errors.NotFoundError:
-            if delay == 0.05:
-                ctx.log.info("waiting for the ledger stream", extra={"fields": {"cluster": ctx.cluster}})
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(ctx.stopping.wait(), delay)
-        delay = min(1.0, delay * 2)
-    return None
 
 
 async def main(ctx: ServiceContext) -> None:

@@ -14,12 +14,14 @@ import asyncio
 import contextlib
 from typing import Any
 
+import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from jobtree.api import convert
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.bus import codec, subjects
+from jobtree.bus.runtime import ServiceContext
 from jobtree.core.engine import Cluster
 from jobtree.core.model import ClusterConfig
 
@@ -86,3 +88,21 @@ class Follower:
             except TimeoutError:
                 return False
         return True
+
+
+async def follow(ctx: ServiceContext) -> Follower | None:
+    """A started follower of the cluster's ledger, waiting for the stream if it does not exist
+    yet (services may start before the binder creates it); None if told to stop first."""
+    delay = 0.05
+    while not ctx.stopping.is_set():
+        follower = Follower(ctx.js, ctx.cluster, ctx.settings.config)
+        try:
+            await follower.start()
+            return follower
+        except nats.js.errors.NotFoundError:
+            if delay == 0.05:
+                ctx.log.info("waiting for the ledger stream", extra={"fields": {"cluster": ctx.cluster}})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ctx.stopping.wait(), delay)
+        delay = min(1.0, delay * 2)
+    return None
