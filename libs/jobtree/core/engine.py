@@ -410,6 +410,7 @@ class Cluster:
         self.rules = rules
         for (b, e), env in rules.envelopes.items():
             self.meter.reset_window(env_bound((b, e)), env.start)
+        self.meter.note_caps(rules.hour_caps)
         self.funding.set_rules(rules)
         self.funding.set_clock(self.now, self.meter.spent(rules.hour_caps))
 
@@ -697,7 +698,7 @@ class Cluster:
         spec = self.runs[key].spec
         needs = self._needs(key, 0, spec.min_width)
         cov = self._cover(key, needs)
-        if cov.funded_gpus == 0:
+        if cov.funded_gpus == 0 and not self._in_hold_down(key):  # no thrash: no reserving in hold-down
             opens = self._window_opening(key, needs)
             if opens is not None:
                 return self._reserve(key, needs, opens, window_only=True)

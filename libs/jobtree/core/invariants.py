@@ -45,7 +45,8 @@ def check_no_overdraft(cl: Cluster) -> None:
             if cap < INF and used > cap:
                 raise InvariantViolation(f"no overdraft: {'/'.join(b)} funds {used} GPUs over its cap {cap}")
     for b, hours in cl.rules.hour_caps.items():
-        if cl.meter.consumed.get(b, 0) > cap_seconds(hours):
+        allowed = max(cap_seconds(hours), cl.meter.floor.get(b, 0))  # a cap lowered below past use
+        if cl.meter.consumed.get(b, 0) > allowed:
             raise InvariantViolation(f"no overdraft: {'/'.join(b)} consumed more than {hours} GPU-hours")
     for key in cl.open_by_run:
         terms = cl.terms(key)

@@ -28,12 +28,23 @@ class Meter:
         self.unfunded: dict[str, int] = {}
         """GPU-seconds of unfunded work per run owner."""
         self.window_start: dict[Bound, int | None] = {}
+        self.floor: dict[Bound, int] = {}
+        """GPU-seconds a bound had consumed when its cap was lowered below them (funded earlier,
+        under the old cap); consumption never exceeds max(cap, floor)."""
+
+    def note_caps(self, hour_caps: Mapping[Bound, float]) -> None:
+        """A budget was applied: remember consumption already above a lowered cap."""
+        for b, cap in hour_caps.items():
+            used = self.consumed.get(b, 0)
+            if used > cap_seconds(cap):
+                self.floor[b] = max(self.floor.get(b, 0), used)
 
     def reset_window(self, bound: Bound, start: int | None) -> None:
         """Start counting an envelope afresh when a new window begins (its `start` changes);
         moving only the end of the window keeps what it consumed."""
         if bound in self.window_start and self.window_start[bound] != start:
             self.consumed.pop(bound, None)
+            self.floor.pop(bound, None)
         self.window_start[bound] = start
 
     def charge(self, dt: int, funded: Mapping[Bound, int], hour_caps: Mapping[Bound, float],
@@ -44,9 +55,10 @@ class Meter:
         for b, width in funded.items():
             if width <= 0 or b[0] == "borrow":
                 continue
-            total = self.consumed.get(b, 0) + width * dt
+            before = self.consumed.get(b, 0)
+            total = before + width * dt
             cap = hour_caps.get(b)
-            self.consumed[b] = min(total, cap_seconds(cap)) if cap is not None else total
+            self.consumed[b] = max(before, min(total, cap_seconds(cap))) if cap is not None else total
         for owner, gpus in unfunded_by_owner:
             if gpus:
                 self.unfunded[owner] = self.unfunded.get(owner, 0) + gpus * dt
