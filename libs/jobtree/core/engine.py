@@ -446,12 +446,13 @@ class Cluster:
             raise ValidationError(verb, f"run {key} has not started ({st.phase.value}); only a started workload reports")
         self._close_run(key, R_COMPLETED if ok else "RunFailed")
         self._fail_reservation(key)
+        ended = {"ended_at": self.now, "reservation": None, "hold_down_until": None, "checkpoint_deadline": None}
         if ok:
             self._set_status(key, phase=Phase.COMPLETED, reason=R_COMPLETED, message="the workload reported success",
-                             ended_at=self.now, reservation=None)
+                             **ended)
         else:
             self._set_status(key, phase=Phase.FAILED, reason=R_WORKLOAD_FAILED,
-                             message="the workload reported failure", ended_at=self.now, reservation=None)
+                             message="the workload reported failure", **ended)
 
     def _delete(self, key: str) -> None:
         self._live(key, "delete")

@@ -1,0 +1,346 @@
+"""Ledger replay time (issue 3, item 9): a service's cold start over ~1,000,000 lease events.
+
+1. Generate (not timed): a workload is played through the core `Cluster` in-process, the way
+   the admission leader plays it: 1,000 8-GPU nodes (AddNode commands, 100 per decision), 20
+   budgets, then one decision per simulated second = `advance(t)` + `submit(completions due,
+   arrivals)`; the journal entries of each decision become one `bus.LedgerBatch`
+   (`convert.entry_to_proto`, with a command id and epoch as admission stamps them) appended with
+   `Ledger(js, cluster).append(...)` (expected-last-sequence and message id, one stream message
+   per decision) into a fresh nats-server (`jobtree.bus.natsserver.NatsServer`, JetStream with
+   `sync_interval: always` as `jobtree up` runs it, unless --no-sync). The run mix: 70% 1-8 GPU
+   runs (one lease), 30% 16-64 GPU gangs in groups of 8 (2-8 leases); exponential durations
+   keeping about --util of the fleet busy. Generation stops once the ledger holds --events
+   lease events (LeaseMinted + LeaseClosed entries); every other entry kind the decisions
+   produce (specs, run statuses, clock advances, reservations) is in the ledger too.
+2. Timed, each from a fresh NATS connection, --repeat times:
+   (a) `Ledger.replay()`: read every batch back (pull consumer, --fetch-batch messages per fetch)
+       and decode it;
+   (b) rebuild: `Ledger.replay()` + `jobtree.bus.follower.apply_batch` of every batch into a new
+       `Cluster` — exactly what `admission` does at start (`DecisionLoop.rebuild`);
+   (c) `Follower.start()` until it has applied the last sequence — the gateway's (and budget,
+       packer, resolver's) cold start, an ordered push consumer.
+   The rebuilt view is checked against the generator's (leases, open leases, run phases).
+Wall and CPU seconds (this process; nats-server from /proc) are reported.
+Target (issue 3): replay <= 10 s for 1,000,000 lease events.
+
+    .venv/bin/python bench/live_replay.py [--events 1000000] [--repeat 2] [--fetch-batch 256]
+        [--profile FILE] [--json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import gc
+import heapq
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import nats
+
+from jobtree.api import convert
+from jobtree.api.jobtree.v1 import bus_pb2 as bus
+from jobtree.bus.follower import Follower, apply_batch
+from jobtree.bus.ledger import Ledger
+from jobtree.bus.natsserver import NatsServer
+from jobtree.core import facts
+from jobtree.core.engine import Cluster
+from jobtree.core.model import ClusterConfig, Locality, Phase, Run, RunSpec
+from live_common import (
+    FLAVOR,
+    GPUS_PER_NODE,
+    emit_json,
+    machine,
+    make_budgets,
+    make_nodes,
+    proc_cpu,
+    progress,
+    table,
+    team_owner,
+)
+
+CLUSTER = "bench"
+T0 = 1_767_225_600  # 2026-01-01T00:00:00Z
+TARGET_S = 10.0
+TARGET_EVENTS = 1_000_000
+LEASE_FACTS = ("lease_minted", "lease_closed")
+
+
+def mean_gpus() -> float:
+    return 0.7 * (1 + 2 + 4 + 8) / 4 + 0.3 * 40
+
+
+def make_run(rng: random.Random, j: int, budgets: int) -> Run:
+    owner = team_owner(rng.randrange(budgets))
+    if rng.random() < 0.7:
+        spec = RunSpec(owner, FLAVOR, rng.choice((1, 2, 4, 8)))
+    else:
+        spec = RunSpec(owner, FLAVOR, 8 * rng.randint(2, 8), locality=Locality(group_gpus=8))
+    return Run("replay", f"r{j:07d}", spec)
+
+
+async def generate(js: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Play the workload through the core and append one batch per decision; returns the
+    generator's summary and its view's fingerprint."""
+    config = ClusterConfig(cluster=CLUSTER)
+    cl = Cluster(config, (), T0)
+    ledger = Ledger(js, CLUSTER)
+    await ledger.create()
+    rng = random.Random(args.seed)
+    fleet = args.nodes * GPUS_PER_NODE
+    mean_duration = max(2.0, args.util * fleet / (args.arrivals * mean_gpus()))
+    seq = 0
+    lease_events = 0
+    entries = 0
+    kinds: Counter[str] = Counter()
+    sizes: list[int] = []
+    payload = 0
+    core_s = convert_s = append_s = 0.0
+
+    async def commit(cmd_id: str, journal: list[Any]) -> None:
+        nonlocal seq, lease_events, entries, payload, convert_s, append_s
+        if not journal:
+            return
+        s = time.perf_counter()
+        batch = bus.LedgerBatch(entries=[convert.entry_to_proto(e, command_id=cmd_id, epoch=1) for e in journal])
+        for e in batch.entries:
+            k = e.WhichOneof("fact")
+            kinds[k] += 1
+            if k in LEASE_FACTS:
+                lease_events += 1
+        convert_s += time.perf_counter() - s
+        s = time.perf_counter()
+        done = await ledger.append(batch, expected_last_sequence=seq, msg_id=cmd_id)
+        append_s += time.perf_counter() - s
+        seq = done.sequence
+        entries += len(batch.entries)
+        sizes.append(len(batch.entries))
+        payload += batch.ByteSize()
+
+    def decide(t: int | None, cmds: list[Any]) -> list[Any]:
+        nonlocal core_s
+        s = time.perf_counter()
+        mark = len(cl.journal)
+        if t is not None:
+            cl.advance(t)
+        if cmds:
+            cl.submit(*cmds)
+        out = cl.journal[mark:]
+        # the journal and fact lists only grow (nothing in the core reads them back): keep
+        # memory flat over a million events
+        cl.journal.clear()
+        cl.facts.clear()
+        core_s += time.perf_counter() - s
+        return out
+
+    nodes = make_nodes(args.nodes, CLUSTER)
+    for i in range(0, len(nodes), 100):
+        await commit(f"nodes-{i}", decide(None, [facts.AddNode(n) for n in nodes[i:i + 100]]))
+    for b in make_budgets(args.budgets, fleet):
+        await commit(f"budget-{b.name}", decide(None, [facts.ApplyBudget(b)]))
+    t = T0
+    j = 0
+    due: list[tuple[int, str]] = []
+    bound: set[str] = set()
+    last_report = time.perf_counter()
+    while lease_events < args.events:
+        t += 1
+        cmds: list[Any] = []
+        while due and due[0][0] <= t:
+            _, key = heapq.heappop(due)
+            if key in bound:
+                bound.discard(key)
+                cmds.append(facts.CompleteRun(key))
+        for _ in range(args.arrivals):
+            cmds.append(facts.ApplyRun(make_run(rng, j, args.budgets)))
+            j += 1
+        journal = decide(t, cmds)
+        for _, what in journal:
+            if isinstance(what, facts.RunStatusPut) and what.status.phase is Phase.RUNNING and what.run not in bound:
+                bound.add(what.run)
+                heapq.heappush(due, (t + max(1, round(rng.expovariate(1.0 / mean_duration))), what.run))
+        await commit(f"step-{t}", journal)
+        if time.perf_counter() - last_report > 10:
+            last_report = time.perf_counter()
+            progress(f"generate: t+{t - T0}s {j:,} runs, {seq:,} batches, {entries:,} entries, "
+                     f"{lease_events:,} lease events (core {core_s:.0f}s, convert {convert_s:.0f}s, "
+                     f"append {append_s:.0f}s)")
+    return {
+        "batches": seq, "entries": entries, "lease_events": lease_events, "runs": j,
+        "simulated_seconds": t - T0, "entry_kinds": dict(kinds), "payload_bytes": payload,
+        "batch_entries_mean": round(entries / seq, 1), "batch_entries_p50": sorted(sizes)[len(sizes) // 2],
+        "batch_entries_max": max(sizes), "core_s": round(core_s, 1), "convert_s": round(convert_s, 1),
+        "append_s": round(append_s, 1),
+        "fingerprint": fingerprint(cl),
+    }
+
+
+def fingerprint(cl: Cluster) -> dict[str, Any]:
+    return {"leases": len(cl.leases), "open_leases": sum(len(v) for v in cl.open_by_run.values()),
+            "runs": len(cl.runs), "phases": dict(sorted(Counter(st.phase.value for st in cl.status.values()).items())),
+            "now": cl.now}
+
+
+def cpu_now() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+async def timed_replay(url: str, fetch: int, apply: bool, profile: cProfile.Profile | None,
+                       server_pid: int | None) -> dict[str, Any]:
+    nc = await nats.connect(url)
+    try:
+        ledger = Ledger(nc.jetstream(), CLUSTER, timeout=30.0)
+        gc.collect()
+        srv0 = proc_cpu(server_pid) if server_pid else None
+        w0, c0 = time.perf_counter(), cpu_now()
+        records = await ledger.replay(batch_size=fetch)
+        w1, c1 = time.perf_counter(), cpu_now()
+        out: dict[str, Any] = {"fetch_batch": fetch, "batches": len(records),
+                               "read_s": round(w1 - w0, 3), "read_cpu_s": round(c1 - c0, 3)}
+        if apply:
+            cl = Cluster(ClusterConfig(cluster=CLUSTER), (), 0)
+            if profile is not None:
+                profile.enable()
+            for r in records:
+                apply_batch(cl, r.batch)
+            if profile is not None:
+                profile.disable()
+            w2, c2 = time.perf_counter(), cpu_now()
+            out.update({"apply_s": round(w2 - w1, 3), "apply_cpu_s": round(c2 - c1, 3),
+                        "rebuild_s": round(w2 - w0, 3), "rebuild_cpu_s": round(c2 - c0, 3),
+                        "fingerprint": fingerprint(cl)})
+        srv1 = proc_cpu(server_pid) if server_pid else None
+        if srv0 is not None and srv1 is not None:
+            out["nats_server_cpu_s"] = round(srv1 - srv0, 3)
+        del records
+        return out
+    finally:
+        await nc.close()
+
+
+async def timed_follower(url: str) -> dict[str, Any]:
+    nc = await nats.connect(url)
+    try:
+        ledger = Ledger(nc.jetstream(), CLUSTER)
+        last = await ledger.last_sequence()
+        gc.collect()
+        w0, c0 = time.perf_counter(), cpu_now()
+        f = Follower(nc.jetstream(), CLUSTER, ClusterConfig(cluster=CLUSTER))
+        await f.start()
+        ok = await f.wait_for(last, timeout=600)
+        w1, c1 = time.perf_counter(), cpu_now()
+        await f.stop()
+        return {"follower_s": round(w1 - w0, 3), "follower_cpu_s": round(c1 - c0, 3), "caught_up": ok,
+                "fingerprint": fingerprint(f.cluster)}
+    finally:
+        await nc.close()
+
+
+async def bench(args: argparse.Namespace, store: Path) -> dict[str, Any]:
+    server = NatsServer(store / "nats", sync_always=not args.no_sync)
+    server.start()
+    try:
+        progress(f"nats-server {server.url} (sync_interval always: {not args.no_sync}) in {store}")
+        nc = await nats.connect(server.url)
+        w0 = time.perf_counter()
+        try:
+            gen = await generate(nc.jetstream(), args)
+            info = await nc.jetstream().stream_info(Ledger(nc.jetstream(), CLUSTER).stream)
+            gen["stream_bytes"] = int(info.state.bytes)
+        finally:
+            await nc.close()
+        gen["generate_s"] = round(time.perf_counter() - w0, 1)
+        progress(f"generated {gen['lease_events']:,} lease events in {gen['batches']:,} batches "
+                 f"({gen['entries']:,} entries, {gen['stream_bytes'] / 1e6:,.0f} MB) in {gen['generate_s']}s")
+        runs = []
+        profile = cProfile.Profile() if args.profile else None
+        for rep in range(args.repeat):
+            for fetch in args.fetch_batch:
+                got = await timed_replay(server.url, fetch, True, profile if rep == 0 else None, server.pid)
+                got["repeat"] = rep
+                got["fingerprint_ok"] = got.pop("fingerprint") == gen["fingerprint"]
+                progress(f"replay #{rep} fetch {fetch}: read {got['read_s']}s, rebuild {got['rebuild_s']}s "
+                         f"(apply {got['apply_s']}s), view matches: {got['fingerprint_ok']}")
+                runs.append(got)
+            if not args.no_follower:
+                fol = await timed_follower(server.url)
+                fol["repeat"] = rep
+                fol["fingerprint_ok"] = fol.pop("fingerprint") == gen["fingerprint"]
+                progress(f"follower #{rep}: caught up in {fol['follower_s']}s, view matches: {fol['fingerprint_ok']}")
+                runs.append(fol)
+        if profile is not None:
+            profile.dump_stats(args.profile)
+            progress(f"cProfile of the apply part written to {args.profile}")
+        return {"generate": gen, "replays": runs}
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=TARGET_EVENTS, help="lease events to generate")
+    ap.add_argument("--nodes", type=int, default=1_000)
+    ap.add_argument("--budgets", type=int, default=20)
+    ap.add_argument("--arrivals", type=int, default=8, help="runs submitted per decision (simulated second)")
+    ap.add_argument("--util", type=float, default=0.6)
+    ap.add_argument("--seed", type=int, default=20260101)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--fetch-batch", type=int, nargs="+", default=[256], help="Ledger.replay batch_size values")
+    ap.add_argument("--no-sync", action="store_true", help="generate without fsync per append (faster)")
+    ap.add_argument("--no-follower", action="store_true", help="skip the Follower cold start")
+    ap.add_argument("--profile", type=Path, help="cProfile the apply part of the first rebuild into FILE")
+    ap.add_argument("--dir", type=Path, help="where the nats-server stores (default: a temporary directory)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 20,000 lease events, 100 nodes")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.events, args.nodes, args.repeat = 20_000, 100, 1
+    info = machine()
+    tmp = Path(tempfile.mkdtemp(prefix="jobtree-replay-", dir=args.dir))
+    try:
+        got = asyncio.run(bench(args, tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    gen = got["generate"]
+    print(f"Ledger replay: {gen['lease_events']:,} lease events in {gen['batches']:,} ledger messages "
+          f"({gen['entries']:,} entries, mean {gen['batch_entries_mean']} per batch, "
+          f"{gen['stream_bytes'] / 1e6:,.0f} MB stream), {gen['runs']:,} runs on {args.nodes} nodes")
+    print("entries by kind: " + ", ".join(f"{k} {v:,}" for k, v in sorted(gen["entry_kinds"].items(),
+                                                                          key=lambda kv: -kv[1])))
+    rows = []
+    for r in got["replays"]:
+        if "follower_s" in r:
+            rows.append([r["repeat"], "Follower.start -> caught up", "-", r["follower_s"], r["follower_cpu_s"], "-",
+                         "-", "-", "yes" if r["fingerprint_ok"] else "NO"])
+        else:
+            rows.append([r["repeat"], "Ledger.replay + apply_batch", r["fetch_batch"], r["rebuild_s"],
+                         r["rebuild_cpu_s"], r["read_s"], r["read_cpu_s"], r["apply_s"],
+                         "yes" if r["fingerprint_ok"] else "NO"])
+    print(table(["#", "what", "fetch", "wall s", "cpu s", "read (a) s", "read cpu s", "apply s", "view ok"], rows))
+    reads = [r["read_s"] for r in got["replays"] if "read_s" in r]
+    rebuilds = [r["rebuild_s"] for r in got["replays"] if "rebuild_s" in r]
+    scale = TARGET_EVENTS / gen["lease_events"]
+    best_read, best_rebuild = min(reads), min(rebuilds)
+    extrap = "" if abs(scale - 1) < 0.05 else f" (x{scale:.2f} extrapolated linearly to {TARGET_EVENTS:,})"
+    verdict = {"read_s": best_read * scale, "rebuild_s": best_rebuild * scale, "target_s": TARGET_S,
+               "read_met": best_read * scale <= TARGET_S, "rebuild_met": best_rebuild * scale <= TARGET_S,
+               "extrapolated": bool(extrap)}
+    print(f"target replay <= {TARGET_S:.0f} s for {TARGET_EVENTS:,} lease events{extrap}: "
+          f"(a) Ledger.replay {best_read * scale:.1f}s {'MET' if verdict['read_met'] else 'MISSED'}; "
+          f"(b) replay + apply {best_rebuild * scale:.1f}s {'MET' if verdict['rebuild_met'] else 'MISSED'}")
+    if args.json:
+        emit_json({"bench": "live_replay", "machine": info, "settings": {k: str(v) if isinstance(v, Path) else v
+                                                                         for k, v in vars(args).items()},
+                   **got, "target": verdict})
+
+
+if __name__ == "__main__":
+    main()
