@@ -167,6 +167,8 @@ class _Component:
                 self.registry.discard(self)
     max_rank: Rank | None = None
     bounds: set[Bound] = field(default_factory=set)
+    starved: int = 0
+    """Ranked claims decided unfunded: while none, removing a funded claim changes no other class."""
 
 
 class FundingView:
@@ -294,7 +296,7 @@ class FundingView:
 
     def remove(self, name: str) -> None:
         c = self._claims.pop(name)
-        self._static.pop(name, None)
+        static = self._static.pop(name, None)
         names = self._by_run[c.run]
         names.discard(name)
         if not names:
@@ -304,6 +306,17 @@ class FundingView:
         cls = self._cls.pop(name, None)
         if cls is not None:
             self.class_gpus[cls] -= c.gpus
+        ranked = name in self._tier_of
+        if cls is FundingClass.UNFUNDED and ranked and not comp.dirty:
+            comp.starved -= 1
+        elif (cls not in (None, FundingClass.UNFUNDED) and not comp.dirty and comp.starved == 0
+              and static is not None and static[0] is not None and self._terms(c.run).max_borrow is None):
+            # Everyone else in the component is funded and stays so with less usage: subtract.
+            for b, _ in static[1]:
+                self.used[b] -= c.gpus
+                self._funded[b].remove((static[0], c.gpus))
+            self._tier_of.pop(name, None)
+            return
         if c.payer is not None and (comp.dirty or cls not in (None, FundingClass.UNFUNDED)):
             comp.dirty = True
             self.disturbances += 1
@@ -403,6 +416,7 @@ class FundingView:
             self._set_cls(c, class_for_tier(tier))
         else:
             self._set_cls(c, FundingClass.UNFUNDED)
+            comp.starved += 1
 
     def _recompute(self, comps: list[_Component]) -> None:
         """Forget what these components funded, then refill their claims in one rank order."""
@@ -414,6 +428,7 @@ class FundingView:
         ranked: list[tuple[Rank, Claim, _Component]] = []
         for comp in comps:
             comp.max_rank = None
+            comp.starved = 0
             for c in comp.claims.values():
                 rank = self._rank(c)
                 if rank is None:
