@@ -124,6 +124,7 @@ class Cluster:
         self._tried: dict[str, tuple[int, int]] = {}
         self._terms_cache: dict[str, RunTerms] = {}
         self._runtime_running: set[str] = set()
+        self._malleable_running: set[str] = set()
         self._spec_epoch = 0
         self._cand_epoch = -1
         self._cand_cache: dict[object, list[Candidate]] = {}
@@ -157,15 +158,12 @@ class Cluster:
             self.deleted.pop(item.run.key, None)
             self._terms_cache.pop(item.run.key, None)
             st = self.status.get(item.run.key)
-            if st is not None and st.phase is Phase.RUNNING and item.run.spec.runtime is not None:
-                self._runtime_running.add(item.run.key)
-            else:
-                self._runtime_running.discard(item.run.key)
+            self._index_running(item.run.key, st.phase if st is not None else Phase.PENDING)
             self.funding.invalidate_run(item.run.key)  # its funding terms feed its leases' ranks
         elif isinstance(item, SpecDeleted):
             self.runs.pop(item.run, None)
             self._terms_cache.pop(item.run, None)
-            self._runtime_running.discard(item.run)
+            self._index_running(item.run, Phase.PENDING)
             self.deleted[item.run] = self.now
         elif isinstance(item, ClockAdvanced):
             pass  # the instant is the entry's: replay has already moved the clock there
@@ -235,11 +233,18 @@ class Cluster:
         self._tried.pop(key, None)
         self._grow_tried.pop(key, None)
         self._terms_cache.pop(key, None)
+        self._index_running(key, new.phase)
+
+    def _index_running(self, key: str, phase: Phase) -> None:
+        """Keep the running runs that have a simulated runtime, and the malleable ones, indexed."""
         run = self.runs.get(key)
-        if new.phase is Phase.RUNNING and run is not None and run.spec.runtime is not None:
-            self._runtime_running.add(key)
-        else:
-            self._runtime_running.discard(key)
+        running = phase is Phase.RUNNING and run is not None
+        for index, wanted in ((self._runtime_running, running and run is not None and run.spec.runtime is not None),
+                              (self._malleable_running, running and run is not None and run.spec.malleable is not None)):
+            if wanted:
+                index.add(key)
+            else:
+                index.discard(key)
 
     def _world(self) -> tuple[int, int]:
         return (self._epoch, self.funding.disturbances)
@@ -1140,8 +1145,7 @@ class Cluster:
 
     def _grow(self) -> bool:
         changed = False
-        running = sorted((k for k in self._live_in(Phase.RUNNING) if self.runs[k].spec.malleable),
-                         key=lambda k: (self.terms(k).admitted, k))
+        running = sorted(self._malleable_running, key=lambda k: (self.terms(k).admitted, k))
         for key in running:
             if self._grow_tried.get(key) == self._world():
                 continue
