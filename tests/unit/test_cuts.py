@@ -274,13 +274,18 @@ def test_a_kept_victim_makes_its_own_step_one_and_three_cuts_needless() -> None:
     assert cut_view(got.cuts) == [(LOTTERY, "m", ("m.0", "m.1", "m.2"))]
 
 
-def test_plan_is_none_when_every_cut_cannot_clear_the_deficit() -> None:
-    assert plan(ladder(), {dom("A"): 25}, SOURCE) is None
-    assert plan(ladder(), {dom("B"): 1}, SOURCE) is None  # nothing in B
+def test_nothing_is_cut_when_every_cut_cannot_clear_the_deficit() -> None:
+    """§7: nothing is cut, but the seed (and the conflict set drawn from) is still published."""
+    w = ladder()
+    short = plan(w, {dom("A"): 25}, SOURCE)
+    assert not short.cleared and short.cuts == () and short.freed == frozenset()
+    assert short.seed == lottery_seed(SOURCE, w.now) and short.conflict_set
+    none_in_b = plan(ladder(), {dom("B"): 1}, SOURCE)  # nothing in B
+    assert not none_in_b.cleared and none_in_b.cuts == () and none_in_b.conflict_set == ()
 
 
 def test_plan_with_max_step_reclaim_only() -> None:
-    assert plan(ladder(), {dom("A"): 5}, SOURCE, max_step=RECLAIM) is None
+    assert not plan(ladder(), {dom("A"): 5}, SOURCE, max_step=RECLAIM).cleared
     got = plan(ladder(), {dom("A"): 4}, SOURCE, max_step=RECLAIM)
     assert got is not None and cut_view(got.cuts) == [(RECLAIM, "u", ("u.0",))]
 

@@ -60,6 +60,9 @@ class CutPlan:
     seed: str
     conflict_set: tuple[str, ...]
     freed: frozenset[Slot]
+    cleared: bool = True
+    """False when even every cut could not clear the deficit: then `cuts` is empty (nothing is
+    cut) and the seed and conflict set are only published."""
 
 
 @dataclass
@@ -236,8 +239,9 @@ class _Deficit:
         return any(after.get(d, 0) < n for d, n in before.items() if d in short)
 
 
-def plan(world: CutWorld, deficit: dict[str, int], source: str, max_step: int = LOTTERY) -> CutPlan | None:
-    """The cut order for a per-domain deficit, or None when even every cut cannot clear it."""
+def plan(world: CutWorld, deficit: dict[str, int], source: str, max_step: int = LOTTERY) -> CutPlan:
+    """The cut order for a per-domain deficit (`cleared` False, and no cuts, when even every cut
+    cannot clear it)."""
     need = _Deficit(world, deficit)
     scope = set(need.deficit)
     seed = lottery_seed(source, world.now)
@@ -276,7 +280,7 @@ def plan(world: CutWorld, deficit: dict[str, int], source: str, max_step: int = 
         victims = draw(seed, conflict, owner_of.__getitem__, still_short)
     kept = [*chosen, *(_victim(world, v) for v in victims)]
     if need.short(kept):
-        return None
+        return CutPlan((), seed, tuple(conflict), frozenset(), cleared=False)
     order = [*(c for c in kept if c.step == LOTTERY)]
     for step in (SHRINK, DROP_SPARE, RECLAIM):
         order.extend(reversed([c for c in chosen if c.step == step]))

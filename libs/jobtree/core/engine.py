@@ -1003,11 +1003,13 @@ class Cluster:
             return False
         _, deficit = self._slice_of(key, intended)
         planned = cutorder.plan(world, deficit, source, max_step)
-        if planned is None:
+        if res is not None and (res.seed, res.conflict_set) != (planned.seed, planned.conflict_set):
+            # §7: whenever the cut order runs, its seed and conflict set are published.
+            res = replace(res, seed=planned.seed, conflict_set=planned.conflict_set)
+            self.apply(ReservationPut(res))
+        if not planned.cleared:
             return False
         self._apply_cuts(planned)
-        if res is not None:
-            self.apply(ReservationPut(replace(res, seed=planned.seed, conflict_set=planned.conflict_set)))
         cov = self._cover(key, self._needs(key, 0, self.runs[key].spec.min_width))
         placed = self._pack(key, cov.groups, fixed=self._group_domains(intended)) or self._pack(key, cov.groups)
         if placed is None:  # only when payer selectors split a domain; the run keeps waiting
