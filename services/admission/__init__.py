@@ -29,7 +29,7 @@ from jobtree.bus import subjects
 from jobtree.bus.follower import apply_batch
 from jobtree.bus.leader import LEADER_TTL, LeaderLock, leader_bucket
 from jobtree.bus.ledger import Ledger
-from jobtree.bus.runtime import ServiceContext
+from jobtree.bus.runtime import LATENCY, REQUESTS, ServiceContext
 from jobtree.core.engine import Cluster
 from jobtree.core.errors import ValidationError
 
@@ -175,7 +175,11 @@ async def _lead(ctx: ServiceContext, lock: LeaderLock, holder: str) -> None:
         await loop.rebuild()
 
         async def answer(msg: Msg, loop: DecisionLoop = loop) -> None:
+            started = time.perf_counter()
             reply = await loop.handle(msg.data)
+            failed = bus.CommandReply.FromString(reply).error.code != bus.ERROR_CODE_UNSPECIFIED
+            REQUESTS.labels("admission", "command", "refused" if failed else "ok").inc()
+            LATENCY.labels("admission", "command").observe(time.perf_counter() - started)
             if msg.reply:
                 await msg.respond(reply)
 

@@ -28,11 +28,17 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from prometheus_client import Counter, Histogram
 
 from jobtree.bus import subjects
 from jobtree.core.model import ClusterConfig
 
 Handler = Callable[[bytes], Awaitable[bytes | None]]
+
+REQUESTS = Counter("jobtree_requests_total", "Requests a service handled, by subject verb and outcome",
+                   ["service", "verb", "outcome"])
+LATENCY = Histogram("jobtree_request_seconds", "Time a service spent answering a request",
+                    ["service", "verb"], buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,13 +101,19 @@ class ServiceContext:
     async def serve(self, subject: str, handler: Handler, *, queue: bool = False) -> None:
         """Answer requests on `subject` with `handler` (in the service's queue group if asked)."""
 
+        verb = subject.rsplit(".", 1)[-1]
+        service = self.settings.name
+
         async def on_msg(msg: Msg) -> None:
             started = time.perf_counter()
             try:
                 reply = await handler(msg.data)
             except Exception:
                 self.log.exception("handler failed", extra={"fields": {"subject": subject}})
+                REQUESTS.labels(service, verb, "error").inc()
                 return
+            REQUESTS.labels(service, verb, "ok").inc()
+            LATENCY.labels(service, verb).observe(time.perf_counter() - started)
             if reply is not None and msg.reply:
                 await msg.respond(reply)
             self.log.debug("handled", extra={"fields": {"subject": subject,
