@@ -66,18 +66,25 @@ def machine() -> dict[str, object]:
 
 
 def code_version() -> dict[str, object]:
-    """Which code was measured: the commit, the paths that differ from it under libs/ and
-    services/, and a digest of libs/jobtree (other engineers edit it concurrently)."""
+    """Which code was measured: where `jobtree` was imported from (a pinned `git archive` put
+    first on PYTHONPATH, or the working tree), a digest of its sources (services included), the
+    commit of the working tree and the paths that differ from it (the code is edited
+    concurrently)."""
     import hashlib
 
+    import jobtree
+
+    root = Path(next(iter(jobtree.__path__))).resolve()
     digest = hashlib.sha256()
-    for f in sorted((REPO / "libs" / "jobtree").rglob("*.py")):
-        digest.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes())
+    for base in (root, (root / "services").resolve()):
+        for f in sorted(base.rglob("*.py")):
+            digest.update(str(f.relative_to(base)).encode() + b"\0" + f.read_bytes())
     dirty = ""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "libs", "services"], cwd=REPO,
                                capture_output=True, text=True, timeout=10).stdout
-    return {"libs_sha256": digest.hexdigest()[:16], "dirty": sorted(line[3:] for line in dirty.splitlines())}
+    return {"imported_from": str(root), "sha256": digest.hexdigest()[:16],
+            "worktree_dirty": sorted(line[3:] for line in dirty.splitlines())}
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

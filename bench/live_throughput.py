@@ -437,6 +437,82 @@ async def sustained_phase(stub: Any, up: Up, cpu: Cpu, conc: int, args: argparse
     return out
 
 
+async def batch_probe(stub: Any, up: Up, cpu: Cpu, k: int, args: argparse.Namespace,
+                      fleet_gpus: int) -> dict[str, Any]:
+    """What batching across commands would buy, with the services as they are: `Batch` commands
+    of `k` ApplyRuns sent as admin straight to admission (no gateway), --probe-inflight at a
+    time, for --probe-seconds; one decision, one ledger message and one follower update per
+    batch. Runs carry a 1 s runtime (the resolver completes them)."""
+    from jobtree.api.jobtree.v1 import bus_pb2 as bus
+    from jobtree.bus import subjects
+    from jobtree.core import facts
+    from live_common import admin_nats
+
+    ns = f"batch{k}"
+    ph = Phase(ns, fleet_gpus, args.util)
+    canary, _ = make_run(ns, "canary", 0, args.budgets, 1)
+    wtask = await start_watch(stub, ph, canary)
+    nc = await admin_nats(up)
+    subject = subjects.request(up.cluster, "admission", "command")
+    counter = 0
+    sent_runs = 0
+    lat: list[float] = []
+    errors: collections.Counter[str] = collections.Counter()
+    t_start = time.perf_counter()
+    t_measure = t_start + 2.0
+    t_stop = t_measure + args.probe_seconds
+
+    async def sender() -> None:
+        nonlocal counter, sent_runs
+        while time.perf_counter() < t_stop:
+            cmds = []
+            for _ in range(k):
+                i = counter
+                counter += 1
+                gpus = SIZES[i % len(SIZES)]
+                run = Run(ns, f"r{i:07d}", RunSpec(team_owner(i % args.budgets), FLAVOR, gpus, runtime=1))
+                ph.gpus[run.key] = gpus
+                cmds.append(facts.ApplyRun(run))
+            msg = convert.batch_to_proto(cmds, command_id=f"{ns}-{counter}", instant=int(time.time()))
+            s = time.perf_counter()
+            try:
+                raw = await nc.request(subject, msg.SerializeToString(), timeout=30.0)
+                reply = bus.CommandReply.FromString(raw.data)
+                if reply.error.code:
+                    errors[bus.ErrorCode.Name(reply.error.code)] += 1
+            except Exception as exc:
+                errors[type(exc).__name__] += 1
+                continue
+            e = time.perf_counter()
+            if e >= t_measure:
+                lat.append((e - s) * 1e3)
+                sent_runs += k
+
+    progress(f"batch probe, {k} runs per Batch command, {args.probe_inflight} in flight: {args.probe_seconds:.0f}s")
+    senders = [asyncio.ensure_future(sender()) for _ in range(args.probe_inflight)]
+    await asyncio.sleep(max(0.0, t_measure - time.perf_counter()))
+    c0 = cpu.sample()
+    wall0 = time.time()
+    await asyncio.gather(*senders)
+    c1 = cpu.sample()
+    await nc.close()
+    await asyncio.sleep(0.5)
+    window = t_stop - t_measure
+    bound = sum(1 for t in ph.bound_at.values() if t_measure <= t < t_stop)
+    out = {"phase": "batch", "runs_per_command": k, "in_flight": args.probe_inflight, "seconds": round(window, 2),
+           "bound": bound, "bound_per_s": round(bound / window, 1), "runs_committed_per_s": round(sent_runs / window, 1),
+           "commands_per_s": round(len(lat) / window, 1), "command_p50_ms": round(percentile(lat, 50), 2),
+           "command_p99_ms": round(percentile(lat, 99), 2), "errors": dict(errors),
+           "window_wall": [wall0, wall0 + window], "cpu_s": cpu_delta(c0, c1)}
+    progress(f"batch probe {k}: {out['bound_per_s']} bound/s, {out['commands_per_s']} commands/s, "
+             f"command p50 {out['command_p50_ms']} ms")
+    out["settle_s"] = round(await settle(stub, ph, args), 1)
+    wtask.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await wtask
+    return out
+
+
 # --- profiling copies of services ------------------------------------------------------------------
 
 
@@ -606,6 +682,12 @@ async def bench(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
             except Exception as exc:
                 progress(f"sustained {conc} failed: {exc!r}")
                 results.append({"phase": "sustained-failed", "clients": conc, "error": repr(exc)})
+        for k in args.batch_probe:
+            try:
+                results.append(await batch_probe(stub, up, cpu, k, args, fleet_gpus))
+            except Exception as exc:
+                progress(f"batch probe {k} failed: {exc!r}")
+                results.append({"phase": "batch-failed", "runs_per_command": k, "error": repr(exc)})
         await channel.close()
         if tap is not None:
             doc = tap.stop()
@@ -652,6 +734,12 @@ def report(args: argparse.Namespace, got: dict[str, Any]) -> dict[str, Any]:
                     [[r["clients"], r["seconds"], r["bound"], r["bound_per_s"], r["submits_per_s"],
                       r["completes_per_s"], r["commands_per_s"], r["submit_rpc_p50_ms"], r["submit_rpc_p99_ms"],
                       *cpu_cols(r)] for r in sus]))
+    bat = [r for r in got["results"] if r["phase"] == "batch"]
+    if bat:
+        print("\nBatch probe: Batch commands of K ApplyRuns as admin straight to admission (no gateway)")
+        print(table(["K", "in flight", "bound", "bound/s", "commands/s", "cmd p50 ms", "cmd p99 ms", *cpu_h],
+                    [[r["runs_per_command"], r["in_flight"], r["bound"], r["bound_per_s"], r["commands_per_s"],
+                      r["command_p50_ms"], r["command_p99_ms"], *cpu_cols(r)] for r in bat]))
     best = max((r["bound_per_s"] for r in sus), default=None)
     at200 = next((r for r in lat if r["offered_per_s"] == TARGET_P99_RATE), None)
     verdicts = {}
@@ -681,6 +769,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--quiesce", type=float, default=240.0,
                     help="after a phase, wait up to this long for the pipeline to work off its backlog")
+    ap.add_argument("--batch-probe", type=int, nargs="*", default=[],
+                    help="after the other phases: Batch commands of K ApplyRuns straight to admission, one phase per K")
+    ap.add_argument("--probe-seconds", type=float, default=10.0)
+    ap.add_argument("--probe-inflight", type=int, default=2)
     ap.add_argument("--util", type=float, default=0.5, help="complete runs beyond this fraction of the fleet held")
     ap.add_argument("--complete", choices=("grpc", "runtime"), default="runtime")
     ap.add_argument("--runtime", type=int, default=2, help="--complete runtime: seconds a run runs")
