@@ -277,8 +277,10 @@ async def admin_nats(up: Up) -> Any:
     async def quiet(_: Exception) -> None:
         pass
 
+    # replies come to `_INBOX.jobtree.<c>.bench.…`, where the bus tap (live_tap.py) sees them
     return await nats.connect(up.nats, user="admin", password=up.password("admin"), connect_timeout=5,
-                              allow_reconnect=False, error_cb=quiet, name="jobtree-bench")
+                              allow_reconnect=False, error_cb=quiet, name="jobtree-bench",
+                              inbox_prefix=f"_INBOX.jobtree.{up.cluster}.bench".encode())
 
 
 async def load_fleet(up: Up, stub: Any, nodes: int, budgets: int, batch: int = 100) -> dict[str, float]:

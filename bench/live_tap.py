@@ -6,7 +6,8 @@ to the replies sent to the services' inboxes (`_INBOX.jobtree.<c>.<service>.>`),
 reply subject (every nats-py request has a unique reply subject). Recorded, with wall-clock
 (time.time()) instants:
 - `cmd`: a `bus.Command` to `jobtree.<c>.admission.command` and its `CommandReply` (sender =
-  the service whose inbox the reply goes to: gateway, resolver);
+  the service whose inbox the reply goes to: gateway, resolver, or `bench` for the benchmark's
+  own admin connection);
 - `commit`: an `AppendRequest` from admission to `jobtree.<c>.binder.commit` and its reply;
   the message id is kept, so a resent append (admission resends after 1 s) is visible;
 - `ledger`: the binder's JetStream publish to the ledger stream and its PubAck (the fsync);
@@ -102,7 +103,7 @@ async def tap(url: str, password: str, cluster: str, out: Path) -> None:
     await nc.subscribe("$JS.API.CONSUMER.CREATE.>", cb=on_api)
     await nc.subscribe("$JS.API.STREAM.MSG.GET.>", cb=on_api)
     await nc.subscribe("$JS.API.DIRECT.GET.>", cb=on_api)
-    for svc in ("gateway", "admission", "binder", "resolver"):
+    for svc in ("gateway", "admission", "binder", "resolver", "bench"):
         await nc.subscribe(f"{inbox}{svc}.>", cb=on_reply)
     await nc.flush()
     out.with_suffix(".ready").write_text("ok\n")

@@ -14,6 +14,10 @@ What it does (every process it starts is stopped at the end, up by SIGINT like C
 4. Sustained phases, one per --concurrency N (default 16, 64): N gRPC clients in a closed loop
    submitting as fast as the gateway answers, for --sustain-seconds after --warmup seconds.
    Runs bound/s = Running events seen in the measured window / its length.
+5. Batch probe, one per --batch-probe K (default none): what batching across commands would buy
+   with the services as they are. `Batch` commands of K ApplyRuns are sent as admin straight to
+   admission (no gateway), --probe-inflight at a time, for --probe-seconds; each is one decision,
+   one ledger message and one follower update. Runs bound/s is counted on the watch as above.
 In every phase the fleet is kept from saturating. With `--complete runtime` (default) runs carry
 the simulator annotation `jobtree.sim/runtime` (--runtime seconds) and the resolver's `Tick`
 commands complete them, every run due at an instant in one decision (so the pipeline carries
@@ -27,6 +31,13 @@ still decided), completes whatever still runs, and waits again (`settle_s`).
 CPU seconds of every process (up, nats-server, each service, this client) are sampled per
 phase from /proc, since the machine is shared.
 
+Stage breakdown (--tap): `live_tap.py` runs as its own process, listening as admin to the
+commands, the admission->binder appends, the binder's ledger and KV publishes and the replies
+to the services' inboxes, and pairs requests with replies. Each phase then carries `stages`:
+admission round trip and service time (it decides one command at a time), binder commit time,
+the ledger append's JetStream ack (fsync) and the KV mirror puts, resent appends, and consumer
+creations per service (a service replaying the ledger).
+
 Profiling (--profile admission,binder,gateway --profile-dir D): after the fleet is loaded, each
 named service is replaced by a copy started by hand under cProfile
 (`python -m cProfile -o D/NAME.prof -m jobtree.cli.main serve NAME ...`, same user and
@@ -37,8 +48,12 @@ it (up's gateway is stopped). The copies are stopped with SIGINT so cProfile wri
 
 Targets (issue 3): >= 1,000 runs bound/s sustained; p99 submit->bound <= 50 ms at 200 runs/s.
 
-    .venv/bin/python bench/live_throughput.py [--quick] [--json] [--rates 50 200 500]
-        [--concurrency 16 64] [--complete grpc|runtime] [--profile admission --profile-dir D]
+    .venv/bin/python bench/live_throughput.py [--quick] [--json] [--tap] [--rates 50 200 500]
+        [--concurrency 16 64] [--complete runtime|grpc] [--batch-probe 1 10 100]
+        [--profile admission,binder,gateway --profile-dir D] [--keep --data-dir D]
+To measure one fixed version of the code while others edit the tree, put a `git archive` of it
+first on the path: `git archive C libs services | tar -x -C /tmp/jt-C` and
+`PYTHONPATH=/tmp/jt-C/libs` (`jobtree up` hands its own package root to the services).
 """
 
 from __future__ import annotations
