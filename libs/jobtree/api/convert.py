@@ -39,6 +39,9 @@ from jobtree.api.jobtree.v1 import objects_pb2 as pb
 from jobtree.core import facts
 from jobtree.core import manifest as core_manifest
 from jobtree.core.errors import ValidationError
+from jobtree.core.errors import field_path as _at
+from jobtree.core.errors import item_path as _item
+from jobtree.core.errors import show_value as _show
 from jobtree.core.facts import Command, Fact, JournalEntry, SpecChange
 from jobtree.core.manifest import API_VERSION, RUNTIME_ANNOTATION
 from jobtree.core.model import (
@@ -103,26 +106,10 @@ E = TypeVar("E", bound=StrEnum)
 # --- small helpers -------------------------------------------------------------------------
 
 
-def _at(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
 
 
-def _item(path: str, index: int) -> str:
-    return f"{path}[{index}]"
 
 
-def _show(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float | str):
-        return repr(value)
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return f"a {type(value).__name__}"
 
 
 def _enum(kind: type[E], value: str, path: str) -> E:

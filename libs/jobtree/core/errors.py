@@ -23,3 +23,28 @@ class ValidationError(ValueError):
             return self
         joined = f"{prefix}.{self.path}" if self.path and not self.path.startswith("[") else prefix + self.path
         return ValidationError(joined, self.problem)
+
+
+def field_path(path: str, key: str) -> str:
+    """The path of field `key` under `path`."""
+    return f"{path}.{key}" if path else key
+
+
+def item_path(path: str, index: int) -> str:
+    """The path of list item `index` under `path`."""
+    return f"{path}[{index}]"
+
+
+def show_value(value: object) -> str:
+    """A value as a YAML author would recognise it in a message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | str):
+        return repr(value)
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__}"

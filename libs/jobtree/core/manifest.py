@@ -24,6 +24,9 @@ from enum import Enum
 from typing import NamedTuple, TypeVar
 
 from jobtree.core.errors import ValidationError
+from jobtree.core.errors import field_path as _at
+from jobtree.core.errors import item_path as _item
+from jobtree.core.errors import show_value as _show
 from jobtree.core.model import (
     REQUIRED_NODE_LABELS,
     AggregateCap,
@@ -91,29 +94,10 @@ Parse = Callable[[object, str], T]
 # --- Paths and value rendering -------------------------------------------------------------
 
 
-def _at(path: str, key: str) -> str:
-    """The path of field `key` under `path`."""
-    return f"{path}.{key}" if path else key
 
 
-def _item(path: str, index: int) -> str:
-    """The path of list item `index` under `path`."""
-    return f"{path}[{index}]"
 
 
-def _show(value: object) -> str:
-    """A value as a YAML author would recognise it in a message."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float | str):
-        return repr(value)
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return f"a {type(value).__name__}"
 
 
 # --- Field readers -------------------------------------------------------------------------
