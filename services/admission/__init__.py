@@ -2,13 +2,22 @@
 
 Contract: one leader per cluster (`LeaderLock`; standbys wait and take over when the lock
 lapses). The leader rebuilds a core `Cluster` from the ledger stream, then answers
-`jobtree.C.admission.command` (bus.Command -> bus.CommandReply), one command at a time: it
-moves the clock to the command's instant (virtual clock) or the clock object's now (system
-clock), applies the command, and sends the journal entries of that decision as one batch to
-the binder with the sequence its view was built from and its fencing epoch. A stale append
-(the ledger moved on) rebuilds the view and decides again; a rejected command
-(ValidationError) writes nothing and restores the view; a command id already committed is
-answered with its original sequence without deciding again. Holds no scheduling logic.
+`jobtree.C.admission.command` (bus.Command -> bus.CommandReply). Commands queue as they
+arrive; the decision loop takes everything queued (up to MAX_GROUP) as one group and decides
+its commands in arrival order exactly as it would one at a time — for each: move the clock to
+the command's instant (virtual clock) or now (system clock), apply it, settle — and sends the
+journal entries of the whole group, each tagged with its command id, as one ledger batch to the
+binder with the sequence its view was built from and its fencing epoch. So the ledger holds the
+same facts as a one-at-a-time loop would write, in fewer, larger messages; while one group
+commits, the next one queues. Outcomes:
+- a refused command (ValidationError) is answered with its error and writes nothing; the
+  others of its group go on. The core leaves the view untouched when a lone command is
+  refused; when a refused command had changed the view (it moved the clock, or part of its
+  batch applied), the view is rebuilt from the ledger and the group decided again without it;
+- a stale append (the ledger moved on) rebuilds the view and decides the group again;
+- a command id already committed is answered with its original sequence without deciding;
+- a binder that does not answer fails the group UNAVAILABLE (the client retries with the
+  same command id). Holds no scheduling logic.
 Not: a writer of the ledger (the binder is), not a reader for clients (followers are).
 """
 
@@ -16,9 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -30,6 +42,7 @@ from jobtree.bus.follower import apply_batch
 from jobtree.bus.leader import LEADER_TTL, LeaderLock, leader_bucket
 from jobtree.bus.ledger import Ledger
 from jobtree.bus.runtime import LATENCY, REQUESTS, ServiceContext
+from jobtree.core import facts
 from jobtree.core.engine import Cluster
 from jobtree.core.errors import ValidationError
 
@@ -37,14 +50,34 @@ STALE_RETRIES = 3
 COMMIT_TIMEOUT = 1.0
 """Seconds to wait for the binder before resending the same append."""
 COMMIT_ATTEMPTS = 8
+MAX_GROUP = 512
+"""Most commands decided together and committed as one ledger message."""
 
 
 def _error(code: int, path: str, problem: str) -> bus.Error:
     return bus.Error(code=code, field_path=path, problem=problem)  # type: ignore[arg-type]
 
 
+@dataclass(slots=True)
+class Pending:
+    """One command waiting in the queue, and where its answer goes."""
+
+    msg: bus.Command
+    command_id: str
+    cmds: tuple[facts.Command, ...]
+    reply: Callable[[bus.CommandReply], Awaitable[None]]
+    answer: bus.CommandReply | None = None
+    """Set once the command is refused (or answered without deciding)."""
+    span: tuple[int, int] = (0, 0)
+    """The journal entries it decided in the current attempt."""
+
+
+class Restart(Exception):
+    """A refused command changed the view before it was refused: rebuild and decide the group again."""
+
+
 class DecisionLoop:
-    """The leader's view and its one-at-a-time decisions."""
+    """The leader's view and its decisions, a group of queued commands at a time."""
 
     def __init__(self, ctx: ServiceContext, epoch: int) -> None:
         self.ctx = ctx
@@ -53,7 +86,7 @@ class DecisionLoop:
         self.cluster = Cluster(ctx.settings.config, (), 0)
         self.sequence = 0
         self.committed: dict[str, int] = {}
-        self.lock = asyncio.Lock()
+        self.queue: asyncio.Queue[Pending] = asyncio.Queue()
         self.commit_subject = subjects.request(ctx.cluster, "binder", "commit")
 
     async def rebuild(self) -> None:
@@ -87,65 +120,144 @@ class DecisionLoop:
             return int(msg.instant.seconds) if msg.HasField("instant") else self.cluster.now
         return max(int(time.time()), self.cluster.now)
 
-    async def handle(self, data: bytes) -> bytes:
+    # -- the queue ---------------------------------------------------------------------------
+
+    def enqueue(self, data: bytes, reply: Callable[[bus.CommandReply], Awaitable[None]]) -> Pending | None:
+        """Parse a command and queue it; a command that cannot be parsed is answered at once
+        (returns None and schedules the answer)."""
         try:
             msg = bus.Command.FromString(data)
         except Exception:
-            return bus.CommandReply(error=_error(bus.ERROR_CODE_INVALID_ARGUMENT, "", "not a bus.Command")).SerializeToString()
-        async with self.lock:
-            reply = await self._decide(msg)
-        return reply.SerializeToString()
-
-    async def _decide(self, msg: bus.Command) -> bus.CommandReply:
+            _spawn(reply(bus.CommandReply(error=_error(bus.ERROR_CODE_INVALID_ARGUMENT, "", "not a bus.Command"))))
+            return None
         command_id = msg.command_id or uuid.uuid4().hex
-        if command_id in self.committed:
-            return bus.CommandReply(command_id=command_id, ledger_sequence=self.committed[command_id])
         try:
-            cmds = convert.commands_from_proto(msg)
+            cmds = tuple(convert.commands_from_proto(msg))
         except ValidationError as err:
-            return bus.CommandReply(command_id=command_id, error=convert.error_to_proto(err))
-        for _ in range(STALE_RETRIES):
-            t = self._instant(msg)
-            if t < self.cluster.now:
-                return bus.CommandReply(command_id=command_id, error=_error(
-                    bus.ERROR_CODE_INVALID_ARGUMENT, "instant",
-                    f"time moves forward only: {t} is before the decision loop's {self.cluster.now}"))
-            mark = len(self.cluster.journal)
+            _spawn(reply(bus.CommandReply(command_id=command_id, error=convert.error_to_proto(err))))
+            return None
+        item = Pending(msg, command_id, cmds, reply)
+        self.queue.put_nowait(item)
+        return item
+
+    async def run(self) -> None:
+        """Decide queued commands for ever, everything queued at once (up to MAX_GROUP)."""
+        while True:
+            await self.step(await self.queue.get())
+
+    async def step(self, first: Pending | None = None) -> None:
+        group = [first] if first is not None else []
+        while len(group) < MAX_GROUP and not self.queue.empty():
+            group.append(self.queue.get_nowait())
+        if group:
+            await self._decide(group)
+            for item in group:
+                assert item.answer is not None
+                await item.reply(item.answer)
+
+    # -- deciding a group --------------------------------------------------------------------
+
+    async def _decide(self, group: list[Pending]) -> None:
+        """Decide every command of `group` in order, as the one-at-a-time loop would, and commit
+        what they decided as one ledger message; set each command's answer."""
+        stale = 0
+        while True:
             try:
-                self.cluster.advance(t)
-                self.cluster.submit(*cmds)
-            except ValidationError as err:
-                await self.rebuild()  # nothing was written: forget what this attempt decided
-                if err.command_index is not None and len(cmds) > 1:
-                    err = err.under(f"batch.commands[{err.command_index}]")
-                return bus.CommandReply(command_id=command_id, error=convert.error_to_proto(err))
-            entries = self.cluster.journal[mark:]
+                entries = self._attempt(group)
+            except Restart:
+                await self.rebuild()
+                continue
+            live = [item for item in group if item.answer is None]
             if not entries:
-                return bus.CommandReply(command_id=command_id, ledger_sequence=self.sequence)
-            batch = bus.LedgerBatch(entries=[convert.entry_to_proto(e, command_id=command_id, epoch=self.epoch)
-                                             for e in entries])
-            request = bus.AppendRequest(batch=batch, expected_last_sequence=self.sequence,
-                                        epoch=self.epoch, msg_id=command_id)
+                for item in live:
+                    item.answer = bus.CommandReply(command_id=item.command_id, ledger_sequence=self.sequence)
+                return
+            request = bus.AppendRequest(batch=bus.LedgerBatch(entries=entries), expected_last_sequence=self.sequence,
+                                        epoch=self.epoch, msg_id=_message_id(live))
             raw = await self._commit(request)
             if raw is None:
                 await self.rebuild()
-                return bus.CommandReply(command_id=command_id, error=_error(
-                    bus.ERROR_CODE_UNAVAILABLE, "", "the binder did not answer; retry with the same command id"))
+                return self._fail(live, _error(bus.ERROR_CODE_UNAVAILABLE, "",
+                                               "the binder did not answer; retry with the same command id"))
             appended = bus.AppendReply.FromString(raw)
-            if appended.error.code == bus.ERROR_CODE_CONFLICT:
+            if appended.error.code == bus.ERROR_CODE_CONFLICT and stale + 1 < STALE_RETRIES:
+                stale += 1
                 await self.rebuild()  # decided against a stale view: decide again
                 continue
             if appended.error.code != bus.ERROR_CODE_UNSPECIFIED:
                 await self.rebuild()
-                return bus.CommandReply(command_id=command_id, error=appended.error)
+                return self._fail(live, appended.error)
             if appended.duplicate:
                 await self.rebuild()  # committed earlier (a retry): the ledger's version is the truth
             else:
                 self.sequence = appended.sequence
-            self.committed[command_id] = appended.sequence
-            return bus.CommandReply(command_id=command_id, ledger_sequence=appended.sequence)
-        return bus.CommandReply(command_id=command_id, error=_error(
-            bus.ERROR_CODE_CONFLICT, "", "the ledger kept moving; retry with the same command id"))
+            for item in live:
+                if item.span[1] > item.span[0]:
+                    self.committed[item.command_id] = appended.sequence
+                item.answer = bus.CommandReply(command_id=item.command_id,
+                                               ledger_sequence=self.committed.get(item.command_id, appended.sequence))
+            return
+
+    def _fail(self, items: list[Pending], error: bus.Error) -> None:
+        for item in items:
+            item.answer = bus.CommandReply(command_id=item.command_id, error=error)
+
+    def _attempt(self, group: list[Pending]) -> list[bus.LedgerEntry]:
+        """Apply the group's commands to the view, in order; the journal entries to commit, each
+        tagged with the command that decided it. A refused command that changed the view (it moved
+        the clock, or part of its batch applied) raises Restart: the caller rebuilds the view and
+        attempts the group again without it."""
+        out: list[bus.LedgerEntry] = []
+        seen: set[str] = set()
+        for item in group:
+            if item.answer is not None and item.answer.HasField("error"):
+                continue
+            item.answer, item.span = None, (0, 0)
+            if item.command_id in self.committed:
+                item.answer = bus.CommandReply(command_id=item.command_id,
+                                               ledger_sequence=self.committed[item.command_id])
+                continue
+            if item.command_id in seen:
+                continue  # a resent copy of a command this group decides: answered alike
+            t = self._instant(item.msg)
+            if t < self.cluster.now:
+                item.answer = bus.CommandReply(command_id=item.command_id, error=_error(
+                    bus.ERROR_CODE_INVALID_ARGUMENT, "instant",
+                    f"time moves forward only: {t} is before the decision loop's {self.cluster.now}"))
+                continue
+            start = len(self.cluster.journal)
+            try:
+                self.cluster.advance(t)
+                self.cluster.submit(*item.cmds)
+            except ValidationError as err:
+                if err.command_index is not None and len(item.cmds) > 1:
+                    err = err.under(f"batch.commands[{err.command_index}]")
+                item.answer = bus.CommandReply(command_id=item.command_id, error=convert.error_to_proto(err))
+                if len(self.cluster.journal) > start or (err.command_index or 0) > 0:
+                    raise Restart from None  # it moved the clock or applied part of a batch
+                continue
+            seen.add(item.command_id)
+            item.span = (start, len(self.cluster.journal))
+            out.extend(convert.entry_to_proto(e, command_id=item.command_id, epoch=self.epoch)
+                       for e in self.cluster.journal[start:item.span[1]])
+        return out
+
+
+def _message_id(items: list[Pending]) -> str:
+    """The ledger message id of a group: its command's id when alone (a retried lone command is
+    refused by the stream's de-duplication too), else a digest of its commands' ids."""
+    if len(items) == 1:
+        return items[0].command_id
+    return "group-" + hashlib.sha256("\n".join(i.command_id for i in items).encode()).hexdigest()[:32]
+
+
+def _spawn(coro: Awaitable[None]) -> None:
+    task = asyncio.ensure_future(coro)
+    _TASKS.add(task)
+    task.add_done_callback(_TASKS.discard)
+
+
+_TASKS: set[asyncio.Future[None]] = set()
 
 
 async def main(ctx: ServiceContext) -> None:
@@ -173,15 +285,19 @@ async def _lead(ctx: ServiceContext, lock: LeaderLock, holder: str) -> None:
         ctx.log.info("leader", extra={"fields": {"epoch": lock.epoch, "holder": holder}})
         loop = DecisionLoop(ctx, lock.epoch)
         await loop.rebuild()
+        worker = asyncio.create_task(loop.run())
 
         async def answer(msg: Msg, loop: DecisionLoop = loop) -> None:
             started = time.perf_counter()
-            reply = await loop.handle(msg.data)
-            failed = bus.CommandReply.FromString(reply).error.code != bus.ERROR_CODE_UNSPECIFIED
-            REQUESTS.labels("admission", "command", "refused" if failed else "ok").inc()
-            LATENCY.labels("admission", "command").observe(time.perf_counter() - started)
-            if msg.reply:
-                await msg.respond(reply)
+
+            async def reply(r: bus.CommandReply) -> None:
+                failed = r.error.code != bus.ERROR_CODE_UNSPECIFIED
+                REQUESTS.labels("admission", "command", "refused" if failed else "ok").inc()
+                LATENCY.labels("admission", "command").observe(time.perf_counter() - started)
+                if msg.reply:
+                    await msg.respond(r.SerializeToString())
+
+            loop.enqueue(msg.data, reply)  # returns at once: the worker decides what queued meanwhile
 
         sub = await ctx.nc.subscribe(subjects.request(ctx.cluster, "admission", "command"), cb=answer)
         try:
@@ -192,6 +308,9 @@ async def _lead(ctx: ServiceContext, lock: LeaderLock, holder: str) -> None:
                     break
         finally:
             await sub.unsubscribe()
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
 
 
 async def _sleep(ctx: ServiceContext, seconds: float) -> None:

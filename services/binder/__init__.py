@@ -6,8 +6,12 @@ appends the batch as one stream message with JetStream's expected-last-sequence 
 command id as message id: a stale view is refused (CONFLICT, nothing written), a repeated
 command commits once (`duplicate`). The ledger stream is file-backed and the nats-server syncs
 before acknowledging when started with `sync_interval: always` (`jobtree up`). After a
-commit it mirrors the specs the batch carries into the cluster's KV buckets (runs, budgets,
-nodes) for tools that read specs directly. Appends are serialised.
+commit it answers at once and mirrors the specs the batch carries into the cluster's KV
+buckets (runs, budgets, nodes), for tools that read specs directly, off the commit path: one
+mirror task takes every committed batch queued meanwhile, keeps the last change per key, and
+writes them together, in commit order batch after batch (retrying until NATS takes them). The
+buckets lag the ledger by that queue; a binder that dies before the copy rewrites the buckets
+from the ledger at start (`reconcile`). Appends are serialised.
 Not: a decision maker; it never changes what it is given.
 """
 
@@ -23,6 +27,9 @@ from jobtree.bus import subjects
 from jobtree.bus.ledger import Ledger, LedgerError, StaleAppend
 from jobtree.bus.runtime import ServiceContext
 
+MIRROR_CHUNK = 512
+"""Spec copies in flight at once."""
+
 
 class Binder:
     def __init__(self, ctx: ServiceContext) -> None:
@@ -31,6 +38,7 @@ class Binder:
         self.epoch = 0
         self.lock = asyncio.Lock()
         self.kv: dict[str, object] = {}
+        self.mirror_queue: asyncio.Queue[bus.LedgerBatch] = asyncio.Queue()
 
     async def start(self) -> None:
         """Find the newest epoch in the ledger (the last batch carries it)."""
@@ -65,47 +73,58 @@ class Binder:
         except (LedgerError, ValueError) as err:
             return bus.AppendReply(error=bus.Error(code=bus.ERROR_CODE_UNAVAILABLE, problem=str(err)))
         self.epoch = max(self.epoch, req.epoch)
-        await self._mirror_specs(req.batch)  # idempotent: a retry repairs a copy a crash cut short
+        self.mirror_queue.put_nowait(req.batch)  # a duplicate too: it repairs a copy a crash cut short
         return bus.AppendReply(sequence=done.sequence, duplicate=done.duplicate, last_sequence=done.sequence)
 
     async def reconcile(self) -> None:
         """Rewrite the spec buckets from the ledger (a crash between append and copy loses nothing)."""
-        latest = bus.LedgerBatch()
-        seen: dict[tuple[str, str], bus.LedgerEntry] = {}
-        for record in await self.ledger.replay():
-            for entry in record.batch.entries:
+        await self._mirror([record.batch for record in await self.ledger.replay()])
+
+    async def mirror_forever(self) -> None:
+        """Copy committed batches to the spec buckets, everything queued at a time, in order."""
+        while True:
+            batches = [await self.mirror_queue.get()]
+            while not self.mirror_queue.empty():
+                batches.append(self.mirror_queue.get_nowait())
+            delay = 0.1
+            while True:
+                try:
+                    await self._mirror(batches)
+                    break
+                except Exception:
+                    self.ctx.log.warning("spec copy failed; retrying", exc_info=True)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+
+    async def _mirror(self, batches: list[bus.LedgerBatch]) -> None:
+        """Write the last change of each spec the batches carry, all at once."""
+        latest: dict[tuple[str, str], bytes | None] = {}
+        for batch in batches:
+            for entry in batch.entries:
                 which = entry.WhichOneof("fact")
                 if which == "spec_put":
                     m = entry.spec_put.run.metadata
-                    seen[("run", f"{m.namespace}/{m.name}")] = entry
+                    latest[("runs", subjects.kv_key(m.namespace, m.name))] = entry.spec_put.run.SerializeToString()
                 elif which == "spec_deleted":
                     ref = entry.spec_deleted.run
-                    seen[("run", f"{ref.namespace}/{ref.name}")] = entry
+                    latest[("runs", subjects.kv_key(ref.namespace, ref.name))] = None
                 elif which == "budget_put":
-                    seen[("budget", entry.budget_put.budget.metadata.name)] = entry
+                    b = entry.budget_put.budget
+                    latest[("budgets", subjects.kv_key(b.metadata.name))] = b.SerializeToString()
                 elif which == "node_state_put":
-                    seen[("node", entry.node_state_put.node.name)] = entry
-        latest.entries.extend(seen.values())
-        await self._mirror_specs(latest)
+                    n = entry.node_state_put.node
+                    latest[("nodes", subjects.kv_key(n.name))] = n.SerializeToString()
+        writes = list(latest.items())
+        for i in range(0, len(writes), MIRROR_CHUNK):
+            await asyncio.gather(*(self._write(bucket, key, value) for (bucket, key), value in writes[i:i + MIRROR_CHUNK]))
 
-    async def _mirror_specs(self, batch: bus.LedgerBatch) -> None:
-        for entry in batch.entries:
-            which = entry.WhichOneof("fact")
-            if which == "spec_put":
-                run = entry.spec_put.run
-                await self.kv["runs"].put(  # type: ignore[attr-defined]
-                    subjects.kv_key(run.metadata.namespace, run.metadata.name), run.SerializeToString())
-            elif which == "spec_deleted":
-                ref = entry.spec_deleted.run
-                with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-                    await self.kv["runs"].delete(subjects.kv_key(ref.namespace, ref.name))  # type: ignore[attr-defined]
-            elif which == "budget_put":
-                b = entry.budget_put.budget
-                await self.kv["budgets"].put(  # type: ignore[attr-defined]
-                    subjects.kv_key(b.metadata.name), b.SerializeToString())
-            elif which == "node_state_put":
-                n = entry.node_state_put.node
-                await self.kv["nodes"].put(subjects.kv_key(n.name), n.SerializeToString())  # type: ignore[attr-defined]
+    async def _write(self, bucket: str, key: str, value: bytes | None) -> None:
+        kv = self.kv[bucket]
+        if value is not None:
+            await kv.put(key, value)  # type: ignore[attr-defined]
+            return
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            await kv.delete(key)  # type: ignore[attr-defined]
 
 
 async def main(ctx: ServiceContext) -> None:
@@ -114,6 +133,10 @@ async def main(ctx: ServiceContext) -> None:
         await binder.ledger.create()
     await binder.start()
     await binder.reconcile()
+    mirror = asyncio.create_task(binder.mirror_forever())
     await ctx.serve(subjects.request(ctx.cluster, "binder", "commit"), binder.handle)
-    await ctx.stopping.wait()
+    try:
+        await ctx.stopping.wait()
+    finally:
+        mirror.cancel()
 

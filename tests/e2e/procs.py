@@ -293,12 +293,12 @@ def replayed(records: Sequence[Record], cluster: str) -> Cluster:
 
 
 def command_ids_by_record(records: Sequence[Record]) -> dict[str, list[int]]:
-    """Command id -> the sequences of the records that carry it (each record: one id)."""
+    """Command id -> the sequences of the records that carry it (a record may carry several
+    commands: admission commits what it decided together as one message)."""
     out: dict[str, list[int]] = {}
     for r in records:
-        ids = {e.command_id for e in r.batch.entries}
-        assert len(ids) == 1, f"record {r.sequence} mixes command ids {sorted(ids)}"
-        out.setdefault(ids.pop(), []).append(r.sequence)
+        for cid in dict.fromkeys(e.command_id for e in r.batch.entries):
+            out.setdefault(cid, []).append(r.sequence)
     return out
 
 

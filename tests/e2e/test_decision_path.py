@@ -6,7 +6,11 @@ services and read the ledger stream themselves.
 2. a retried command id commits once (also across an admission restart, and at the binder);
 3. a command the core rejects answers INVALID_ARGUMENT naming the field and writes nothing;
 4. the binder refuses a stale fencing epoch and a stale expected-last-sequence, writing nothing;
-5. a restarted binder keeps the epoch fence (it reads the newest epoch back from the ledger).
+5. a restarted binder keeps the epoch fence (it reads the newest epoch back from the ledger);
+6. commands arriving together are decided as a group and committed in fewer ledger messages,
+   with the decisions a one-at-a-time play gives, refused commands in the group writing nothing;
+7. the binder copies specs to the KV buckets after it answers, and a restarted binder repairs a
+   copy that was lost.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import nats
+import nats.js.errors
 import pytest
 from nats.aio.client import Client
 from procs import (
@@ -40,6 +45,7 @@ from procs import (
 
 from jobtree.api import convert
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
+from jobtree.bus import subjects
 from jobtree.bus.natsserver import NatsServer
 from jobtree.core import facts as F
 from jobtree.core.model import Locality, Malleable, Phase, Role, Run, RunSpec
@@ -321,5 +327,102 @@ def test_binder_restart_keeps_the_epoch_fence(services: Services, nats_server: N
         records = await read_ledger(nc, cluster)
         assert epochs(records) == [old, new, new]
         check_ledger(records, cluster, {"setup": 1, "eval": 2, "more": 3})
+
+    play(nats_server.url, scenario)
+
+
+# --- 6 ---------------------------------------------------------------------------------------
+
+
+def test_commands_arriving_together_commit_as_groups(
+        services: Services, nats_server: NatsServer, cluster: str) -> None:
+    t = T0 + 60
+    burst = [convert.command_to_proto(F.ApplyRun(run(f"r{i:02d}", 8)), command_id=f"r{i:02d}", instant=t)
+             for i in range(40)]
+    refusals = {
+        # lone and refused, changing nothing: the group goes on without a rebuild
+        "nope": (convert.command_to_proto(F.CompleteRun("default/nope"), command_id="nope", instant=t), "complete"),
+        # refused after moving the clock: the view is rebuilt and the group decided again without it
+        "later": (convert.command_to_proto(F.CompleteRun("default/nope"), command_id="later", instant=t + 30),
+                  "complete"),
+        # refused after its first command applied: likewise
+        "ghost": (convert.batch_to_proto([F.ApplyRun(run("ghost", 8)), F.CompleteRun("default/nope")],
+                                         command_id="ghost", instant=t), "batch.commands[1].complete"),
+    }
+    sends = list(burst)
+    for k, (cmd, _) in enumerate(refusals.values()):
+        sends.insert(10 * (k + 1), cmd)
+
+    async def scenario(nc: Client) -> None:
+        await bring_up(services, nc)
+        s1 = ok((await deliver(nc, cluster, setup_batch())).reply)
+        replies = await asyncio.gather(*(send(nc, cluster, cmd) for cmd in sends))
+        by_id = {r.command_id: r for r in replies}
+        for name, (_, field) in refusals.items():
+            assert by_id[name].error.code == bus.ERROR_CODE_INVALID_ARGUMENT, by_id[name]
+            assert by_id[name].error.field_path == field, by_id[name].error
+        acked = {"setup": s1} | {c.command_id: ok(by_id[c.command_id]) for c in burst}
+        records = await read_ledger(nc, cluster)
+        assert len(records) - 1 < len(burst), f"{len(burst)} commands sent together took {len(records) - 1} messages"
+        view = check_ledger(records, cluster, acked)
+        assert "default/ghost" not in view.runs
+        assert view.now == t, "a refused command moved the clock"
+        # the in-process play of the accepted commands, in the order the ledger holds them
+        order = [cid for r in records for cid in dict.fromkeys(e.command_id for e in r.batch.entries)]
+        ref = Reference(cluster)
+        ref.play(setup_batch())
+        for cid in order[1:]:
+            ref.play(next(c for c in burst if c.command_id == cid))
+        assert_same_view(view, ref.view)
+        running = [k for k, st in view.status.items() if st.phase is Phase.RUNNING]
+        assert len(running) == 4, "32 GPUs of budget and fleet hold four 8-GPU runs"
+
+    play(nats_server.url, scenario)
+
+
+# --- 7 ---------------------------------------------------------------------------------------
+
+
+async def bucket_keys(nc: Client, cluster: str, name: str) -> dict[str, bytes]:
+    kv = await nc.jetstream().key_value(subjects.bucket(cluster, name))
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        return {}
+    return {k: (await kv.get(k)).value or b"" for k in keys}
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+def test_binder_mirrors_specs_and_repairs_lost_copies(
+        services: Services, nats_server: NatsServer, cluster: str) -> None:
+    keep, gone = run("keep", 8), run("gone", 8)
+    setup = setup_batch(F.ApplyRun(keep), F.ApplyRun(gone))
+    delete = convert.command_to_proto(F.DeleteRun("default/gone"), command_id="delete", instant=T0 + 60)
+
+    async def scenario(nc: Client) -> None:
+        await bring_up(services, nc)
+        ok((await deliver(nc, cluster, setup)).reply)
+        ok((await deliver(nc, cluster, delete)).reply)
+        want_runs = {subjects.kv_key("default", "keep"): convert.run_to_proto(keep).SerializeToString()}
+
+        async def mirrored() -> bool:
+            return (await bucket_keys(nc, cluster, "runs") == want_runs
+                    and len(await bucket_keys(nc, cluster, "nodes")) == 4
+                    and set(await bucket_keys(nc, cluster, "budgets")) == {subjects.kv_key("team-a")})
+
+        await eventually(mirrored, "the spec buckets do not hold the ledger's specs")
+        services["binder"].kill()
+        runs = await nc.jetstream().key_value(subjects.bucket(cluster, "runs"))
+        await runs.delete(subjects.kv_key("default", "keep"))  # a copy lost with the binder
+        await runs.put(subjects.kv_key("default", "gone"), b"stale")  # a deletion that never made it
+        services.start("binder")
+        await wait_binder(nc, cluster)
+        await eventually(mirrored, "a restarted binder did not repair the spec buckets from the ledger")
 
     play(nats_server.url, scenario)

@@ -349,7 +349,10 @@ class Cluster:
 
     def submit(self, *cmds: Command) -> list[Fact]:
         """Apply commands at `now` (in order, as one batch), then decide everything the calculus
-        would decide now. Returns the facts decided."""
+        would decide now. Returns the facts decided. A command refused with ValidationError
+        (`command_index` says which) has changed nothing itself; the commands of the batch
+        before it stay applied, undecided (so a lone refused command leaves the cluster as it
+        was: admission relies on it, `tests/unit/test_engine_refusals.py` pins it)."""
         mark = len(self.facts)
         for i, cmd in enumerate(cmds):
             try:
