@@ -5,7 +5,8 @@ lapses). The leader rebuilds a core `Cluster` from the ledger stream, then answe
 `jobtree.C.admission.command` (bus.Command -> bus.CommandReply). Commands queue as they
 arrive; the decision loop takes everything queued (up to MAX_GROUP) as one group and decides
 its commands in arrival order exactly as it would one at a time — for each: move the clock to
-the command's instant (virtual clock) or now (system clock), apply it, settle — and sends the
+the command's instant (virtual clock; on the system clock the clock moves to now once, before
+the group), apply it, settle — and sends the
 journal entries of the whole group, each tagged with its command id, as one ledger batch to the
 binder with the sequence its view was built from and its fencing epoch. So the ledger holds the
 same facts as a one-at-a-time loop would write, in fewer, larger messages; while one group
@@ -29,11 +30,13 @@ import hashlib
 import os
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import nats.errors
 from nats.aio.msg import Msg
+from prometheus_client import Counter
 
 from jobtree.api import convert
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
@@ -50,8 +53,20 @@ STALE_RETRIES = 3
 COMMIT_TIMEOUT = 1.0
 """Seconds to wait for the binder before resending the same append."""
 COMMIT_ATTEMPTS = 8
-MAX_GROUP = 512
-"""Most commands decided together and committed as one ledger message."""
+REBUILDS = Counter("jobtree_admission_rebuilds_total", "Times the decision loop rebuilt its view from the ledger",
+                   ["why"])
+REBUILD_REASONS = frozenset({"start", "a refused command had changed the view", "the binder did not answer",
+                             "the ledger moved on", "committed earlier"})
+MAX_GROUP = 1024
+"""Most commands taken from the queue for one group."""
+GROUP_SECONDS = 0.05
+"""A group stops taking commands after this much deciding (the event loop must breathe: the
+leader lock is refreshed on it), and commits."""
+GROUP_BYTES = 256 * 1024
+"""A group stops taking commands once its ledger message is this large (NATS carries at most
+1 MiB by default)."""
+YIELD_EVERY = 64
+"""A rebuild lets other tasks run after this many ledger messages."""
 
 
 def _error(code: int, path: str, problem: str) -> bus.Error:
@@ -86,21 +101,28 @@ class DecisionLoop:
         self.cluster = Cluster(ctx.settings.config, (), 0)
         self.sequence = 0
         self.committed: dict[str, int] = {}
-        self.queue: asyncio.Queue[Pending] = asyncio.Queue()
+        self.queue: deque[Pending] = deque()
+        self.queued = asyncio.Event()
         self.commit_subject = subjects.request(ctx.cluster, "binder", "commit")
 
-    async def rebuild(self) -> None:
+    async def rebuild(self, why: str = "start") -> None:
         """The view from the ledger alone (deciding nothing)."""
+        started = time.perf_counter()
         cluster = Cluster(self.ctx.settings.config, (), 0)
         committed: dict[str, int] = {}
         seq = 0
-        for record in await self.ledger.replay():
+        for i, record in enumerate(await self.ledger.replay()):
+            if i % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # a long replay must not starve the leader lock's refresh
             apply_batch(cluster, record.batch)
             for entry in record.batch.entries:
                 if entry.command_id:
                     committed[entry.command_id] = record.sequence
             seq = record.sequence
         self.cluster, self.committed, self.sequence = cluster, committed, seq
+        REBUILDS.labels(why if why in REBUILD_REASONS else "other").inc()
+        self.ctx.log.info("view rebuilt from the ledger", extra={"fields": {
+            "why": why, "sequence": seq, "seconds": round(time.perf_counter() - started, 3)}})
 
     async def _commit(self, request: bus.AppendRequest) -> bytes | None:
         """Send an append to the binder, resending the identical request (same message id and
@@ -116,9 +138,11 @@ class DecisionLoop:
         return None
 
     def _instant(self, msg: bus.Command) -> int:
-        if self.ctx.settings.clock == "virtual":
-            return int(msg.instant.seconds) if msg.HasField("instant") else self.cluster.now
-        return max(int(time.time()), self.cluster.now)
+        """When a command happens: its own instant on a virtual clock; on the system clock, the
+        group's (the clock moved once, before the group: `_attempt`)."""
+        if self.ctx.settings.clock == "virtual" and msg.HasField("instant"):
+            return int(msg.instant.seconds)
+        return self.cluster.now
 
     # -- the queue ---------------------------------------------------------------------------
 
@@ -137,58 +161,70 @@ class DecisionLoop:
             _spawn(reply(bus.CommandReply(command_id=command_id, error=convert.error_to_proto(err))))
             return None
         item = Pending(msg, command_id, cmds, reply)
-        self.queue.put_nowait(item)
+        self.queue.append(item)
+        self.queued.set()
         return item
 
     async def run(self) -> None:
-        """Decide queued commands for ever, everything queued at once (up to MAX_GROUP)."""
+        """Decide queued commands for ever, a group at a time."""
         while True:
-            await self.step(await self.queue.get())
+            await self.queued.wait()
+            await self.step()
 
-    async def step(self, first: Pending | None = None) -> None:
-        group = [first] if first is not None else []
-        while len(group) < MAX_GROUP and not self.queue.empty():
-            group.append(self.queue.get_nowait())
-        if group:
-            await self._decide(group)
-            for item in group:
-                assert item.answer is not None
-                await item.reply(item.answer)
+    async def step(self) -> None:
+        """Decide one group: what is queued, in order, as much as GROUP_SECONDS of deciding and
+        GROUP_BYTES of ledger message allow (at least one command); the rest stays queued first."""
+        group = [self.queue.popleft() for _ in range(min(MAX_GROUP, len(self.queue)))]
+        if not self.queue:
+            self.queued.clear()
+        if not group:
+            return
+        decided = await self._decide(group)
+        self.queue.extendleft(reversed(group[decided:]))
+        if self.queue:
+            self.queued.set()
+        for item in group[:decided]:
+            assert item.answer is not None
+            await item.reply(item.answer)
+        await asyncio.sleep(0)  # let the lock refresh and the replies go out between groups
 
     # -- deciding a group --------------------------------------------------------------------
 
-    async def _decide(self, group: list[Pending]) -> None:
-        """Decide every command of `group` in order, as the one-at-a-time loop would, and commit
-        what they decided as one ledger message; set each command's answer."""
+    async def _decide(self, group: list[Pending]) -> int:
+        """Decide the commands of `group` in order, as the one-at-a-time loop would, and commit
+        what they decided as one ledger message; set each decided command's answer. Returns how
+        many of the group it decided (the rest did not fit this group)."""
         stale = 0
         while True:
             try:
-                entries = self._attempt(group)
+                entries, decided = self._attempt(group)
             except Restart:
-                await self.rebuild()
+                await self.rebuild("a refused command had changed the view")
                 continue
-            live = [item for item in group if item.answer is None]
+            live = [item for item in group[:decided] if item.answer is None]
             if not entries:
                 for item in live:
                     item.answer = bus.CommandReply(command_id=item.command_id, ledger_sequence=self.sequence)
-                return
+                return decided
             request = bus.AppendRequest(batch=bus.LedgerBatch(entries=entries), expected_last_sequence=self.sequence,
                                         epoch=self.epoch, msg_id=_message_id(live))
             raw = await self._commit(request)
             if raw is None:
-                await self.rebuild()
-                return self._fail(live, _error(bus.ERROR_CODE_UNAVAILABLE, "",
-                                               "the binder did not answer; retry with the same command id"))
+                await self.rebuild("the binder did not answer")
+                self._fail(live, _error(bus.ERROR_CODE_UNAVAILABLE, "",
+                                        "the binder did not answer; retry with the same command id"))
+                return decided
             appended = bus.AppendReply.FromString(raw)
             if appended.error.code == bus.ERROR_CODE_CONFLICT and stale + 1 < STALE_RETRIES:
                 stale += 1
-                await self.rebuild()  # decided against a stale view: decide again
+                await self.rebuild("the ledger moved on")  # decided against a stale view: decide again
                 continue
             if appended.error.code != bus.ERROR_CODE_UNSPECIFIED:
-                await self.rebuild()
-                return self._fail(live, appended.error)
-            if appended.duplicate:
-                await self.rebuild()  # committed earlier (a retry): the ledger's version is the truth
+                await self.rebuild(f"the binder refused: {appended.error.problem}")
+                self._fail(live, appended.error)
+                return decided
+            if appended.duplicate and not await self._is_ours(appended.sequence, request):
+                await self.rebuild("committed earlier")  # a retry: the ledger's version is the truth
             else:
                 self.sequence = appended.sequence
             for item in live:
@@ -196,20 +232,41 @@ class DecisionLoop:
                     self.committed[item.command_id] = appended.sequence
                 item.answer = bus.CommandReply(command_id=item.command_id,
                                                ledger_sequence=self.committed.get(item.command_id, appended.sequence))
-            return
+            return decided
+
+    async def _is_ours(self, sequence: int, request: bus.AppendRequest) -> bool:
+        """Whether the message the binder found at `sequence` is this very append (a resend of a
+        request whose first reply was lost): then the view is the ledger's and needs no rebuild."""
+        if sequence != request.expected_last_sequence + 1:
+            return False
+        try:
+            stored = await self.ledger.batch_at(sequence)
+        except Exception:
+            return False
+        return stored == request.batch
 
     def _fail(self, items: list[Pending], error: bus.Error) -> None:
         for item in items:
             item.answer = bus.CommandReply(command_id=item.command_id, error=error)
 
-    def _attempt(self, group: list[Pending]) -> list[bus.LedgerEntry]:
-        """Apply the group's commands to the view, in order; the journal entries to commit, each
-        tagged with the command that decided it. A refused command that changed the view (it moved
-        the clock, or part of its batch applied) raises Restart: the caller rebuilds the view and
-        attempts the group again without it."""
+    def _attempt(self, group: list[Pending]) -> tuple[list[bus.LedgerEntry], int]:
+        """Apply the group's commands to the view, in order, until GROUP_SECONDS or GROUP_BYTES
+        is spent; the journal entries to commit, each tagged with the command that decided it
+        (on the system clock the group starts by moving the clock to now; what that decides
+        carries no command id), and how many commands it took. A refused command that changed
+        the view (it moved a virtual clock, or part of its batch applied) raises Restart: the
+        caller rebuilds the view and attempts the group again without it."""
+        started = time.perf_counter()
         out: list[bus.LedgerEntry] = []
+        size = 0
         seen: set[str] = set()
-        for item in group:
+        if self.ctx.settings.clock != "virtual":  # time passes on its own: no command's doing
+            start = len(self.cluster.journal)
+            self.cluster.advance(max(int(time.time()), self.cluster.now))
+            out.extend(convert.entry_to_proto(e, command_id="", epoch=self.epoch) for e in self.cluster.journal[start:])
+        for n, item in enumerate(group):
+            if n and (time.perf_counter() - started > GROUP_SECONDS or size > GROUP_BYTES):
+                return out, n
             if item.answer is not None and item.answer.HasField("error"):
                 continue
             item.answer, item.span = None, (0, 0)
@@ -238,9 +295,11 @@ class DecisionLoop:
                 continue
             seen.add(item.command_id)
             item.span = (start, len(self.cluster.journal))
-            out.extend(convert.entry_to_proto(e, command_id=item.command_id, epoch=self.epoch)
-                       for e in self.cluster.journal[start:item.span[1]])
-        return out
+            for e in self.cluster.journal[start:item.span[1]]:
+                entry = convert.entry_to_proto(e, command_id=item.command_id, epoch=self.epoch)
+                size += entry.ByteSize()
+                out.append(entry)
+        return out, len(group)
 
 
 def _message_id(items: list[Pending]) -> str:

@@ -44,8 +44,7 @@ class Binder:
         """Find the newest epoch in the ledger (the last batch carries it)."""
         last = await self.ledger.last_sequence()
         if last:
-            msg = await self.ctx.js.get_msg(self.ledger.stream, seq=last)
-            batch = bus.LedgerBatch.FromString(msg.data or b"")
+            batch = await self.ledger.batch_at(last)
             self.epoch = max((e.epoch for e in batch.entries), default=0)
         for name in ("runs", "budgets", "nodes"):
             bucket = subjects.bucket(self.ctx.cluster, name)

@@ -13,13 +13,13 @@ why it has to.
 from __future__ import annotations
 
 import pytest
+from builders import START, budget, envelope, node, run
 
 from jobtree.core import facts
 from jobtree.core.engine import Cluster
 from jobtree.core.errors import ValidationError
 from jobtree.core.model import ClusterConfig
 from jobtree.core.views import state_json
-from builders import START, budget, envelope, node, run
 
 OWNER = "team-a"
 

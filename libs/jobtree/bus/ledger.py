@@ -17,6 +17,7 @@ Contract:
     returns the original sequence with `duplicate=True` and writes nothing, whether the retry's
     expected sequence is now stale (the ledger looks back through the messages after it for the
     id, at most `lookback` of them) or not (the server's duplicate window).
+- `batch_at(seq)` returns the batch stored at one sequence.
 - `replay(after=0)` returns every batch after sequence `after`, up to the last sequence at the
   time of the call, in order, as `Record(sequence, batch)`; `records(after, follow=True)` goes
   on yielding new batches as they are committed. Payloads are type-checked by `codec`.
@@ -221,6 +222,11 @@ class Ledger:
             with contextlib.suppress(Exception):
                 info = await psub.consumer_info()
                 await self.js.delete_consumer(self.stream, info.name)
+
+    async def batch_at(self, sequence: int) -> bus.LedgerBatch:
+        """The batch stored at `sequence` (nats.js.errors.NotFoundError if there is none)."""
+        msg = await self.js.get_msg(self.stream, seq=sequence)
+        return codec.decode(msg.data or b"", bus.LedgerBatch, msg.headers)
 
     async def replay(self, after: int = 0, *, batch_size: int = 256) -> list[Record]:
         """Every batch after sequence `after`, up to the last sequence now, in order."""
