@@ -1,5 +1,6 @@
 """`jobtree up` and `jobtree serve` as real processes: the whole system starts, answers, stops
-cleanly on Ctrl-C (SIGINT) leaving no process behind, and resumes from its data directory.
+cleanly on Ctrl-C (SIGINT) leaving no process behind, and resumes from its data directory; a
+standby admission takes over when the leader is killed; every process serves its metrics.
 
 The system runs with the users and permissions of `jobtree.bus.security`, so a service doing
 something its NATS user may not do shows up here as a permissions violation in the server log.
@@ -11,11 +12,14 @@ import asyncio
 import json
 import os
 import queue
+import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import IO, Any
@@ -24,6 +28,7 @@ import grpc
 import nats
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from jobtree.api import convert
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
@@ -34,7 +39,7 @@ from jobtree.bus import subjects
 from jobtree.bus.ledger import Ledger
 from jobtree.bus.security import SERVICES
 from jobtree.cli.serve_cmd import missing_services
-from jobtree.cli.up_cmd import DEMO_DOMAINS, DEMO_NODES_PER_DOMAIN, demo_budgets, demo_commands
+from jobtree.cli.up_cmd import DEMO_DOMAINS, DEMO_NODES_PER_DOMAIN, demo_budgets, demo_commands, port_in_use
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = "demo"
@@ -60,6 +65,7 @@ class Up:
         threading.Thread(target=self._read, daemon=True).start()
         self.grpc = ""
         self.nats = ""
+        self.metrics: dict[str, str] = {}
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -71,8 +77,9 @@ class Up:
         return self.err_path.read_text()
 
     def wait_ready(self) -> Up:
+        """Until the `metrics:` line, the last of the startup output (after `nats:` and `grpc:`)."""
         deadline = time.monotonic() + READY
-        while not self.grpc:
+        while not self.metrics:
             try:
                 line = self.lines.get(timeout=0.2)
             except queue.Empty:
@@ -85,6 +92,9 @@ class Up:
                 self.nats = value
             elif key == "grpc":
                 self.grpc = value
+            elif key == "metrics":
+                assert self.grpc, "the metrics: line comes after the grpc: line"
+                self.metrics = dict(item.split("=", 1) for item in value.split(" "))
         return self
 
     def state(self) -> dict[str, Any]:
@@ -152,6 +162,65 @@ async def ledger_facts(up: Up) -> Counter[str]:
         await nc.close()
 
 
+async def leader_holder(up: Up) -> str:
+    """The holder written in the admission leader lock (JetStream KV)."""
+    nc = await nats.connect(up.nats, user="admin", password=up.admin_password(), connect_timeout=2,
+                            allow_reconnect=False)
+    try:
+        kv = await nc.jetstream().key_value(subjects.bucket(CLUSTER, "leader"))
+        entry = await kv.get(subjects.kv_key("admission"))
+        return (entry.value or b"").decode()
+    finally:
+        await nc.close()
+
+
+def holds(holder: str, pid: int) -> bool:
+    """Admission's holder is `admission-<pid>-<random>`."""
+    return str(pid) in holder.split("-")
+
+
+def leader_log_holders(log: Path) -> list[str]:
+    """The holders of the `leader` lines in an admission log."""
+    out = []
+    for line in log.read_text().splitlines():
+        if line.startswith("{"):
+            doc = json.loads(line)
+            if doc.get("msg") == "leader":
+                out.append(doc["holder"])
+    return out
+
+
+def requests_counted(address: str) -> dict[tuple[str, str, str], float]:
+    """`jobtree_requests_total` scraped from http://address/metrics: (service, verb, outcome) -> count."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as resp:
+        assert resp.status == 200
+        text = resp.read().decode()
+    return {(s.labels["service"], s.labels["verb"], s.labels["outcome"]): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == "jobtree_requests_total"}
+
+
+def poll_until(what: str, probe: Any, timeout: float = 10.0) -> Any:
+    """probe() until it returns something truthy; fail naming `what` (and the last value) if not in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = probe()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} within {timeout:g} s (last: {got!r})")
+        time.sleep(0.1)
+
+
+def free_port_block(count: int) -> int:
+    """The first of `count` consecutive free ports, below the kernel's ephemeral range."""
+    for _ in range(50):
+        base = random.randrange(20000, 30000 - count)
+        if not any(port_in_use(p) for p in range(base, base + count)):
+            return base
+    raise AssertionError("no block of free ports found")
+
+
 def run_manifest(name: str, gpus: int) -> pb.Run:
     return convert.manifest_to_proto({
         "apiVersion": "rq.davidlangworthy.io/v1", "kind": "Run",
@@ -189,7 +258,7 @@ def test_up_serves_stops_cleanly_and_resumes(tmp_path: Path) -> None:
         state = up.state()
         assert state["ready"] and state["cluster"] == CLUSTER and state["grpc"] == up.grpc
         pids = [state["pid"], state["nats_pid"], *state["services"].values()]
-        assert sorted(state["services"]) == sorted(SERVICES)
+        assert sorted(state["services"]) == sorted([*SERVICES, "admission-2"])  # default: one standby
         assert "demo loaded" in up.stderr
         assert oct((data / "secrets.json").stat().st_mode & 0o777) == "0o600"
 
@@ -276,3 +345,160 @@ def test_up_names_the_services_it_cannot_start_in_one_line(
     assert out == "" and err.count("\n") == 1
     assert err.startswith("jobtree: cannot start: service(s) not available yet: notifier ")
     assert "jobtree demo" in err and not (tmp_path / "jt").exists()
+
+
+@pytest.mark.parametrize(("args", "start"), [
+    (["--admission-replicas", "0"], "jobtree: --admission-replicas: must be at least 1"),
+    (["--admission-replicas", "-2"], "jobtree: --admission-replicas: must be at least 1"),
+    (["--admission-replicas", "two"], "jobtree: argument --admission-replicas: invalid int value"),
+    (["--metrics-port-base", "-1"], "jobtree: --metrics-port-base: 7 ports from -1 must be port numbers"),
+    (["--metrics-port-base", "65530"], "jobtree: --metrics-port-base: 7 ports from 65530 must be port numbers"),
+    (["--admission-replicas", "3", "--metrics-port-base", "65529"],
+     "jobtree: --metrics-port-base: 8 ports from 65529 must be port numbers"),
+    (["--metrics-port-base", "x"], "jobtree: argument --metrics-port-base: invalid int value"),
+])
+def test_up_refuses_bad_replicas_and_metrics_ports_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], start: str
+) -> None:
+    from jobtree.cli.main import main
+
+    assert main(["up", "--data-dir", str(tmp_path / "jt"), "--grpc-port", "0", *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith(start), err
+    assert not (tmp_path / "jt").exists()
+
+
+def test_up_refuses_metrics_ports_in_use_or_overlapping_grpc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from jobtree.cli.main import main
+
+    data = tmp_path / "jt"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        assert main(["up", "--data-dir", str(data), "--grpc-port", "0", "--metrics-port-base", str(busy)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1, err
+        assert err.startswith(f"jobtree: --metrics-port-base: 127.0.0.1:{busy} is in use"), err
+    base = free_port_block(len(SERVICES) + 1)
+    grpc_port = base + 3
+    assert main(["up", "--data-dir", str(data), "--grpc-port", str(grpc_port), "--metrics-port-base", str(base)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"jobtree: --metrics-port-base: ports {base}-{base + len(SERVICES)} include "
+                          f"the --grpc-port {grpc_port}"), err
+    assert not data.exists()
+
+
+def test_up_serves_the_metrics_of_every_process(tmp_path: Path) -> None:
+    """`--metrics-port-base M`: ports M.. in start order, printed and in up.json; each process's
+    /metrics counts its own service's requests, admission's leader its commands."""
+    data = tmp_path / "jt"
+    names = ["binder", "admission", "budget", "packer", "resolver", "gateway", "admission-2", "admission-3"]
+    assert sorted(set(names) - {"admission-2", "admission-3"}) == sorted(SERVICES)
+    base = free_port_block(len(names))
+    up = Up(data, "--admission-replicas", "3", "--metrics-port-base", str(base)).wait_ready()
+    try:
+        state = up.state()
+        assert state["metrics"] == up.metrics == {name: f"127.0.0.1:{base + i}" for i, name in enumerate(names)}
+        assert list(up.metrics) == names  # the printed order is the start order
+        assert sorted(state["services"]) == sorted(names)
+        assert state["admission_replicas"] == ["admission", "admission-2", "admission-3"]
+        assert all(alive(pid) for pid in state["services"].values())
+
+        # Every process handles the health requests of its service's subject (standbys too).
+        asyncio.run(bus_checks(up, None))
+        for name in names:
+            service = name.split("-")[0]
+            got = poll_until(f"{name}'s /metrics counting health requests",
+                             lambda name=name, service=service: (
+                                 c if (c := requests_counted(up.metrics[name])).get((service, "health", "ok"), 0) >= 1
+                                 else None))
+            assert {svc for svc, _, _ in got} == {service}, (name, got)  # its own registry, not another's
+
+        # The leader counted the demo's commands; a submission adds exactly one.
+        holder = asyncio.run(leader_holder(up))
+        leader = [n for n in state["admission_replicas"] if holds(holder, state["services"][n])]
+        assert len(leader) == 1, (holder, state["services"])
+        before = requests_counted(up.metrics[leader[0]]).get(("admission", "command", "ok"), 0)
+        assert before >= len(demo_commands(CLUSTER))
+        for standby in set(state["admission_replicas"]) - set(leader):
+            assert ("admission", "command", "ok") not in requests_counted(up.metrics[standby])
+        with grpc.insecure_channel(up.grpc) as channel:
+            api_grpc.JobtreeStub(channel).SubmitRun(
+                api.SubmitRunRequest(run=run_manifest("metered", 8), request_id="t-metrics"), timeout=10)
+        poll_until("the leader counting one more command", lambda: requests_counted(
+            up.metrics[leader[0]]).get(("admission", "command", "ok")) == before + 1)
+        assert up.interrupt() == 0, up.stderr
+    finally:
+        up.stop()
+    assert "Traceback" not in up.stderr
+    assert not [pid for pid in state["services"].values() if alive(pid)], "processes left behind"
+
+
+def test_up_standby_admission_takes_over_when_the_leader_is_killed(tmp_path: Path) -> None:
+    """Default: two admissions. SIGKILL the one holding the lock; a submission through the gateway
+    succeeds within 5 s, decided by the other; `up` reports the dead one and keeps running."""
+    data = tmp_path / "jt"
+    up = Up(data).wait_ready()
+    try:
+        state = up.state()
+        replicas = state["admission_replicas"]
+        assert replicas == ["admission", "admission-2"]
+        pids = {name: state["services"][name] for name in replicas}
+        assert len(set(pids.values())) == 2 and all(alive(pid) for pid in pids.values())
+
+        holder = asyncio.run(leader_holder(up))
+        leaders = [name for name, pid in pids.items() if holds(holder, pid)]
+        assert len(leaders) == 1, (holder, pids)
+        leader = leaders[0]
+        standby = next(name for name in replicas if name != leader)
+        assert leader_log_holders(data / "logs" / f"{leader}.log") == [holder]
+        assert leader_log_holders(data / "logs" / f"{standby}.log") == []
+
+        with grpc.insecure_channel(up.grpc) as channel:
+            stub = api_grpc.JobtreeStub(channel)
+            assert len(stub.ListNodes(api.ListNodesRequest(), timeout=5).nodes) == DEMO_NODES  # channel open
+            os.kill(pids[leader], signal.SIGKILL)
+            killed = time.monotonic()
+            deadline = killed + 5.0
+            last: grpc.RpcError | None = None
+            # While nobody answers admission's subject the gateway re-sends by itself; a request that
+            # reached the leader as it died gets no answer, so a client retries (same request id)
+            # after a deadline of its own (gRPC deadline 1.5 s here).
+            while True:
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, (f"no submission accepted within 5 s of killing the leader: {last}\n"
+                                       + (data / "logs" / f"{standby}.log").read_text()[-3000:])
+                try:
+                    submitted = stub.SubmitRun(
+                        api.SubmitRunRequest(run=run_manifest("after-failover", 16), request_id="t-failover"),
+                        timeout=min(1.5, remaining))
+                    break
+                except grpc.RpcError as e:
+                    if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                        raise
+                    last = e
+                    time.sleep(0.05)  # a backoff, not an assertion
+            took = time.monotonic() - killed
+            assert took <= 5.0
+            got = stub.GetRun(api.GetRunRequest(run=pb.RunRef(namespace="vision", name="after-failover"),
+                                                min_ledger_sequence=submitted.ledger_sequence), timeout=5)
+            assert got.run.status.phase == "Running"
+
+        # The standby leads now: the lock, its log and its metrics say so.
+        new_holder = asyncio.run(leader_holder(up))
+        assert holds(new_holder, pids[standby]) and new_holder != holder
+        assert leader_log_holders(data / "logs" / f"{standby}.log") == [new_holder]
+        assert requests_counted(up.metrics[standby]).get(("admission", "command", "ok"), 0) >= 1
+
+        # `up` reports the dead process, restarts nothing and keeps running.
+        poll_until("up reporting the killed admission", lambda: (
+            f"jobtree up: service {leader} stopped by itself (status -9)" in up.stderr))
+        assert up.proc.poll() is None and not alive(pids[leader])
+        assert up.interrupt() == 0, up.stderr
+    finally:
+        up.stop()
+    assert "Traceback" not in up.stderr and "jobtree up: stopped" in up.stderr
+    assert not [pid for pid in state["services"].values() if alive(pid)], "processes left behind"
+    assert violations(data) == []

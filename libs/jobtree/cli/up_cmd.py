@@ -1,22 +1,29 @@
 """`jobtree up`: the whole system on this machine — nats-server, every service, a demo cluster.
 
-Contract: `jobtree up [--data-dir D] [--no-demo] [--cluster C] [--grpc-port P] [--clock K]`
+Contract: `jobtree up [--data-dir D] [--no-demo] [--cluster C] [--grpc-port P] [--clock K]
+[--admission-replicas N] [--metrics-port-base M]`
 1. refuses at once, with one line, when a service cannot be served yet, the data directory
-   belongs to another cluster or another `jobtree up` runs on it, or the gRPC port is taken;
+   belongs to another cluster or another `jobtree up` runs on it, the gRPC port is taken,
+   N < 1, or a metrics port of the block M.. is taken, out of range or the gRPC port;
 2. starts a nats-server with JetStream (`D/nats`, fsync before ack) and one NATS user per
    service with the permissions of `jobtree.bus.security` (passwords in `D/secrets.json`,
    mode 0600, reused on every start);
 3. as `admin`, creates the ledger stream and the KV buckets (leader: TTL 2 s, history 1);
-4. starts every service as its own process (`jobtree serve NAME`, logs in `D/logs/NAME.log`)
-   and waits until each answers `health` over NATS and the gateway's gRPC port accepts
-   connections;
+4. starts every service as its own process (`jobtree serve NAME`, logs in `D/logs/NAME.log`),
+   each with Prometheus `/metrics` on its own 127.0.0.1 port (M, M+1, ... in start order; free
+   ports when M is 0), and waits until each answers `health` over NATS, serves its metrics port
+   and the gateway's gRPC port accepts connections. With N > 1, once the first admission holds
+   the leader lock, starts the N-1 standby admissions (processes `admission-2`..`admission-N`,
+   each `jobtree serve admission`, logs `D/logs/admission-K.log`), which wait for the lock and
+   take over when it lapses, and waits until they serve their metrics ports;
 5. on a fresh ledger, unless `--no-demo`, loads the demo cluster by sending `bus.Command`s to
    `jobtree.C.admission.command`: 3 fabric domains of 4 nodes with 8 `H100-80GB` GPUs, and an
    organisation `org:ml` funding a pool its two teams (vision, nlp) share. A ledger that
    already holds messages is resumed as it is (nothing loaded twice);
-6. prints `nats: URL` and then `grpc: 127.0.0.1:PORT` on stdout, writes `D/up.json` (addresses
-   and process ids), and runs until SIGINT (Ctrl-C) or SIGTERM, reporting services that stop
-   by themselves (none is restarted);
+6. prints `nats: URL`, `grpc: 127.0.0.1:PORT` and then `metrics: NAME=127.0.0.1:PORT ...` (every
+   process, in start order) on stdout, writes `D/up.json` (addresses, process ids, metrics
+   ports), and runs until SIGINT (Ctrl-C) or SIGTERM, reporting processes that stop by
+   themselves (none is restarted: a standby admission is what keeps the cluster deciding);
 7. then stops every service (SIGTERM, SIGKILL after 10 s) and the nats-server, removes
    `D/up.json` and exits 0 (130 if interrupted before it was ready, 1 if starting failed).
 Not: the services (see `services/`), not the simulator demo (`jobtree demo`).
@@ -35,8 +42,8 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,6 +53,8 @@ from jobtree.cli.sim_cmd import CliError
 DEFAULT_DATA_DIR = Path(".jobtree")
 DEFAULT_CLUSTER = "demo"
 DEFAULT_GRPC_PORT = 50051
+DEFAULT_ADMISSION_REPLICAS = 2
+"""One leader and one standby."""
 HOST = "127.0.0.1"
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -79,6 +88,12 @@ def add_up_parser(subparsers: Any) -> None:
                    help=f"the gateway's gRPC port on {HOST} (default {DEFAULT_GRPC_PORT}; 0 = a free port)")
     p.add_argument("--clock", choices=CLOCKS, default="system",
                    help="system (default) or virtual (instants come from commands; the resolver idles)")
+    p.add_argument("--admission-replicas", metavar="N", type=int, default=DEFAULT_ADMISSION_REPLICAS,
+                   help=f"admission processes: one leader, N-1 standbys that take over when it dies "
+                        f"(default {DEFAULT_ADMISSION_REPLICAS})")
+    p.add_argument("--metrics-port-base", metavar="M", type=int, default=0,
+                   help=f"Prometheus /metrics of every process on {HOST}:M, M+1, ... in start order "
+                        "(default 0: free ports; the `metrics:` line and up.json say which)")
     p.set_defaults(handler=cmd_up)
 
 
@@ -120,6 +135,41 @@ def demo_commands(cluster: str) -> list[tuple[str, Any]]:
     return out
 
 
+# --- processes -----------------------------------------------------------------------------
+
+
+def standby_names(replicas: int) -> list[str]:
+    """The processes of the standby admissions: `admission-2` .. `admission-N`."""
+    return [f"admission-{k}" for k in range(2, replicas + 1)]
+
+
+def service_of(process: str) -> str:
+    """The service a process runs (`admission-K` runs admission; any other is its service)."""
+    base, _, k = process.rpartition("-")
+    return base if base == "admission" and k.isdigit() else process
+
+
+def process_names(replicas: int) -> list[str]:
+    """Every process `up` starts, in start order (the order of the metrics ports)."""
+    from jobtree.bus.security import SERVICES
+
+    return [*START_ORDER, *(s for s in SERVICES if s not in START_ORDER), *standby_names(replicas)]
+
+
+def _supervisor(data_dir: Path, cluster: str, nats_url: str, clock: str) -> Any:
+    """A `Supervisor` that runs process `admission-K` as `jobtree serve admission` (its own
+    data directory and log, named after the process)."""
+    from jobtree.bus.supervisor import Supervisor
+
+    class UpSupervisor(Supervisor):
+        def argv(self, name: str, args: Iterable[str] = ()) -> list[str]:
+            argv = super().argv(service_of(name), args)
+            argv[argv.index("--data-dir") + 1] = str(self.data_dir / "services" / name)
+            return argv
+
+    return UpSupervisor(data_dir, cluster, nats_url, clock=clock)
+
+
 # --- helpers -------------------------------------------------------------------------------
 
 
@@ -136,6 +186,37 @@ def accepts(port: int, host: str = HOST) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
         return True
     return False
+
+
+def free_ports(count: int, avoid: int = 0, host: str = HOST) -> list[int]:
+    """`count` distinct ports free on `host` now (none equal to `avoid`)."""
+    held: list[socket.socket] = []
+    try:
+        while len(held) < count + (1 if avoid else 0):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(s)
+            s.bind((host, 0))
+        return [p for p in (s.getsockname()[1] for s in held) if p != avoid][:count]
+    finally:
+        for s in held:
+            s.close()
+
+
+def check_metrics_base(base: int, count: int, grpc_port: int) -> None:
+    """CliError (one line) unless `count` ports from `base` are usable (base 0: pick free ones)."""
+    if base == 0:
+        return
+    last = base + count - 1
+    if base < 0 or last > 65535:
+        raise CliError(f"--metrics-port-base: {count} ports from {base} must be port numbers "
+                       f"(at most {65535 - count + 1}; 0 for free ports), got {base}")
+    if grpc_port and base <= grpc_port <= last:
+        raise CliError(f"--metrics-port-base: ports {base}-{last} include the --grpc-port {grpc_port}; "
+                       "pick another base or 0 for free ports")
+    busy = [p for p in range(base, last + 1) if port_in_use(p)]
+    if busy:
+        raise CliError(f"--metrics-port-base: {HOST}:{busy[0]} is in use (ports {base}-{last} are needed); "
+                       "pick another base or 0 for free ports")
 
 
 @contextlib.contextmanager
@@ -159,6 +240,10 @@ class Options:
     grpc_port: int
     clock: str
     demo: bool
+    admission_replicas: int = DEFAULT_ADMISSION_REPLICAS
+    metrics_base: int = 0
+    metrics: dict[str, int] = field(default_factory=dict)
+    """Process name -> its metrics port (assigned once the nats-server runs)."""
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -179,13 +264,17 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise CliError(f"--grpc-port: must be a port number (0 for a free one), got {port}")
     if port and port_in_use(port):
         raise CliError(f"--grpc-port: {HOST}:{port} is in use; pick another port or 0 for a free one")
+    replicas = args.admission_replicas
+    if replicas < 1:
+        raise CliError(f"--admission-replicas: must be at least 1 (one leader, the rest standbys), got {replicas}")
+    check_metrics_base(args.metrics_port_base, len(process_names(replicas)), port)
     data_dir = Path(args.data_dir).resolve()
     try:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(data_dir, 0o700)  # the nats-server config inside holds the passwords
     except OSError as e:
         raise CliError(f"--data-dir {data_dir}: {e.strerror or e}") from None
-    opts = Options(data_dir, args.cluster, port, args.clock, not args.no_demo)
+    opts = Options(data_dir, args.cluster, port, args.clock, not args.no_demo, replicas, args.metrics_port_base)
     with data_dir_lock(data_dir):
         try:
             return asyncio.run(_up(opts))
@@ -202,7 +291,7 @@ async def _up(opts: Options) -> int:
     import nats
 
     from jobtree.bus.natsserver import NatsServer, NatsServerError
-    from jobtree.bus.security import SERVICES, Secrets, server_users
+    from jobtree.bus.security import Secrets, server_users
     from jobtree.bus.supervisor import Supervisor, SupervisorError
 
     loop = asyncio.get_running_loop()
@@ -231,20 +320,37 @@ async def _up(opts: Options) -> int:
         nc = await nats.connect(server.url, user="admin", password=secrets.passwords["admin"],
                                 error_cb=quiet, max_reconnect_attempts=2, name="jobtree-up")
         sequence = await _prepare_streams(nc, opts.cluster)
-        supervisor = Supervisor(opts.data_dir, opts.cluster, server.url, clock=opts.clock)
+        supervisor = _supervisor(opts.data_dir, opts.cluster, server.url, opts.clock)
         with contextlib.suppress(FileNotFoundError):
             _port_file(supervisor).unlink()  # left by a crash: the gateway writes it once bound
-        for name in START_ORDER + tuple(s for s in SERVICES if s not in START_ORDER):
-            env = secrets.env(name)
+        names = process_names(opts.admission_replicas)
+        ports = (range(opts.metrics_base, opts.metrics_base + len(names)) if opts.metrics_base
+                 else free_ports(len(names), avoid=opts.grpc_port))
+        opts.metrics = dict(zip(names, ports, strict=True))
+        standbys = standby_names(opts.admission_replicas)
+
+        def start(name: str) -> None:
+            env = secrets.env(service_of(name))
             if name == "gateway":
                 env[ENV_GRPC_PORT] = str(opts.grpc_port)
             try:
-                supervisor.start(name, env=env)
+                supervisor.start(name, env=env, args=("--metrics-port", str(opts.metrics[name])))
             except SupervisorError as e:
                 raise UpError(str(e)) from None
+
+        for name in names:
+            if name not in standbys:
+                start(name)
         _write_state(state_path, opts, server, supervisor, ready=False)
-        if not await _until(stop, _wait_healthy(nc, opts, supervisor)):
+        if not await _until(stop, _wait_healthy(nc, opts, supervisor, [n for n in names if n not in standbys])):
             return 130
+        if standbys:  # after the first admission leads: it stays the leader until it stops
+            if not await _until(stop, _wait_leader(nc, opts, supervisor)):
+                return 130
+            for name in standbys:
+                start(name)
+            if not await _until(stop, _wait_healthy(nc, opts, supervisor, standbys)):
+                return 130
         _write_state(state_path, opts, server, supervisor, ready=False)
         if opts.demo and sequence == 0:
             if not await _until(stop, _load_demo(nc, opts.cluster)):
@@ -258,6 +364,7 @@ async def _up(opts: Options) -> int:
         _say(f"jobtree up: {note}; logs in {supervisor.logs_dir}; Ctrl-C to stop")
         _say(f"nats: {server.url}", sys.stdout)
         _say(f"grpc: {HOST}:{opts.grpc_port}", sys.stdout)
+        _say("metrics: " + " ".join(f"{name}={HOST}:{port}" for name, port in opts.metrics.items()), sys.stdout)
         ready = True
         reported: set[str] = set()
         while not stop.is_set():
@@ -266,8 +373,10 @@ async def _up(opts: Options) -> int:
             for name, code in supervisor.exited().items():
                 if name not in reported:
                     reported.add(name)
-                    _say(f"jobtree up: service {name} stopped by itself (status {code}); it is not restarted; "
-                         f"see {supervisor.processes[name].log_path}")
+                    standby = (" (a standby admission takes over while one runs)"
+                               if service_of(name) == "admission" and opts.admission_replicas > 1 else "")
+                    _say(f"jobtree up: service {name} stopped by itself (status {code}); it is not restarted"
+                         f"{standby}; see {supervisor.processes[name].log_path}")
         _say("jobtree up: stopping")
         return 0
     finally:
@@ -329,46 +438,79 @@ async def _prepare_streams(nc: Any, cluster: str) -> int:
     return await ledger.last_sequence()
 
 
-async def _wait_healthy(nc: Any, opts: Options, supervisor: Any) -> None:
-    """Every service answers `health` (and the gateway's port accepts connections)."""
+async def _wait_healthy(nc: Any, opts: Options, supervisor: Any, names: list[str]) -> None:
+    """Processes `names` are up: each serves its metrics port, a service of its own name answers
+    `health` over NATS (a standby admission shares the subject, so its port is what tells), and
+    the gateway's gRPC port accepts connections."""
     import nats.errors
 
     from jobtree.bus import subjects
 
     deadline = time.monotonic() + READY_TIMEOUT
 
-    async def one(name: str) -> None:
-        subject = subjects.request(opts.cluster, name, "health")
+    async def until(name: str, ok: Any, what: str) -> None:
+        sp = supervisor.processes[name]
         while True:
-            sp = supervisor.processes[name]
+            if await ok():
+                return
             if not sp.running:
                 raise UpError(f"service {name} exited with status {sp.proc.returncode} while starting; "
                               f"see {sp.log_path}")
-            try:
-                msg = await nc.request(subject, b"", timeout=0.5)
-                if msg.data == b"ok":
-                    break
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
-                pass
             if time.monotonic() > deadline:
-                raise UpError(f"service {name} did not answer health within {READY_TIMEOUT:.0f} s; see {sp.log_path}")
+                raise UpError(f"service {name} did not {what} within {READY_TIMEOUT:.0f} s; see {sp.log_path}")
             await asyncio.sleep(0.1)
+
+    async def one(name: str) -> None:
+        if service_of(name) == name:
+            subject = subjects.request(opts.cluster, name, "health")
+
+            async def healthy() -> bool:
+                try:
+                    return bool((await nc.request(subject, b"", timeout=0.5)).data == b"ok")
+                except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                    return False
+
+            await until(name, healthy, "answer health")
         if name == "gateway":
             port_file = _port_file(supervisor)
-            while True:
+
+            async def grpc_open() -> bool:
                 with contextlib.suppress(OSError, ValueError):
                     port = int(port_file.read_text())
                     if (not opts.grpc_port or port == opts.grpc_port) and accepts(port):
                         opts.grpc_port = port
-                        break
-                if not sp.running:
-                    raise UpError(f"the gateway exited with status {sp.proc.returncode}; see {sp.log_path}")
-                if time.monotonic() > deadline:
-                    raise UpError(f"the gateway does not accept gRPC connections on {HOST} "
-                                  f"within {READY_TIMEOUT:.0f} s; see {sp.log_path}")
-                await asyncio.sleep(0.1)
+                        return True
+                return False
 
-    await asyncio.gather(*(one(name) for name in supervisor.processes))
+            await until(name, grpc_open, f"accept gRPC connections on {HOST}")
+
+        async def metrics_open() -> bool:
+            return accepts(opts.metrics[name])
+
+        await until(name, metrics_open, f"serve metrics on {HOST}:{opts.metrics[name]}")
+
+    await asyncio.gather(*(one(name) for name in names))
+
+
+async def _wait_leader(nc: Any, opts: Options, supervisor: Any) -> None:
+    """The admission leader lock is held (by the only admission running yet)."""
+    import nats.js.errors
+
+    from jobtree.bus import subjects
+
+    kv = await nc.jetstream().key_value(subjects.bucket(opts.cluster, "leader"))
+    deadline = time.monotonic() + READY_TIMEOUT
+    sp = supervisor.processes["admission"]
+    while True:
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+            await kv.get(subjects.kv_key("admission"))
+            return
+        if not sp.running:
+            raise UpError(f"service admission exited with status {sp.proc.returncode} while starting; "
+                          f"see {sp.log_path}")
+        if time.monotonic() > deadline:
+            raise UpError(f"admission did not take the leader lock within {READY_TIMEOUT:.0f} s; see {sp.log_path}")
+        await asyncio.sleep(0.1)
 
 
 async def _load_demo(nc: Any, cluster: str) -> None:
@@ -416,6 +558,8 @@ def _write_state(path: Path, opts: Options, server: Any, supervisor: Any, *, rea
         "grpc": f"{HOST}:{opts.grpc_port}",
         "nats_pid": server.pid,
         "services": supervisor.pids(),
+        "admission_replicas": ["admission", *standby_names(opts.admission_replicas)],
+        "metrics": {name: f"{HOST}:{port}" for name, port in opts.metrics.items()},
         "logs": str(supervisor.logs_dir),
     }
     tmp = path.with_name(path.name + ".tmp")
