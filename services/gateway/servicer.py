@@ -71,6 +71,9 @@ STATUS_OF: dict[int, grpc.StatusCode] = {
 """bus.ErrorCode -> gRPC status code."""
 
 REQUEST_ID_MAX = 128
+RESEND_AFTER = 2.0
+"""Seconds without an answer before a request to a service is sent again (a leader's lock
+lapses in 2 s, so a request lost with a dead leader reaches its successor)."""
 WATCH_QUEUE_MAX = 10_000
 """Events a watcher may fall behind by before its stream is ended (ABORTED, resume with
 after_ledger_sequence)."""
@@ -317,7 +320,10 @@ class Gateway(api_grpc.JobtreeServicer):
 
     async def _ask(self, subject: str, payload: Message, reply_cls: type[M], what: str,
                    context: Context, timeout: float) -> M:
-        """Request/reply over NATS; re-sent while nobody answers, until the deadline."""
+        """Request/reply over NATS until the deadline: re-sent while nobody answers, and after
+        RESEND_AFTER seconds without an answer (the same bytes, so the same command id: a
+        request that reached a leader as it died is answered by its successor; admission
+        decides a command id once)."""
         loop = asyncio.get_running_loop()
         deadline = self._deadline(context, timeout)
         data, headers = codec.encode(payload), codec.headers(payload)
@@ -327,12 +333,14 @@ class Gateway(api_grpc.JobtreeServicer):
             if remaining <= 0:
                 raise _Abort(grpc.StatusCode.UNAVAILABLE, problem)
             try:
-                msg = await self.ctx.nc.request(subject, data, timeout=remaining, headers=headers)
+                msg = await self.ctx.nc.request(subject, data, timeout=min(remaining, RESEND_AFTER), headers=headers)
             except nats.errors.NoRespondersError:
                 problem = f"{what} is not running (nobody answers {subject})"
                 await asyncio.sleep(min(0.1, max(0.0, deadline - loop.time())))
                 continue
             except nats.errors.TimeoutError:
+                if deadline - loop.time() > 0.05:
+                    continue
                 raise _Abort(grpc.StatusCode.UNAVAILABLE, problem) from None
             except nats.errors.Error as exc:
                 raise _Abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach {what}: {exc}") from None
