@@ -1,7 +1,9 @@
 """admission: the per-cluster decision loop — the only place the calculus decides.
 
 Contract: one leader per cluster (`LeaderLock`; standbys wait and take over when the lock
-lapses). The leader rebuilds a core `Cluster` from the ledger stream, then answers
+lapses). A standby keeps a hot replica of the ledger (a `Follower`) while it waits; the new
+leader stops it, applies the tail it had not seen, refreshes the lock for the whole term (a
+keeper task, so a long catch-up cannot let it lapse), then answers
 `jobtree.C.admission.command` (bus.Command -> bus.CommandReply). Commands queue as they
 arrive; the decision loop takes everything queued (up to MAX_GROUP) as one group and decides
 its commands in arrival order exactly as it would one at a time — for each: move the clock to
@@ -41,7 +43,7 @@ from prometheus_client import Counter
 from jobtree.api import convert
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.bus import subjects
-from jobtree.bus.follower import apply_batch
+from jobtree.bus.follower import Follower, apply_batch, follow
 from jobtree.bus.leader import LEADER_TTL, LeaderLock, leader_bucket
 from jobtree.bus.ledger import Ledger
 from jobtree.bus.runtime import LATENCY, REQUESTS, ServiceContext
@@ -53,9 +55,9 @@ STALE_RETRIES = 3
 COMMIT_TIMEOUT = 1.0
 """Seconds to wait for the binder before resending the same append."""
 COMMIT_ATTEMPTS = 8
-REBUILDS = Counter("jobtree_admission_rebuilds_total", "Times the decision loop rebuilt its view from the ledger",
-                   ["why"])
-REBUILD_REASONS = frozenset({"start", "a refused command had changed the view", "the binder did not answer",
+REBUILDS = Counter("jobtree_admission_rebuilds_total",
+                   "Times the decision loop read the ledger into its view (a rebuild, or a take-over's tail)", ["why"])
+REBUILD_REASONS = frozenset({"take over", "a refused command had changed the view", "the binder did not answer",
                              "the ledger moved on", "committed earlier"})
 MAX_GROUP = 1024
 """Most commands taken from the queue for one group."""
@@ -105,24 +107,33 @@ class DecisionLoop:
         self.queued = asyncio.Event()
         self.commit_subject = subjects.request(ctx.cluster, "binder", "commit")
 
-    async def rebuild(self, why: str = "start") -> None:
-        """The view from the ledger alone (deciding nothing)."""
-        started = time.perf_counter()
-        cluster = Cluster(self.ctx.settings.config, (), 0)
-        committed: dict[str, int] = {}
-        seq = 0
-        for i, record in enumerate(await self.ledger.replay()):
+    async def rebuild(self, why: str) -> None:
+        """The view from the ledger alone (deciding nothing): what a rejected decision leaves."""
+        self.cluster, self.committed, self.sequence = Cluster(self.ctx.settings.config, (), 0), {}, 0
+        await self._catch_up(why)
+
+    async def take_over(self, standby: Follower) -> None:
+        """Start a term from a standby's replica of the ledger: stop it and apply the tail it
+        has not seen yet (the leader of a long ledger does not replay it all)."""
+        await standby.stop()
+        self.cluster, self.committed, self.sequence = standby.cluster, dict(standby.command_ids), standby.sequence
+        await self._catch_up("take over")
+
+    async def _catch_up(self, why: str) -> None:
+        """Apply every ledger message after `sequence` to the view."""
+        started, first = time.perf_counter(), self.sequence
+        for i, record in enumerate(await self.ledger.replay(after=self.sequence)):
             if i % YIELD_EVERY == 0:
                 await asyncio.sleep(0)  # a long replay must not starve the leader lock's refresh
-            apply_batch(cluster, record.batch)
+            apply_batch(self.cluster, record.batch)
             for entry in record.batch.entries:
                 if entry.command_id:
-                    committed[entry.command_id] = record.sequence
-            seq = record.sequence
-        self.cluster, self.committed, self.sequence = cluster, committed, seq
+                    self.committed[entry.command_id] = record.sequence
+            self.sequence = record.sequence
         REBUILDS.labels(why if why in REBUILD_REASONS else "other").inc()
-        self.ctx.log.info("view rebuilt from the ledger", extra={"fields": {
-            "why": why, "sequence": seq, "seconds": round(time.perf_counter() - started, 3)}})
+        self.ctx.log.info("view rebuilt from the ledger" if first == 0 else "view caught up with the ledger",
+                          extra={"fields": {"why": why, "from": first, "sequence": self.sequence,
+                                            "seconds": round(time.perf_counter() - started, 3)}})
 
     async def _commit(self, request: bus.AppendRequest) -> bytes | None:
         """Send an append to the binder, resending the identical request (same message id and
@@ -323,30 +334,53 @@ async def main(ctx: ServiceContext) -> None:
     kv = await leader_bucket(ctx.js, ctx.cluster)
     holder = f"admission-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     lock = LeaderLock(kv, "admission", holder)
-    ledger = Ledger(ctx.js, ctx.cluster)
-    while not ctx.stopping.is_set():  # the ledger stream is made by `jobtree up` or the binder
-        try:
-            await ledger.last_sequence()
-            break
-        except Exception:
-            await _sleep(ctx, 0.5)
     try:
-        await _lead(ctx, lock, holder)
+        while not ctx.stopping.is_set():
+            standby = await follow(ctx)  # a hot replica while waiting (waits for the ledger stream)
+            if standby is None:
+                return
+            try:
+                while not await lock.acquire():
+                    await _sleep(ctx, LEADER_TTL / 4)
+                    if ctx.stopping.is_set():
+                        return
+            finally:
+                if lock.epoch == 0 or ctx.stopping.is_set():
+                    await standby.stop()
+            await _term(ctx, lock, holder, standby)
+            lock.epoch = 0
     finally:
         await lock.release()
 
 
-async def _lead(ctx: ServiceContext, lock: LeaderLock, holder: str) -> None:
+async def _keep(ctx: ServiceContext, lock: LeaderLock, lost: asyncio.Event) -> None:
+    """Refresh the leader lock every TTL/4 for the whole term (the take-over's replay included)."""
     while not ctx.stopping.is_set():
-        if not await lock.acquire():
-            await _sleep(ctx, LEADER_TTL / 4)
-            continue
-        ctx.log.info("leader", extra={"fields": {"epoch": lock.epoch, "holder": holder}})
-        loop = DecisionLoop(ctx, lock.epoch)
-        await loop.rebuild()
+        await _sleep(ctx, LEADER_TTL / 4)
+        if ctx.stopping.is_set():
+            return
+        if not await lock.refresh():
+            ctx.log.warning("lost the leader lock", extra={"fields": {"epoch": lock.epoch}})
+            lost.set()
+            return
+
+
+async def _term(ctx: ServiceContext, lock: LeaderLock, holder: str, standby: Follower) -> None:
+    """One leader term: take over from the standby replica, decide until the lock is lost or
+    the service stops."""
+    ctx.log.info("leader", extra={"fields": {"epoch": lock.epoch, "holder": holder}})
+    lost = asyncio.Event()
+    keeper = asyncio.create_task(_keep(ctx, lock, lost))
+    loop = DecisionLoop(ctx, lock.epoch)
+    worker: asyncio.Task[None] | None = None
+    sub = None
+    try:
+        await loop.take_over(standby)
+        if lost.is_set():
+            return
         worker = asyncio.create_task(loop.run())
 
-        async def answer(msg: Msg, loop: DecisionLoop = loop) -> None:
+        async def answer(msg: Msg) -> None:
             started = time.perf_counter()
 
             async def reply(r: bus.CommandReply) -> None:
@@ -359,17 +393,20 @@ async def _lead(ctx: ServiceContext, lock: LeaderLock, holder: str) -> None:
             loop.enqueue(msg.data, reply)  # returns at once: the worker decides what queued meanwhile
 
         sub = await ctx.nc.subscribe(subjects.request(ctx.cluster, "admission", "command"), cb=answer)
+        waits = [asyncio.create_task(lost.wait()), asyncio.create_task(ctx.stopping.wait())]
         try:
-            while not ctx.stopping.is_set():
-                await _sleep(ctx, LEADER_TTL / 4)
-                if not await lock.refresh():
-                    ctx.log.warning("lost the leader lock", extra={"fields": {"epoch": lock.epoch}})
-                    break
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            for w in waits:
+                w.cancel()
+    finally:
+        if sub is not None:
             await sub.unsubscribe()
-            worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
+        for task in (worker, keeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 async def _sleep(ctx: ServiceContext, seconds: float) -> None:

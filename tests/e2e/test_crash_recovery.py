@@ -9,7 +9,8 @@ lost or duplicated, the replayed view must satisfy every §10 property, and it m
 view of the same commands played in-process: nothing was lost and nothing decided twice.
 
 The failover test runs two admission processes: the leader is killed, the standby must answer
-within 5 s with a higher fencing epoch, and the ledger must show no double decision.
+within 5 s with a higher fencing epoch, having followed the ledger while it waited (it reads
+only the tail at the take-over), and the ledger must show no double decision.
 
 The seed of each test is printed (and can be set with JOBTREE_CRASH_SEED) to replay a failure.
 """
@@ -321,6 +322,10 @@ def test_leader_failover(services: Services, nats_server: NatsServer, cluster: s
             took, new_epoch = next((t - killed, e) for t, e in after if e != old_epoch)
             assert new_epoch > old_epoch, "the new leader's epoch must be higher"
             assert [e for e, _ in standby.leader_terms()][-1] == new_epoch, "the standby did not take over"
+            takeovers = [d for d in standby.log_lines() if d.get("why") == "take over"]
+            # it followed the ledger while it waited: only the tail was read at the take-over
+            assert takeovers and isinstance(takeovers[-1]["from"], int) and takeovers[-1]["from"] >= min(
+                10, int(ev["acked_before_kill"])), takeovers[-1:]  # type: ignore[call-overload]
             terms.append(new_epoch)
             measured.append(round(took, 3))
             assert took < FAILOVER_LIMIT, f"failover took {took:.2f} s"

@@ -293,7 +293,7 @@ def test_a_wrong_password_is_refused(session: Session) -> None:
 # --- what is allowed works -----------------------------------------------------------------------
 
 
-def test_every_service_follows_and_replays_the_ledger(session: Session) -> None:
+def test_every_service_follows_replays_and_reads_the_ledger(session: Session) -> None:
     mark = len(log_lines(session.server))
 
     async def scenario(s: Session) -> None:
@@ -314,6 +314,8 @@ def test_every_service_follows_and_replays_the_ledger(session: Session) -> None:
             await follower.stop()
             records = await Ledger(nc.jetstream(), C).replay()
             assert records[-1].sequence == last
+            # one message by its sequence (admission checks a resent append this way)
+            assert await Ledger(nc.jetstream(), C).batch_at(last) == records[-1].batch
             await nc.close()
             assert not s.violations(user), (user, s.errors[user])
 

@@ -16,7 +16,8 @@ Every service user may:
 - nothing else unless `GRANTS` says so. Grants:
   - `call S.V` / `call S.*`: publish requests to one verb / every verb of service S;
   - `follow ledger`: read the ledger stream through consumers (create, info, delete, pull
-    next, acks, flow control) — what `Follower` and `Ledger.replay` need;
+    next, acks, flow control) and single messages by sequence — what `Follower`,
+    `Ledger.replay` and `Ledger.batch_at` need;
   - `write ledger`: publish to `jobtree.C.ledger.>`, create the ledger stream and read single
     messages (what `Ledger.create` and `Ledger.append` need). Only the binder has it, and
     every other user is also explicitly denied the ledger subjects;
@@ -117,7 +118,8 @@ def expand(cluster: str, grant: str) -> list[str]:
             return [subjects.service_filter(cluster, service)]
         return [subjects.request(cluster, service, verb)]
     if kind == "follow" and what == "ledger":
-        return _stream_read(subjects.ledger_stream(cluster))
+        stream = subjects.ledger_stream(cluster)
+        return [*_stream_read(stream), *_stream_get(stream)]
     if kind == "write" and what == "ledger":
         stream = subjects.ledger_stream(cluster)
         return [subjects.ledger_filter(cluster), f"{JS_API}.STREAM.CREATE.{stream}",
