@@ -151,6 +151,8 @@ class Up:
         self.cluster = cluster
         self.env = env
         self.ready_timeout = ready_timeout
+        self.extra_args: list[str] = []
+        """More `jobtree up` arguments (e.g. `--admission-replicas 1`)."""
         self.proc: subprocess.Popen[str] | None = None
         self.grpc = ""
         self.nats = ""
@@ -169,7 +171,7 @@ class Up:
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jobtree.cli.main", "up", "--data-dir", str(self.data_dir), "--grpc-port", "0",
-             "--no-demo", "--clock", self.clock, "--cluster", self.cluster],
+             "--no-demo", "--clock", self.clock, "--cluster", self.cluster, *self.extra_args],
             cwd=REPO, text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._err, env=env)
         threading.Thread(target=self._read, daemon=True).start()
         deadline = time.monotonic() + self.ready_timeout

@@ -657,6 +657,8 @@ class Tap:
 async def bench(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     fleet_gpus = args.nodes * GPUS_PER_NODE
     up = Up(data_dir, clock="system")
+    if args.profile:  # the profiled admission copy must be the only standby to take the lock
+        up.extra_args = ["--admission-replicas", "1"]
     progress(f"starting jobtree up on {data_dir}")
     up.start()
     profiled: Profiled | None = None
@@ -729,10 +731,10 @@ def report(args: argparse.Namespace, got: dict[str, Any]) -> dict[str, Any]:
 
     def cpu_cols(r: dict[str, Any]) -> list[object]:
         c = r["cpu_s"]
-        return [c.get("gateway"), c.get("admission"), c.get("binder"), c.get("nats-server"),
+        return [c.get("gateway"), c.get("admission"), c.get("admission-2"), c.get("binder"), c.get("nats-server"),
                 sum(c.get(k, 0.0) for k in ("budget", "packer", "resolver")), c.get("bench-client")]
 
-    cpu_h = ["gw cpu", "adm cpu", "bind cpu", "nats cpu", "3 followers cpu", "client cpu"]
+    cpu_h = ["gw cpu", "adm cpu", "standby cpu", "bind cpu", "nats cpu", "3 followers cpu", "client cpu"]
     print(f"Live system: jobtree up, {args.nodes} nodes x {GPUS_PER_NODE} GPUs, {args.budgets} budgets, "
           f"completion by {args.complete}")
     if lat:

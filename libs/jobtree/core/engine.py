@@ -13,6 +13,7 @@ Not: a clock, a store or a transport — callers own time and persistence.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
@@ -124,6 +125,11 @@ class Cluster:
         self._tried: dict[str, tuple[int, int]] = {}
         self._terms_cache: dict[str, RunTerms] = {}
         self._runtime_running: set[str] = set()
+        self._runtime_heap: list[tuple[int, str]] = []
+        """(bound_at + runtime, run) of runtime runs when they started running; an entry is
+        current while `_runtime_due(run)` still equals it (stale ones are dropped lazily)."""
+        self._runtime_pushed: dict[str, int] = {}
+        """The due instant last pushed per running runtime run (no duplicate pushes)."""
         self._malleable_running: set[str] = set()
         self._spec_epoch = 0
         self._cand_epoch = -1
@@ -158,12 +164,13 @@ class Cluster:
             self.deleted.pop(item.run.key, None)
             self._terms_cache.pop(item.run.key, None)
             st = self.status.get(item.run.key)
-            self._index_running(item.run.key, st.phase if st is not None else Phase.PENDING)
+            self._index_running(item.run.key, st.phase if st is not None else Phase.PENDING,
+                                st.bound_at if st is not None else None)
             self.funding.invalidate_run(item.run.key)  # its funding terms feed its leases' ranks
         elif isinstance(item, SpecDeleted):
             self.runs.pop(item.run, None)
             self._terms_cache.pop(item.run, None)
-            self._index_running(item.run, Phase.PENDING)
+            self._index_running(item.run, Phase.PENDING, None)
             self.deleted[item.run] = self.now
         elif isinstance(item, ClockAdvanced):
             pass  # the instant is the entry's: replay has already moved the clock there
@@ -233,10 +240,11 @@ class Cluster:
         self._tried.pop(key, None)
         self._grow_tried.pop(key, None)
         self._terms_cache.pop(key, None)
-        self._index_running(key, new.phase)
+        self._index_running(key, new.phase, new.bound_at)
 
-    def _index_running(self, key: str, phase: Phase) -> None:
-        """Keep the running runs that have a simulated runtime, and the malleable ones, indexed."""
+    def _index_running(self, key: str, phase: Phase, bound_at: int | None) -> None:
+        """Keep the running runs that have a simulated runtime (and when it is up), and the
+        malleable ones, indexed."""
         run = self.runs.get(key)
         running = phase is Phase.RUNNING and run is not None
         for index, wanted in ((self._runtime_running, running and run is not None and run.spec.runtime is not None),
@@ -245,6 +253,31 @@ class Cluster:
                 index.add(key)
             else:
                 index.discard(key)
+        due = (bound_at + run.spec.runtime if key in self._runtime_running and run is not None
+               and run.spec.runtime is not None and bound_at is not None else None)
+        if due is None:
+            self._runtime_pushed.pop(key, None)
+        elif self._runtime_pushed.get(key) != due:
+            self._runtime_pushed[key] = due
+            heapq.heappush(self._runtime_heap, (due, key))
+
+    def _runtime_due(self, key: str) -> int | None:
+        """When a running run's simulated runtime is up (None unless it has one and runs)."""
+        if key not in self._runtime_running:
+            return None
+        rt, bound_at = self.runs[key].spec.runtime, self.status[key].bound_at
+        return bound_at + rt if rt is not None and bound_at is not None else None
+
+    def _next_runtime_due(self) -> int | None:
+        """The earliest instant after now at which a running run's runtime is up."""
+        heap = self._runtime_heap
+        while heap and self._runtime_due(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)
+        if not heap:
+            return None
+        if heap[0][0] > self.now:
+            return heap[0][0]
+        return min((t for t, k in heap if t > self.now and self._runtime_due(k) == t), default=None)
 
     def _world(self) -> tuple[int, int]:
         return (self._epoch, self.funding.disturbances)
@@ -330,10 +363,9 @@ class Cluster:
         for key in self._timed:
             st = self.status[key]
             times.extend(x for x in (st.hold_down_until, st.checkpoint_deadline) if x is not None)
-        for key in self._runtime_running:
-            rt, st = self.runs[key].spec.runtime, self.status[key]
-            if rt is not None and st.bound_at is not None:
-                times.append(st.bound_at + rt)
+        runtime_due = self._next_runtime_due()
+        if runtime_due is not None:
+            times.append(runtime_due)
         for e in self.rules.envelopes.values():
             times.extend(x for x in (e.start, e.end) if x is not None and x > now)
         self.funding.refresh()
@@ -516,14 +548,15 @@ class Cluster:
         raise RuntimeError("the scheduler did not reach quiescence")
 
     def _workload_timers(self) -> bool:
-        changed = False
-        for key in sorted(self._runtime_running):
-            st = self.status[key]
-            rt = self.runs[key].spec.runtime
-            if st.phase is Phase.RUNNING and rt is not None and st.bound_at is not None and st.bound_at + rt <= self.now:
-                self._finish(key, True)
-                changed = True
-        return changed
+        """Complete every running run whose simulated runtime is up, in key order."""
+        heap, due = self._runtime_heap, set()
+        while heap and heap[0][0] <= self.now:
+            t, key = heapq.heappop(heap)
+            if self._runtime_due(key) == t:
+                due.add(key)
+        for key in sorted(due):
+            self._finish(key, True)
+        return bool(due)
 
     def _deadlines(self) -> bool:
         changed = False
