@@ -397,6 +397,15 @@ class Gateway(api_grpc.JobtreeServicer):
         caught_up = sequence > 0 and await self.follower.wait_for(sequence, timeout=min(2.0, self.read_timeout))
         return run_message(self.view, key) if caught_up and key in self.view.runs else None
 
+    async def _answered(self, request_id: str) -> int:
+        """The ledger sequence that already committed `request_id` (0: none). A write repeated
+        after its answer was lost gets the original answer, not a check against the state it
+        produced (a completed run cannot be completed again)."""
+        if not request_id:
+            return 0
+        await self._fresh()
+        return self.follower.command_ids.get(request_id, 0)
+
     async def _live_run(self, ref: pb.RunRef, verb: str, *, started: bool = False) -> str:
         key = self._key(ref)
         await self._fresh()
@@ -440,6 +449,9 @@ class Gateway(api_grpc.JobtreeServicer):
 
     async def DeleteRun(self, request: api.DeleteRunRequest, context: Context) -> api.DeleteRunResponse:
         async def handle() -> api.DeleteRunResponse:
+            done = await self._answered(request.request_id)
+            if done:
+                return api.DeleteRunResponse(ledger_sequence=done)
             key = self._key(request.run)
             await self._fresh()
             self._existing(key)
@@ -453,6 +465,9 @@ class Gateway(api_grpc.JobtreeServicer):
             if request.desired_total_gpus <= 0:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                              f"desiredTotalGPUs: must be a positive integer, got {request.desired_total_gpus}")
+            done = await self._answered(request.request_id)
+            if done:
+                return api.ShrinkRunResponse(run=await self._run_after(self._key(request.run), done), ledger_sequence=done)
             key = await self._live_run(request.run, "shrink")
             m = self.view.runs[key].spec.malleable
             if m is None:
@@ -466,6 +481,9 @@ class Gateway(api_grpc.JobtreeServicer):
 
     async def CompleteRun(self, request: api.CompleteRunRequest, context: Context) -> api.CompleteRunResponse:
         async def handle() -> api.CompleteRunResponse:
+            done = await self._answered(request.request_id)
+            if done:
+                return api.CompleteRunResponse(ledger_sequence=done)
             key = await self._live_run(request.run, "complete", started=True)
             seq = await self._commit(facts.CompleteRun(key), request.request_id, context)
             return api.CompleteRunResponse(ledger_sequence=seq)
@@ -474,6 +492,9 @@ class Gateway(api_grpc.JobtreeServicer):
 
     async def FailRun(self, request: api.FailRunRequest, context: Context) -> api.FailRunResponse:
         async def handle() -> api.FailRunResponse:
+            done = await self._answered(request.request_id)
+            if done:
+                return api.FailRunResponse(ledger_sequence=done)
             key = await self._live_run(request.run, "fail", started=True)
             if request.message:
                 self.ctx.log.info("workload failed", extra={"fields": {"run": key, "message": request.message}})

@@ -294,10 +294,11 @@ def replayed(records: Sequence[Record], cluster: str) -> Cluster:
 
 def command_ids_by_record(records: Sequence[Record]) -> dict[str, list[int]]:
     """Command id -> the sequences of the records that carry it (a record may carry several
-    commands: admission commits what it decided together as one message)."""
+    commands: admission commits what it decided together as one message). Entries of no
+    command (the clock moving to now before a group, on the system clock) are left out."""
     out: dict[str, list[int]] = {}
     for r in records:
-        for cid in dict.fromkeys(e.command_id for e in r.batch.entries):
+        for cid in dict.fromkeys(e.command_id for e in r.batch.entries if e.command_id):
             out.setdefault(cid, []).append(r.sequence)
     return out
 

@@ -386,6 +386,38 @@ def test_retried_submit_with_the_same_request_id_commits_once(system: System) ->
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("request_id: ")
 
 
+def test_every_retried_write_gets_its_first_answer(system: System) -> None:
+    """A write repeated with its request id after the first committed (its answer lost) gets the
+    original sequence, not a refusal from the state the first one produced."""
+    stub = system.stub()
+    ns = "retry-writes"
+    for name in ("c", "f", "d"):
+        stub.SubmitRun(api.SubmitRunRequest(run=run_msg(name, 4, namespace=ns)), timeout=10)
+    elastic = run_msg("m", 8, namespace=ns, malleable={"minTotalGPUs": 4, "maxTotalGPUs": 8, "stepGPUs": 4})
+    stub.SubmitRun(api.SubmitRunRequest(run=elastic), timeout=10)
+    writes = {
+        "retry-complete": lambda rid: stub.CompleteRun(
+            api.CompleteRunRequest(run=pb.RunRef(namespace=ns, name="c"), request_id=rid), timeout=10),
+        "retry-fail": lambda rid: stub.FailRun(
+            api.FailRunRequest(run=pb.RunRef(namespace=ns, name="f"), request_id=rid), timeout=10),
+        "retry-delete": lambda rid: stub.DeleteRun(
+            api.DeleteRunRequest(run=pb.RunRef(namespace=ns, name="d"), request_id=rid), timeout=10),
+        "retry-shrink": lambda rid: stub.ShrinkRun(
+            api.ShrinkRunRequest(run=pb.RunRef(namespace=ns, name="m"), desired_total_gpus=4, request_id=rid),
+            timeout=10),
+    }
+    for rid, write in writes.items():
+        first = write(rid).ledger_sequence
+        assert first > 0
+        assert write(rid).ledger_sequence == first, rid
+        committed = [r.sequence for r in replay(system.url, system.cluster)
+                     if any(e.command_id == rid for e in r.batch.entries)]
+        assert committed == [first], (rid, committed)
+    # a new request id is checked against the state as usual
+    code, details = code_of(lambda: writes["retry-complete"]("retry-complete-2"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "already ended" in details, details
+
+
 def test_watch_sees_the_run_go_running(system: System) -> None:
     stub = system.stub()
     stub.SubmitRun(api.SubmitRunRequest(run=run_msg("w0", 4, namespace="watch")), timeout=10)
