@@ -36,7 +36,7 @@ from jobtree.core.model import (
 from jobtree.core.timefmt import parse_time
 from jobtree.core.views import state_json
 from jobtree.sim import runner
-from jobtree.sim.scenario import load_scenario, load_yaml
+from jobtree.sim.scenario import ApplyAction, load_scenario, load_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIO_FILES = sorted(
@@ -354,6 +354,33 @@ def test_objects_round_trip(values: list[Any], to: Any, back: Any) -> None:
         wire = type(msg).FromString(msg.SerializeToString())
         assert back(wire) == value
         assert to(back(msg)) == msg  # canonical messages are a fixed point
+
+
+def _scenario_runs() -> list[Run]:
+    """Every Run the project's and the reference scenarios apply."""
+    here = Path(__file__).resolve().parents[1] / "scenarios"
+    files = [*here.glob("*.yaml"), *(here.parents[1].parent / "shared" / "scenarios").glob("*.yaml")]
+    runs: list[Run] = []
+    for path in sorted(files):
+        if path.name.endswith(".expect.yaml"):
+            continue
+        for step in load_scenario(path).steps:
+            if isinstance(step.action, ApplyAction):
+                runs.extend(o for o in step.action.objects if isinstance(o, Run))
+    return runs
+
+
+def test_ledger_runs_decode_like_validated_runs() -> None:
+    """`run_from_ledger` (followers, no checks) and `run_from_proto` (validated) agree on every
+    run a scenario submits, and on the hand-made ones above."""
+    runs = [*_runs(), *_scenario_runs()]
+    assert len(runs) > 100
+    assert any(r.spec.follow for r in runs) and any(r.spec.malleable for r in runs)
+    assert any(r.spec.checkpoint for r in runs) and any(r.spec.funding.sponsors for r in runs)
+    assert any(r.spec.locality.selector for r in runs) and any(r.spec.runtime for r in runs)
+    for run in runs:
+        wire = pb.Run.FromString(convert.run_to_proto(run).SerializeToString())
+        assert convert.run_from_ledger(wire) == convert.run_from_proto(wire) == run, run.key
 
 
 def test_canonical_messages_leave_defaults_out() -> None:
