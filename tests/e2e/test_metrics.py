@@ -1,8 +1,10 @@
-"""Every service exposes Prometheus metrics (`--metrics-port`): requests and their latency."""
+"""Every service exposes Prometheus metrics (`--metrics-port`): requests and their latency, the
+collector's pauses, admission's reads of the ledger."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import subprocess
 import sys
@@ -78,6 +80,11 @@ def test_services_count_and_time_their_requests(nats_server: NatsServer, cluster
         assert 'jobtree_requests_total{outcome="ok",service="admission",verb="command"} 1.0' in admission
         assert 'jobtree_request_seconds_count{service="admission",verb="command"} 1.0' in admission
         assert 'jobtree_requests_total{outcome="ok",service="binder",verb="commit"} 1.0' in binder
+        # one leader term, begun by reading the ledger's tail; and the collector's pauses are timed
+        assert 'jobtree_admission_rebuilds_total{why="take over"} 1.0' in admission
+        for text in (admission, binder):
+            assert re.search(r"^jobtree_gc_pause_seconds_count\{generation=\"[012]\"\} [1-9]", text, re.M), [
+                line for line in text.splitlines() if "gc_pause" in line]
     finally:
         for p in procs:
             p.terminate()

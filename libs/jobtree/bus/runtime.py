@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -39,6 +40,20 @@ REQUESTS = Counter("jobtree_requests_total", "Requests a service handled, by sub
                    ["service", "verb", "outcome"])
 LATENCY = Histogram("jobtree_request_seconds", "Time a service spent answering a request",
                     ["service", "verb"], buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+
+GC_PAUSES = Histogram("jobtree_gc_pause_seconds", "Time the Python garbage collector stopped the service, by generation",
+                      ["generation"], buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+_gc_started = 0.0
+
+
+def _time_gc(phase: str, info: dict[str, int]) -> None:
+    """gc.callbacks hook: every collection's pause into GC_PAUSES (long-lived views make full
+    collections slow; this is where tail latency from them shows)."""
+    global _gc_started
+    if phase == "start":
+        _gc_started = time.perf_counter()
+    else:
+        GC_PAUSES.labels(str(info.get("generation", -1))).observe(time.perf_counter() - _gc_started)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +159,8 @@ async def connect(settings: ServiceSettings) -> NATS:
 async def run(main: Callable[[ServiceContext], Awaitable[None]], settings: ServiceSettings) -> int:
     """Run one service until it is told to stop; returns the process exit status."""
     log = service_logger(settings.name)
+    if _time_gc not in gc.callbacks:
+        gc.callbacks.append(_time_gc)
     nc = await connect(settings)
     ctx = ServiceContext(settings, nc, nc.jetstream(), log)
     loop = asyncio.get_running_loop()
