@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from procs import Services
 
 from jobtree.bus.natsserver import NatsServer, NatsServerError, find_binary
 
@@ -41,3 +42,13 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory, nats_binary: Path) -> 
 def cluster() -> str:
     """A cluster name of its own for each test, so tests never share a stream or subject."""
     return f"e2e-{next(_clusters)}"
+
+
+@pytest.fixture
+def services(nats_server: NatsServer, cluster: str, tmp_path: Path) -> Iterator[Services]:
+    """Service processes (`jobtree serve NAME`) on the session's nats-server, stopped after the test."""
+    procs = Services(cluster, nats_server.url, tmp_path / "logs")
+    try:
+        yield procs
+    finally:
+        procs.stop_all()

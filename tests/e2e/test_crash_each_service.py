@@ -38,9 +38,8 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from random import Random
 from typing import Any
 
@@ -95,15 +94,6 @@ KILL_MARGIN = 20
 """No kill in the first or last this many acknowledgements of a stream."""
 SETTLE = 20.0
 """Seconds a restarted service has to answer what the ledger gives."""
-
-
-@pytest.fixture
-def services(nats_server: NatsServer, cluster: str, tmp_path: Path) -> Iterator[Services]:
-    procs = Services(cluster, nats_server.url, tmp_path / "logs")
-    try:
-        yield procs
-    finally:
-        procs.stop_all()
 
 
 @dataclass

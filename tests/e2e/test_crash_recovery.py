@@ -22,9 +22,8 @@ import itertools
 import os
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from random import Random
 from typing import TypeVar
 
@@ -62,15 +61,6 @@ STREAM = 200
 STEP = 60
 """Seconds of virtual time between two commands."""
 FAILOVER_LIMIT = 5.0
-
-
-@pytest.fixture
-def services(nats_server: NatsServer, cluster: str, tmp_path: Path) -> Iterator[Services]:
-    procs = Services(cluster, nats_server.url, tmp_path / "logs")
-    try:
-        yield procs
-    finally:
-        procs.stop_all()
 
 
 def seed_for(name: str) -> int:

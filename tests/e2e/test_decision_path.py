@@ -16,8 +16,8 @@ services and read the ledger stream themselves.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+import contextlib
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import nats
@@ -52,15 +52,6 @@ from jobtree.core.model import Locality, Malleable, Phase, Role, Run, RunSpec
 
 T = TypeVar("T")
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def services(nats_server: NatsServer, cluster: str, tmp_path: Path) -> Iterator[Services]:
-    procs = Services(cluster, nats_server.url, tmp_path / "logs")
-    try:
-        yield procs
-    finally:
-        procs.stop_all()
 
 
 def play(url: str, scenario: Callable[[Client], Awaitable[T]]) -> T:
@@ -389,7 +380,11 @@ async def bucket_keys(nc: Client, cluster: str, name: str) -> dict[str, bytes]:
         keys = await kv.keys()
     except nats.js.errors.NoKeysError:
         return {}
-    return {k: (await kv.get(k)).value or b"" for k in keys}
+    out: dict[str, bytes] = {}
+    for k in keys:
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):  # deleted since it was listed
+            out[k] = (await kv.get(k)).value or b""
+    return out
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10.0) -> None:

@@ -449,16 +449,7 @@ async def _wait_healthy(nc: Any, opts: Options, supervisor: Any, names: list[str
     deadline = time.monotonic() + READY_TIMEOUT
 
     async def until(name: str, ok: Any, what: str) -> None:
-        sp = supervisor.processes[name]
-        while True:
-            if await ok():
-                return
-            if not sp.running:
-                raise UpError(f"service {name} exited with status {sp.proc.returncode} while starting; "
-                              f"see {sp.log_path}")
-            if time.monotonic() > deadline:
-                raise UpError(f"service {name} did not {what} within {READY_TIMEOUT:.0f} s; see {sp.log_path}")
-            await asyncio.sleep(0.1)
+        await _poll(supervisor.processes[name], name, ok, what, deadline)
 
     async def one(name: str) -> None:
         if service_of(name) == name:
@@ -499,17 +490,27 @@ async def _wait_leader(nc: Any, opts: Options, supervisor: Any) -> None:
     from jobtree.bus import subjects
 
     kv = await nc.jetstream().key_value(subjects.bucket(opts.cluster, "leader"))
-    deadline = time.monotonic() + READY_TIMEOUT
-    sp = supervisor.processes["admission"]
-    while True:
+
+    async def locked() -> bool:
         with contextlib.suppress(nats.js.errors.KeyNotFoundError):
             await kv.get(subjects.kv_key("admission"))
+            return True
+        return False
+
+    await _poll(supervisor.processes["admission"], "admission", locked, "take the leader lock",
+                time.monotonic() + READY_TIMEOUT)
+
+
+async def _poll(sp: Any, name: str, ok: Any, what: str, deadline: float) -> None:
+    """Until `ok()`; UpError naming the log if the process `name` exits or the deadline passes."""
+    while True:
+        if await ok():
             return
         if not sp.running:
-            raise UpError(f"service admission exited with status {sp.proc.returncode} while starting; "
+            raise UpError(f"service {name} exited with status {sp.proc.returncode} while starting; "
                           f"see {sp.log_path}")
         if time.monotonic() > deadline:
-            raise UpError(f"admission did not take the leader lock within {READY_TIMEOUT:.0f} s; see {sp.log_path}")
+            raise UpError(f"service {name} did not {what} within {READY_TIMEOUT:.0f} s; see {sp.log_path}")
         await asyncio.sleep(0.1)
 
 
