@@ -4,6 +4,8 @@ collector's pauses, admission's reads of the ledger."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
 import socket
 import subprocess
@@ -48,12 +50,13 @@ def test_services_count_and_time_their_requests(nats_server: NatsServer, cluster
 
     asyncio.run(setup())
     ports = {"binder": _free_port(), "admission": _free_port()}
+    loops = {"binder": {}, "admission": {"JOBTREE_EVENT_LOOP": "asyncio"}}  # uvloop unless told otherwise
     procs = [
         subprocess.Popen(orphan_safe([sys.executable, "-m", "jobtree.cli.main", "serve", name, "--cluster", cluster,
                                       "--nats", nats_server.url, "--clock", "virtual",
                                       "--metrics-port", str(port), "--data-dir", str(tmp_path / name)]),
                          stdout=subprocess.DEVNULL, stderr=(tmp_path / f"{name}.log").open("wb"),
-                         start_new_session=True)
+                         start_new_session=True, env={**os.environ, **loops[name]})
         for name, port in ports.items()
     ]
     try:
@@ -82,6 +85,9 @@ def test_services_count_and_time_their_requests(nats_server: NatsServer, cluster
         assert 'jobtree_requests_total{outcome="ok",service="binder",verb="commit"} 1.0' in binder
         # one leader term, begun by reading the ledger's tail; and the collector's pauses are timed
         assert 'jobtree_admission_rebuilds_total{why="take over"} 1.0' in admission
+        started = {name: [json.loads(line)["event_loop"] for line in (tmp_path / f"{name}.log").read_text().splitlines()
+                          if '"started"' in line] for name in ports}
+        assert started == {"binder": ["uvloop"], "admission": ["asyncio.unix_events"]}, started
         for text in (admission, binder):
             assert re.search(r"^jobtree_gc_pause_seconds_count\{generation=\"[012]\"\} [1-9]", text, re.M), [
                 line for line in text.splitlines() if "gc_pause" in line]

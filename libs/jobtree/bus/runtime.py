@@ -176,7 +176,8 @@ async def run(main: Callable[[ServiceContext], Awaitable[None]], settings: Servi
         return b"ok"
 
     await ctx.serve(ctx.subject("health"), health)
-    log.info("started", extra={"fields": {"cluster": settings.cluster, "clock": settings.clock}})
+    log.info("started", extra={"fields": {"cluster": settings.cluster, "clock": settings.clock,
+                                          "event_loop": type(asyncio.get_running_loop()).__module__}})
     task: asyncio.Task[None] = asyncio.ensure_future(main(ctx))
     stop = asyncio.create_task(ctx.stopping.wait())
     done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)

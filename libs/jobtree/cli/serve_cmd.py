@@ -160,6 +160,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config=config,
     )
     try:
+        if os.environ.get("JOBTREE_EVENT_LOOP", "uvloop") == "uvloop":
+            import uvloop
+
+            uvloop.install()
         return asyncio.run(run(main, settings))
     except (OSError, TimeoutError) as e:
         print(f"jobtree: serve {args.name}: cannot reach NATS at {settings.nats_url}: {e}", file=sys.stderr)
