@@ -20,7 +20,10 @@ commits, the next one queues. Outcomes:
 - a stale append (the ledger moved on) rebuilds the view and decides the group again;
 - a command id already committed is answered with its original sequence without deciding;
 - a binder that does not answer fails the group UNAVAILABLE (the client retries with the
-  same command id). Holds no scheduling logic.
+  same command id);
+- anything else that breaks a decision (the bus, a bug) answers the group UNAVAILABLE and ends
+  the term: the lock is given up and the process follows the ledger afresh and stands by.
+Holds no scheduling logic.
 Not: a writer of the ledger (the binder is), not a reader for clients (followers are).
 """
 
@@ -190,7 +193,13 @@ class DecisionLoop:
             self.queued.clear()
         if not group:
             return
-        decided = await self._decide(group)
+        try:
+            decided = await self._decide(group)
+        except Exception:
+            for item in group:  # answered, not left to time out; the term ends (see _term)
+                await item.reply(bus.CommandReply(command_id=item.command_id, error=_error(
+                    bus.ERROR_CODE_UNAVAILABLE, "", "the decision loop failed; retry with the same command id")))
+            raise
         self.queue.extendleft(reversed(group[decided:]))
         if self.queue:
             self.queued.set()
@@ -347,7 +356,14 @@ async def main(ctx: ServiceContext) -> None:
             finally:
                 if lock.epoch == 0 or ctx.stopping.is_set():
                     await standby.stop()
-            await _term(ctx, lock, holder, standby)
+            try:
+                await _term(ctx, lock, holder, standby)
+            except Exception:
+                # Whatever broke (the bus, a bug), the view may not be the ledger's: give the
+                # lock up, follow the ledger afresh and stand by again.
+                ctx.log.exception("the leader term failed; standing by again", extra={"fields": {"epoch": lock.epoch}})
+                await lock.release()
+                await _sleep(ctx, LEADER_TTL / 4)
             lock.epoch = 0
     finally:
         await lock.release()
@@ -395,10 +411,12 @@ async def _term(ctx: ServiceContext, lock: LeaderLock, holder: str, standby: Fol
         sub = await ctx.nc.subscribe(subjects.request(ctx.cluster, "admission", "command"), cb=answer)
         waits = [asyncio.create_task(lost.wait()), asyncio.create_task(ctx.stopping.wait())]
         try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([*waits, worker], return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waits:
                 w.cancel()
+        if worker.done():
+            worker.result()  # the decision loop failed: its exception ends the term
     finally:
         if sub is not None:
             await sub.unsubscribe()

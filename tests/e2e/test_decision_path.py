@@ -10,7 +10,9 @@ services and read the ledger stream themselves.
 6. commands arriving together are decided as a group and committed in fewer ledger messages,
    with the decisions a one-at-a-time play gives, refused commands in the group writing nothing;
 7. the binder copies specs to the KV buckets after it answers, and a restarted binder repairs a
-   copy that was lost.
+   copy that was lost;
+8. a decision loop that fails (here: the binder answers garbage) answers UNAVAILABLE, gives the
+   lock up and leads again once the bus is sound, in the same process.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import nats
 import nats.js.errors
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from procs import (
     FLAVOR,
     T0,
@@ -419,5 +422,45 @@ def test_binder_mirrors_specs_and_repairs_lost_copies(
         services.start("binder")
         await wait_binder(nc, cluster)
         await eventually(mirrored, "a restarted binder did not repair the spec buckets from the ledger")
+
+    play(nats_server.url, scenario)
+
+
+# --- 8 ---------------------------------------------------------------------------------------
+
+
+def test_a_failed_decision_loop_answers_and_leads_again(
+        services: Services, nats_server: NatsServer, cluster: str) -> None:
+    setup = setup_batch(F.ApplyRun(run("train", 8)))
+
+    async def scenario(nc: Client) -> None:
+        await create_ledger(nc, cluster)
+        # an impostor binder: every append is answered with bytes that are not an AppendReply
+        async def garbage(msg: Msg) -> None:
+            await msg.respond(b"\xff\xff\xff")
+
+        impostor = await nc.subscribe(f"jobtree.{cluster}.binder.commit", cb=garbage)
+        services.start("admission")
+        await wait_admission(nc, cluster)
+        reply = await send(nc, cluster, setup, timeout=5)
+        assert reply.error.code == bus.ERROR_CODE_UNAVAILABLE, reply  # answered, not left to time out
+        adm = services["admission"]
+
+        async def failed() -> bool:
+            return any(d.get("msg", "").startswith("the leader term failed") for d in adm.log_lines())
+
+        await eventually(failed, "admission did not report the failed term")
+        await impostor.unsubscribe()
+        services.start("binder")
+        await wait_binder(nc, cluster)
+        seq = ok((await deliver(nc, cluster, setup)).reply)
+        assert adm.running and len(adm.pids) == 1, "the same process leads again"
+        terms = adm.leader_terms()
+        assert len(terms) >= 2 and terms[-1][0] > terms[0][0], terms
+        records = await read_ledger(nc, cluster)
+        view = check_ledger(records, cluster, {"setup": seq})
+        ref = Reference(cluster)
+        ref.play(setup)
+        assert_same_view(view, ref.view)
 
     play(nats_server.url, scenario)
