@@ -97,7 +97,10 @@ def test_submit_watch_explain_leases_pods_complete(system: System, tmp_path: Pat
     assert lines[1].startswith("run/ml/trainer submitted: Running (ledger sequence ")
     # watch: the initial state already shows it Running; --until ends the stream.
     out = ok(kubectl_runs("-n", "ml", "watch", "trainer", "--until", "Running", "--server", s))
-    assert "ADDED" in out and "ml/trainer  Running" in out
+    header, first = out.splitlines()[:2]
+    assert header.split() == ["EVENT", "SEQ", "RUN", "PHASE", "REASON", "GPUS", "MESSAGE"], header
+    assert first.split()[:4] == ["ADDED", first.split()[1], "ml/trainer", "Running"], first
+    assert first.index("ml/trainer") == header.index("RUN") and first.index("Running") == header.index("PHASE"), out
     out = ok(kubectl_runs("watch", "trainer", "-n", "ml", "--until", "Running", "-o", "json", server=s))
     event = json.loads(out.splitlines()[0])
     assert event["type"] == "ADDED" and event["run"]["status"]["phase"] == "Running"

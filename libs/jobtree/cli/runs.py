@@ -642,10 +642,10 @@ def remote_watch(r: Remote, names: Sequence[str], until: str | None, initial: bo
                                       "run": _to_dict(event.run)}) + "\n")
             else:
                 if not header:
-                    out.write(f"{'EVENT':<9} {'SEQ':>6}  RUN  PHASE  REASON  GPUS  MESSAGE\n")
+                    out.write(f"{'EVENT':<9} {'SEQ':>6}  {_watch_columns('RUN', 'PHASE', 'REASON', 'GPUS', 'MESSAGE')}\n")
                     header = True
-                out.write(f"{kind:<9} {event.ledger_sequence:>6}  {row.key}  {row.phase or '-'}  "
-                          f"{row.reason or '-'}  {row.gpus}  {row.message or '-'}\n")
+                out.write(f"{kind:<9} {event.ledger_sequence:>6}  "
+                          f"{_watch_columns(row.key, row.phase or '-', row.reason or '-', row.gpus, row.message or '-')}\n")
             out.flush()
             if kind == "DELETED":
                 phases.pop(row.key, None)
@@ -1047,7 +1047,7 @@ def local_watch(st: LocalState, names: Sequence[str], namespace: str, initial: b
     seen: dict[str, Json] = {}
     output = st.output
     if output == "table":
-        out.write(f"{'EVENT':<9} {'STEP':>4}  TIME  RUN  PHASE  REASON  GPUS  MESSAGE\n")
+        out.write(f"{'EVENT':<9} {'STEP':>4}  {'TIME':<20}  {_watch_columns('RUN', 'PHASE', 'REASON', 'GPUS', 'MESSAGE')}\n")
     for label, state in snapshots.items():
         if not label.startswith(WATCH_LABEL):
             continue
@@ -1064,9 +1064,15 @@ def local_watch(st: LocalState, names: Sequence[str], namespace: str, initial: b
                 out.write(json.dumps({"type": kind, "step": index, "time": state["time"], "run": run}) + "\n")
             else:
                 row = _state_run_row(run)
-                out.write(f"{kind:<9} {index:>4}  {state['time']}  {row.key}  {row.phase}  {row.reason}  "
-                          f"{row.gpus}  {row.message}\n")
+                out.write(f"{kind:<9} {index:>4}  {state['time']:<20}  "
+                          f"{_watch_columns(row.key, row.phase, row.reason, row.gpus, row.message)}\n")
     return EXIT_OK
+
+
+def _watch_columns(run: str, phase: str, reason: str, gpus: object, message: str) -> str:
+    """The columns of a watch line after the event: fixed widths, since a stream cannot size
+    its columns from rows it has not seen (a longer value pushes the rest of its line)."""
+    return f"{run:<28}  {phase:<10}  {reason:<18}  {gpus!s:>4}  {message}".rstrip()
 
 
 def local_explain(st: LocalState, key: str, out: TextIO) -> int:
