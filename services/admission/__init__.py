@@ -19,6 +19,8 @@ commits, the next one queues. Outcomes:
   batch applied), the view is rebuilt from the ledger and the group decided again without it;
 - a stale append (the ledger moved on) rebuilds the view and decides the group again;
 - a command id already committed is answered with its original sequence without deciding;
+- a command arriving while MAX_QUEUE commands wait (`JOBTREE_ADMISSION_MAX_QUEUE`) is refused
+  UNAVAILABLE at once;
 - a binder that does not answer fails the group UNAVAILABLE (the client retries with the
   same command id);
 - anything else that breaks a decision (the bus, a bug) answers the group UNAVAILABLE and ends
@@ -62,6 +64,11 @@ REBUILDS = Counter("jobtree_admission_rebuilds_total",
                    "Times the decision loop read the ledger into its view (a rebuild, or a take-over's tail)", ["why"])
 REBUILD_REASONS = frozenset({"take over", "a refused command had changed the view", "the binder did not answer",
                              "the ledger moved on", "committed earlier"})
+MAX_QUEUE = 20_000
+"""Commands waiting beyond this are refused UNAVAILABLE at once (overload: memory stays bounded
+and callers learn it now, not at their deadline)."""
+ENV_MAX_QUEUE = "JOBTREE_ADMISSION_MAX_QUEUE"
+"""Environment override of MAX_QUEUE."""
 MAX_GROUP = 1024
 """Most commands taken from the queue for one group."""
 GROUP_SECONDS = 0.05
@@ -107,6 +114,7 @@ class DecisionLoop:
         self.sequence = 0
         self.committed: dict[str, int] = {}
         self.queue: deque[Pending] = deque()
+        self.max_queue = int(os.environ.get(ENV_MAX_QUEUE, MAX_QUEUE))
         self.queued = asyncio.Event()
         self.commit_subject = subjects.request(ctx.cluster, "binder", "commit")
 
@@ -173,6 +181,11 @@ class DecisionLoop:
             cmds = tuple(convert.commands_from_proto(msg))
         except ValidationError as err:
             _spawn(reply(bus.CommandReply(command_id=command_id, error=convert.error_to_proto(err))))
+            return None
+        if len(self.queue) >= self.max_queue:
+            _spawn(reply(bus.CommandReply(command_id=command_id, error=_error(
+                bus.ERROR_CODE_UNAVAILABLE, "", f"admission is overloaded ({len(self.queue)} commands queued); "
+                "retry later with the same command id"))))
             return None
         item = Pending(msg, command_id, cmds, reply)
         self.queue.append(item)

@@ -58,6 +58,8 @@ class Service:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     pids: list[int] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment variables of every life, besides this process's own."""
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "jobtree.cli.main", "serve", self.name, "--cluster", self.cluster,
@@ -68,7 +70,7 @@ class Service:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 orphan_safe(self.argv()), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                start_new_session=True,
+                start_new_session=True, env={**os.environ, **self.env},
             )
         self.pids.append(self.proc.pid)
         return self
@@ -130,12 +132,14 @@ class Services:
     log_dir: Path
     all: dict[str, Service] = field(default_factory=dict)
 
-    def start(self, name: str, tag: str | None = None) -> Service:
+    def start(self, name: str, tag: str | None = None, env: dict[str, str] | None = None) -> Service:
         tag = tag or name
         svc = self.all.get(tag)
         if svc is None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             svc = self.all[tag] = Service(name, tag, self.cluster, self.url, self.log_dir / f"{tag}.log")
+        if env is not None:
+            svc.env = env
         return svc.start()
 
     def __getitem__(self, tag: str) -> Service:

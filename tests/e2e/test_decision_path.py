@@ -12,7 +12,9 @@ services and read the ledger stream themselves.
 7. the binder copies specs to the KV buckets after it answers, and a restarted binder repairs a
    copy that was lost;
 8. a decision loop that fails (here: the binder answers garbage) answers UNAVAILABLE, gives the
-   lock up and leads again once the bus is sound, in the same process.
+   lock up and leads again once the bus is sound, in the same process;
+9. past its queue bound admission refuses commands UNAVAILABLE at once, and decides the queued
+   ones when it can.
 """
 
 from __future__ import annotations
@@ -462,5 +464,45 @@ def test_a_failed_decision_loop_answers_and_leads_again(
         ref = Reference(cluster)
         ref.play(setup)
         assert_same_view(view, ref.view)
+
+    play(nats_server.url, scenario)
+
+
+# --- 9 ---------------------------------------------------------------------------------------
+
+
+def test_admission_refuses_beyond_its_queue_bound(services: Services, nats_server: NatsServer, cluster: str) -> None:
+    setup = setup_batch()
+    burst = [convert.command_to_proto(F.ApplyRun(run(f"q{i:02d}", 8)), command_id=f"q{i:02d}", instant=T0 + 60)
+             for i in range(12)]
+
+    async def scenario(nc: Client) -> None:
+        await create_ledger(nc, cluster)
+
+        async def hold(msg: Msg) -> None:  # a binder that never answers: the first group waits
+            pass
+
+        holder = await nc.subscribe(f"jobtree.{cluster}.binder.commit", cb=hold)
+        services.start("admission", env={"JOBTREE_ADMISSION_MAX_QUEUE": "4"})
+        await wait_admission(nc, cluster)
+        first = asyncio.create_task(send(nc, cluster, setup, timeout=30))
+        await asyncio.sleep(0.3)  # its group is committing (and waiting)
+        sent = [asyncio.create_task(send(nc, cluster, cmd, timeout=30)) for cmd in burst]
+        deadline = asyncio.get_running_loop().time() + 3.0
+        while sum(t.done() for t in sent) < len(burst) - 4 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        done = {t for t in sent if t.done()}
+        refused = [t.result() for t in done]
+        assert len(refused) == len(burst) - 4, [t.result() for t in done]  # answered at once
+        assert all(r.error.code == bus.ERROR_CODE_UNAVAILABLE and "overloaded" in r.error.problem
+                   for r in refused), refused
+        assert not first.done()
+        await holder.unsubscribe()  # the real binder: admission's next resend reaches it
+        services.start("binder")
+        assert ok(await first) == 1
+        decided = [await t for t in sent if t not in done]
+        assert len(decided) == 4 and all(not r.HasField("error") for r in decided), decided
+        records = await read_ledger(nc, cluster)
+        check_ledger(records, cluster, {"setup": 1} | {r.command_id: r.ledger_sequence for r in decided})
 
     play(nats_server.url, scenario)
