@@ -1,8 +1,9 @@
 """A follower: a read-only replica of one cluster's view, kept in step with the ledger stream.
 
 Contract: `Follower.start()` replays the ledger stream from its first message into a core
-`Cluster` (facts and spec changes applied at their instants; nothing is decided) and keeps
-applying new batches in order as they arrive (an ordered push consumer). `sequence` is the
+`Cluster` (facts and spec changes applied at their instants; nothing is decided), pulling it,
+and returns once caught up; it then keeps applying new batches in order as they arrive (an
+ordered push consumer from the next sequence). `sequence` is the
 last applied stream sequence; `wait_for(seq)` returns once it has applied `seq` (the "reads
 carry the sequence they depend on" rule). Views are read from `cluster` between awaits.
 Not: a decision maker (only the admission leader decides), not a writer.
@@ -21,6 +22,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from jobtree.api import convert
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.bus import codec, subjects
+from jobtree.bus.ledger import Ledger
 from jobtree.bus.runtime import ServiceContext
 from jobtree.core.engine import Cluster
 from jobtree.core.model import ClusterConfig
@@ -48,7 +50,13 @@ class Follower:
         """Callables `f(sequence, batch)` told of every applied batch (watch streams)."""
 
     async def start(self) -> None:
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        """Catch up with the ledger by pulling it (fetches of 256 messages, so a long ledger is
+        read at the follower's pace: a push consumer outran the apply and the server cut it off
+        as a slow consumer), then follow new messages with an ordered push consumer from the
+        next sequence. Returns once caught up with the ledger as it was at the call."""
+        async for record in Ledger(self.js, self.cluster_name).records(self.sequence):
+            await self._applied(record.sequence, record.batch)
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.sequence + 1)
         self._sub = await self.js.subscribe(
             subjects.ledger_filter(self.cluster_name),
             stream=subjects.ledger_stream(self.cluster_name),
@@ -67,7 +75,9 @@ class Follower:
         seq = int(msg.metadata.sequence.stream)
         if seq <= self.sequence:
             return
-        batch = codec.decode(msg.data, bus.LedgerBatch, msg.headers)
+        await self._applied(seq, codec.decode(msg.data, bus.LedgerBatch, msg.headers))
+
+    async def _applied(self, seq: int, batch: bus.LedgerBatch) -> None:
         apply_batch(self.cluster, batch)
         for entry in batch.entries:
             if entry.command_id:
