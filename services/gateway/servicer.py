@@ -102,6 +102,18 @@ def _error_abort(err: bus.Error) -> _Abort:
     return _Abort(STATUS_OF.get(err.code, grpc.StatusCode.UNKNOWN), text)
 
 
+def _run_of(given: pb.Run) -> Run:
+    """A client's Run as a validated core Run (its status, if sent, is ignored); an abort with
+    INVALID_ARGUMENT naming the field otherwise."""
+    msg = pb.Run()
+    msg.CopyFrom(given)
+    msg.ClearField("status")
+    try:
+        return convert.run_from_proto(msg)
+    except ValidationError as err:
+        raise _invalid(err) from None
+
+
 def _run_key_of(msg: pb.Run) -> str:
     return f"{msg.metadata.namespace or 'default'}/{msg.metadata.name}"
 
@@ -423,13 +435,7 @@ class Gateway(api_grpc.JobtreeServicer):
 
     async def SubmitRun(self, request: api.SubmitRunRequest, context: Context) -> api.SubmitRunResponse:
         async def handle() -> api.SubmitRunResponse:
-            msg = pb.Run()
-            msg.CopyFrom(request.run)
-            msg.ClearField("status")
-            try:
-                run = convert.run_from_proto(msg)
-            except ValidationError as err:
-                raise _invalid(err) from None
+            run = _run_of(request.run)
             seq = await self._commit(facts.ApplyRun(run), request.request_id, context)
             out = await self._run_after(run.key, seq) or convert.run_to_proto(run)
             return api.SubmitRunResponse(run=out, ledger_sequence=seq)
@@ -697,13 +703,7 @@ class Gateway(api_grpc.JobtreeServicer):
 
     async def PlanRun(self, request: api.PlanRunRequest, context: Context) -> api.PlanRunResponse:
         async def handle() -> api.PlanRunResponse:
-            msg = pb.Run()
-            msg.CopyFrom(request.run)
-            msg.ClearField("status")
-            try:
-                run = convert.run_from_proto(msg)
-            except ValidationError as err:
-                raise _invalid(err) from None
+            run = _run_of(request.run)
             forward = api.PlanRunRequest(run=convert.run_to_proto(run))
             return await self._forward("packer", "plan", forward, api.PlanRunResponse, context)
 

@@ -20,11 +20,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import nats
 import nats.errors
 from nats.aio.client import Client
 
@@ -378,3 +379,34 @@ def assert_same_view(live: Cluster, ref: Cluster) -> None:
     assert live.now == ref.now
     assert live.meter.consumed == ref.meter.consumed
     assert live.journal == ref.journal, "the ledger is not the in-process journal, entry for entry"
+
+
+T = TypeVar("T")
+
+
+def play(url: str, scenario: Callable[[Client], Awaitable[T]]) -> T:
+    """Run `scenario` with a NATS connection of its own (closed afterwards)."""
+    async def main() -> T:
+        nc = await nats.connect(url, connect_timeout=5)
+        try:
+            return await scenario(nc)
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
+
+
+async def bring_up(services: Services, nc: Client, *admissions: str) -> None:
+    """The ledger stream, then the binder and the admission instances `admissions` (tags; one
+    called `admission` when none is named), started together, both answering."""
+    await create_ledger(nc, services.cluster)
+    services.start("binder")
+    for tag in admissions or ("admission",):
+        services.start("admission", tag)
+    await wait_binder(nc, services.cluster)
+    await wait_admission(nc, services.cluster)
+
+
+def epochs(records: Sequence[Record]) -> list[int]:
+    """The fencing epoch of each ledger record."""
+    return [max(e.epoch for e in r.batch.entries) for r in records]

@@ -57,18 +57,20 @@ from procs import (
     Service,
     Services,
     assert_same_view,
+    bring_up,
     budget,
     check_ledger,
     command_subject,
     create_ledger,
     deliver,
     nodes,
+    play,
     read_ledger,
     replayed,
     wait_admission,
     wait_binder,
 )
-from test_crash_recovery import OWNERS, SIZES, STEP, Stream, bring_up, play, seed_for
+from test_crash_recovery import OWNERS, SIZES, STEP, Stream, seed_for
 
 from jobtree.api import convert
 from jobtree.api.jobtree.v1 import bus_pb2 as bus

@@ -22,12 +22,9 @@ import itertools
 import os
 import time
 import zlib
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from random import Random
-from typing import TypeVar
 
-import nats
 import pytest
 from nats.aio.client import Client
 from procs import (
@@ -37,14 +34,14 @@ from procs import (
     Service,
     Services,
     assert_same_view,
+    bring_up,
     budget,
     check_ledger,
-    create_ledger,
     deliver,
+    epochs,
     nodes,
+    play,
     read_ledger,
-    wait_admission,
-    wait_binder,
 )
 
 from jobtree.api import convert
@@ -53,7 +50,6 @@ from jobtree.bus.natsserver import NatsServer
 from jobtree.core import facts as F
 from jobtree.core.model import Locality, Phase, Run, RunSpec
 
-T = TypeVar("T")
 pytestmark = pytest.mark.timeout(90)
 
 STREAM = 200
@@ -68,17 +64,6 @@ def seed_for(name: str) -> int:
     seed = int(override) if override else zlib.crc32(name.encode())
     print(f"{name}: seed {seed} (set JOBTREE_CRASH_SEED={seed} to replay)")
     return seed
-
-
-def play(url: str, scenario: Callable[[Client], Awaitable[T]]) -> T:
-    async def main() -> T:
-        nc = await nats.connect(url, connect_timeout=5)
-        try:
-            return await scenario(nc)
-        finally:
-            await nc.close()
-
-    return asyncio.run(main())
 
 
 # --- the workload ----------------------------------------------------------------------------
@@ -161,19 +146,6 @@ class Stream:
         """The longest wait for an acknowledgement in the `window` seconds after `instant`."""
         times = [instant] + [t for t, _ in self.acks if instant < t < instant + window]
         return max(b - a for a, b in itertools.pairwise(times))
-
-
-async def bring_up(services: Services, nc: Client, *admissions: str) -> None:
-    await create_ledger(nc, services.cluster)
-    services.start("binder")
-    for tag in admissions:
-        services.start("admission", tag)
-    await wait_binder(nc, services.cluster)
-    await wait_admission(nc, services.cluster)
-
-
-def epochs(records: list) -> list[int]:  # type: ignore[type-arg]
-    return [max(e.epoch for e in r.batch.entries) for r in records]
 
 
 # --- kill -9 during a stream of submissions ----------------------------------------------------

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 import nats
 import nats.js.errors
@@ -36,12 +35,15 @@ from procs import (
     Services,
     append,
     assert_same_view,
+    bring_up,
     budget,
     check_ledger,
     create_ledger,
     deliver,
+    epochs,
     last_sequence,
     nodes,
+    play,
     read_ledger,
     send,
     wait_admission,
@@ -55,28 +57,7 @@ from jobtree.bus.natsserver import NatsServer
 from jobtree.core import facts as F
 from jobtree.core.model import Locality, Malleable, Phase, Role, Run, RunSpec
 
-T = TypeVar("T")
 pytestmark = pytest.mark.timeout(60)
-
-
-def play(url: str, scenario: Callable[[Client], Awaitable[T]]) -> T:
-    async def main() -> T:
-        nc = await nats.connect(url, connect_timeout=5)
-        try:
-            return await scenario(nc)
-        finally:
-            await nc.close()
-
-    return asyncio.run(main())
-
-
-async def bring_up(services: Services, nc: Client) -> None:
-    """The ledger stream, then binder and admission (started together), both answering."""
-    await create_ledger(nc, services.cluster)
-    services.start("binder")
-    services.start("admission")
-    await wait_binder(nc, services.cluster)
-    await wait_admission(nc, services.cluster)
 
 
 def run(name: str, gpus: int, **spec: object) -> Run:
@@ -94,10 +75,6 @@ def ok(reply: bus.CommandReply) -> int:
     assert not reply.HasField("error"), reply
     assert reply.ledger_sequence > 0, reply
     return reply.ledger_sequence
-
-
-def epochs(records: list) -> list[int]:  # type: ignore[type-arg]
-    return [max(e.epoch for e in r.batch.entries) for r in records]
 
 
 def clock_batch(instant: int, command_id: str, epoch: int) -> bus.LedgerBatch:
