@@ -18,7 +18,15 @@ commits, the next one queues. Outcomes:
   refused; when a refused command had changed the view (it moved the clock, or part of its
   batch applied), the view is rebuilt from the ledger and the group decided again without it;
 - a stale append (the ledger moved on) rebuilds the view and decides the group again;
-- a command id already committed is answered with its original sequence without deciding;
+- a command id already committed is answered with its original sequence without deciding —
+  when it asks for the same thing: the first entry a command decides carries its digest
+  (`convert.command_digest`), and an id reused for a different request is refused
+  INVALID_ARGUMENT on `command_id`, naming it;
+- a group in which no command is decided (all already committed, refused or resent) commits
+  nothing: the clock's own entries (on the system clock, time moved before the group) are
+  carried into the next commit instead of being appended alone (a clock-only append under one
+  fixed message id was taken by the stream as a duplicate of the previous one, which forced a
+  full replay of the ledger);
 - a command arriving while MAX_QUEUE commands wait (`JOBTREE_ADMISSION_MAX_QUEUE`) is refused
   UNAVAILABLE at once;
 - a binder that does not answer fails the group UNAVAILABLE (the client retries with the
@@ -40,6 +48,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -48,7 +57,7 @@ from prometheus_client import Counter
 from jobtree.api import convert
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.bus import subjects
-from jobtree.bus.follower import Follower, apply_batch, follow
+from jobtree.bus.follower import Follower, apply_batch, follow, record_ids
 from jobtree.bus.leader import LEADER_TTL, LeaderLock, leader_bucket
 from jobtree.bus.ledger import Ledger
 from jobtree.bus.runtime import LATENCY, REQUESTS, ServiceContext
@@ -97,6 +106,8 @@ class Pending:
     """Set once the command is refused (or answered without deciding)."""
     span: tuple[int, int] = (0, 0)
     """The journal entries it decided in the current attempt."""
+    digest: bytes = b""
+    """What it asks for (`convert.command_digest`)."""
 
 
 class Restart(Exception):
@@ -113,6 +124,11 @@ class DecisionLoop:
         self.cluster = Cluster(ctx.settings.config, (), 0)
         self.sequence = 0
         self.committed: dict[str, int] = {}
+        self.digests: dict[str, bytes] = {}
+        """Command id -> what it asked for, for the committed commands whose ledger says."""
+        self.carried: list[bus.LedgerEntry] = []
+        """The clock's entries of groups that decided no command: not in the ledger yet, already
+        in the view; they lead the next commit."""
         self.queue: deque[Pending] = deque()
         self.max_queue = int(os.environ.get(ENV_MAX_QUEUE, MAX_QUEUE))
         self.queued = asyncio.Event()
@@ -121,6 +137,7 @@ class DecisionLoop:
     async def rebuild(self, why: str) -> None:
         """The view from the ledger alone (deciding nothing): what a rejected decision leaves."""
         self.cluster, self.committed, self.sequence = Cluster(self.ctx.settings.config, (), 0), {}, 0
+        self.digests, self.carried = {}, []
         await self._catch_up(why)
 
     async def take_over(self, standby: Follower) -> None:
@@ -128,6 +145,7 @@ class DecisionLoop:
         has not seen yet (the leader of a long ledger does not replay it all)."""
         await standby.stop()
         self.cluster, self.committed, self.sequence = standby.cluster, dict(standby.command_ids), standby.sequence
+        self.digests, self.carried = dict(standby.command_digests), []
         await self._catch_up("take over")
 
     async def _catch_up(self, why: str) -> None:
@@ -137,9 +155,7 @@ class DecisionLoop:
             if i % YIELD_EVERY == 0:
                 await asyncio.sleep(0)  # a long replay must not starve the leader lock's refresh
             apply_batch(self.cluster, record.batch)
-            for entry in record.batch.entries:
-                if entry.command_id:
-                    self.committed[entry.command_id] = record.sequence
+            record_ids(record.batch, record.sequence, self.committed, self.digests)
             self.sequence = record.sequence
         REBUILDS.labels(why if why in REBUILD_REASONS else "other").inc()
         self.ctx.log.info("view rebuilt from the ledger" if first == 0 else "view caught up with the ledger",
@@ -187,7 +203,7 @@ class DecisionLoop:
                 bus.ERROR_CODE_UNAVAILABLE, "", f"admission is overloaded ({len(self.queue)} commands queued); "
                 "retry later with the same command id"))))
             return None
-        item = Pending(msg, command_id, cmds, reply)
+        item = Pending(msg, command_id, cmds, reply, digest=convert.command_digest(msg))
         self.queue.append(item)
         self.queued.set()
         return item
@@ -235,7 +251,8 @@ class DecisionLoop:
                 await self.rebuild("a refused command had changed the view")
                 continue
             live = [item for item in group[:decided] if item.answer is None]
-            if not entries:
+            if not live or not entries:  # nothing decided: the clock's entries wait for the next commit
+                self.carried = entries
                 for item in live:
                     item.answer = bus.CommandReply(command_id=item.command_id, ledger_sequence=self.sequence)
                 return decided
@@ -259,10 +276,11 @@ class DecisionLoop:
             if appended.duplicate and not await self._is_ours(appended.sequence, request):
                 await self.rebuild("committed earlier")  # a retry: the ledger's version is the truth
             else:
-                self.sequence = appended.sequence
+                self.sequence, self.carried = appended.sequence, []
             for item in live:
                 if item.span[1] > item.span[0]:
                     self.committed[item.command_id] = appended.sequence
+                    self.digests[item.command_id] = item.digest
                 item.answer = bus.CommandReply(command_id=item.command_id,
                                                ledger_sequence=self.committed.get(item.command_id, appended.sequence))
             return decided
@@ -290,9 +308,9 @@ class DecisionLoop:
         the view (it moved a virtual clock, or part of its batch applied) raises Restart: the
         caller rebuilds the view and attempts the group again without it."""
         started = time.perf_counter()
-        out: list[bus.LedgerEntry] = []
-        size = 0
-        seen: set[str] = set()
+        out: list[bus.LedgerEntry] = list(self.carried)
+        size = sum(e.ByteSize() for e in out)
+        seen: dict[str, bytes] = {}
         if self.ctx.settings.clock != "virtual":  # time passes on its own: no command's doing
             start = len(self.cluster.journal)
             self.cluster.advance(max(int(time.time()), self.cluster.now))
@@ -303,12 +321,19 @@ class DecisionLoop:
             if item.answer is not None and item.answer.HasField("error"):
                 continue
             item.answer, item.span = None, (0, 0)
-            if item.command_id in self.committed:
-                item.answer = bus.CommandReply(command_id=item.command_id,
-                                               ledger_sequence=self.committed[item.command_id])
-                continue
-            if item.command_id in seen:
-                continue  # a resent copy of a command this group decides: answered alike
+            if item.command_id in self.committed or item.command_id in seen:
+                first = self.digests.get(item.command_id) or seen.get(item.command_id)
+                if first and first != item.digest:
+                    item.answer = bus.CommandReply(command_id=item.command_id, error=_error(
+                        bus.ERROR_CODE_INVALID_ARGUMENT, "command_id",
+                        f"{item.command_id!r} was already used for a different request"
+                        + (f" (committed at ledger sequence {self.committed[item.command_id]})"
+                           if item.command_id in self.committed else "")
+                        + "; send a new id for a new request, the same request to retry"))
+                elif item.command_id in self.committed:
+                    item.answer = bus.CommandReply(command_id=item.command_id,
+                                                   ledger_sequence=self.committed[item.command_id])
+                continue  # else a resent copy of a command this group decides: answered alike
             t = self._instant(item.msg)
             if t < self.cluster.now:
                 item.answer = bus.CommandReply(command_id=item.command_id, error=_error(
@@ -326,10 +351,12 @@ class DecisionLoop:
                 if len(self.cluster.journal) > start or (err.command_index or 0) > 0:
                     raise Restart from None  # it moved the clock or applied part of a batch
                 continue
-            seen.add(item.command_id)
+            seen[item.command_id] = item.digest
             item.span = (start, len(self.cluster.journal))
-            for e in self.cluster.journal[start:item.span[1]]:
+            for i, e in enumerate(self.cluster.journal[start:item.span[1]]):
                 entry = convert.entry_to_proto(e, command_id=item.command_id, epoch=self.epoch)
+                if i == 0:
+                    entry.command_digest = item.digest
                 size += entry.ByteSize()
                 out.append(entry)
         return out, len(group)
@@ -352,8 +379,21 @@ def _spawn(coro: Awaitable[None]) -> None:
 _TASKS: set[asyncio.Future[None]] = set()
 
 
+async def _leader_kv(ctx: ServiceContext) -> Any:
+    """The leader bucket, waiting for NATS and JetStream (None if told to stop first)."""
+    while not ctx.stopping.is_set():
+        try:
+            return await leader_bucket(ctx.js, ctx.cluster)
+        except nats.errors.Error as exc:
+            ctx.log.info("waiting for the leader bucket", extra={"fields": {"error": repr(exc)}})
+            await _sleep(ctx, LEADER_TTL / 4)
+    return None
+
+
 async def main(ctx: ServiceContext) -> None:
-    kv = await leader_bucket(ctx.js, ctx.cluster)
+    kv = await _leader_kv(ctx)
+    if kv is None:
+        return
     holder = f"admission-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     lock = LeaderLock(kv, "admission", holder)
     try:

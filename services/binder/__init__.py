@@ -11,7 +11,9 @@ buckets (runs, budgets, nodes), for tools that read specs directly, off the comm
 mirror task takes every committed batch queued meanwhile, keeps the last change per key, and
 writes them together, in commit order batch after batch (retrying until NATS takes them). The
 buckets lag the ledger by that queue; a binder that dies before the copy rewrites the buckets
-from the ledger at start (`reconcile`). Appends are serialised.
+from the ledger at start (`reconcile`). Appends are serialised. A request that is not an
+AppendRequest is answered INVALID_ARGUMENT, a failure of the bus UNAVAILABLE: never silence.
+While NATS is unreachable at start it waits for it (and says so) instead of exiting.
 Not: a decision maker; it never changes what it is given.
 """
 
@@ -20,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import nats.errors
 import nats.js.errors
+from google.protobuf.message import DecodeError
 
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.bus import subjects
@@ -54,7 +58,12 @@ class Binder:
                 self.kv[name] = await self.ctx.js.create_key_value(bucket=bucket, history=1)
 
     async def handle(self, data: bytes) -> bytes:
-        req = bus.AppendRequest.FromString(data)
+        try:
+            req = bus.AppendRequest.FromString(data)
+        except DecodeError as exc:
+            return bus.AppendReply(error=bus.Error(
+                code=bus.ERROR_CODE_INVALID_ARGUMENT,
+                problem=f"not a jobtree.v1.AppendRequest ({exc}); nothing was written")).SerializeToString()
         async with self.lock:
             reply = await self._append(req)
         return reply.SerializeToString()
@@ -126,14 +135,31 @@ class Binder:
             await kv.delete(key)  # type: ignore[attr-defined]
 
 
+def _failed(exc: Exception) -> bytes:
+    """The answer to an append that broke on the bus (the caller resends the same append)."""
+    return bus.AppendReply(error=bus.Error(code=bus.ERROR_CODE_UNAVAILABLE,
+                                           problem=f"the binder could not append: {exc!r}")).SerializeToString()
+
+
 async def main(ctx: ServiceContext) -> None:
     binder = Binder(ctx)
-    with contextlib.suppress(LedgerError):  # it exists (with the configuration `jobtree up` gave it)
-        await binder.ledger.create()
-    await binder.start()
-    await binder.reconcile()
+    delay = 0.1
+    while True:
+        try:
+            with contextlib.suppress(LedgerError):  # it exists (with the configuration `jobtree up` gave it)
+                await binder.ledger.create()
+            await binder.start()
+            await binder.reconcile()
+            break
+        except (nats.errors.Error, LedgerError) as exc:
+            ctx.log.warning("cannot read the ledger yet; retrying", extra={"fields": {"error": repr(exc)}})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ctx.stopping.wait(), delay)
+            if ctx.stopping.is_set():
+                return
+            delay = min(2.0, delay * 2)
     mirror = asyncio.create_task(binder.mirror_forever())
-    await ctx.serve(subjects.request(ctx.cluster, "binder", "commit"), binder.handle)
+    await ctx.serve(subjects.request(ctx.cluster, "binder", "commit"), binder.handle, on_error=_failed)
     try:
         await ctx.stopping.wait()
     finally:

@@ -29,11 +29,11 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from jobtree.api.jobtree.v1 import service_pb2 as api
-from jobtree.api.jobtree.v1 import service_pb2_grpc as api_grpc
 from jobtree.bus.follower import Follower
 from jobtree.bus.ledger import Ledger
 from jobtree.bus.runtime import ServiceContext
 from jobtree.services.gateway.clock import Clock, SystemClock, VirtualClock
+from jobtree.services.gateway.handlers import add_servicer
 from jobtree.services.gateway.servicer import Gateway
 
 __all__ = ["DEFAULT_PORT", "PORT_FILE", "SERVICE_NAME", "main"]
@@ -82,7 +82,7 @@ async def main(ctx: ServiceContext) -> None:
         forward_timeout=_env_float("JOBTREE_GATEWAY_FORWARD_TIMEOUT", 5.0),
     )
     server = grpc.aio.server()
-    api_grpc.add_JobtreeServicer_to_server(gateway, server)
+    add_servicer(gateway, server)  # undecodable requests are INVALID_ARGUMENT (see handlers)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

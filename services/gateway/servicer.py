@@ -11,9 +11,15 @@ Contract:
   to `jobtree.<c>.admission.command`; the `bus.CommandReply`'s error maps to a gRPC code
   (`STATUS_OF`), and its `ledger_sequence` is returned so the client can read its own write.
   While nobody answers the subject (a leader failover), the command is re-sent with the same id
-  until `command_timeout`; a timeout is UNAVAILABLE.
+  until `command_timeout`; a timeout is UNAVAILABLE. While the gateway has lost NATS, writes
+  wait for it until their deadline and then fail UNAVAILABLE naming NATS (not admission). A
+  request id already committed for a *different* request is refused INVALID_ARGUMENT on
+  `request_id` (admission compares the command digests the ledger carries).
 - Reads of runs, leases and reservations are answered from the gateway's own `Follower`, once it
-  has applied `min_ledger_sequence` (UNAVAILABLE if it does not within `read_timeout`).
+  has applied `min_ledger_sequence` (UNAVAILABLE if it does not within `read_timeout`;
+  OUT_OF_RANGE at once when the sequence is beyond the ledger's end). While the gateway has
+  lost NATS, reads are answered from the view it has, with the trailing metadata
+  `jobtree-stale` saying since when and at which ledger sequence (kubectl-runs prints it).
   WatchRuns streams the matching runs (ADDED), then ADDED/MODIFIED/DELETED as the follower
   applies batches; `after_ledger_sequence` resumes with the current state of every run that
   changed after that sequence (intermediate states are coalesced).
@@ -27,6 +33,7 @@ Not: a decision maker (admission decides), not a writer of the ledger (the binde
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import replace
@@ -58,6 +65,7 @@ from jobtree.services.gateway.clock import INSTANT_METADATA, Clock, instant_from
 __all__ = ["STATUS_OF", "Gateway"]
 
 M = TypeVar("M", bound=Message)
+R = TypeVar("R")
 
 STATUS_OF: dict[int, grpc.StatusCode] = {
     bus.ERROR_CODE_UNSPECIFIED: grpc.StatusCode.UNKNOWN,
@@ -97,8 +105,13 @@ def _invalid(err: ValidationError) -> _Abort:
     return _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
 
+STALE_METADATA = "jobtree-stale"
+"""Trailing metadata of a read answered while the gateway has lost NATS: what may be stale."""
+
+
 def _error_abort(err: bus.Error) -> _Abort:
-    text = f"{err.field_path}: {err.problem}" if err.field_path else err.problem or "refused"
+    path = "request_id" if err.field_path == "command_id" else err.field_path  # the API's name for it
+    text = f"{path}: {err.problem}" if path else err.problem or "refused"
     return _Abort(STATUS_OF.get(err.code, grpc.StatusCode.UNKNOWN), text)
 
 
@@ -282,8 +295,25 @@ class Gateway(api_grpc.JobtreeServicer):
             raise _Abort(grpc.StatusCode.UNAVAILABLE,
                          "the gateway is still reading the ledger; retry shortly") from None
 
-    async def _caught_up(self, sequence: int) -> None:
+    def _nats_down(self) -> str | None:
+        """Why NATS cannot be reached now (None while connected)."""
+        since = self.ctx.bus.down_since
+        if since is None and self.ctx.nc.is_connected:
+            return None
+        ago = f" {max(0.0, time.monotonic() - since):.1f} s ago" if since is not None else ""
+        return f"NATS is unreachable (the gateway lost its connection{ago} and is reconnecting)"
+
+    async def _caught_up(self, sequence: int, field: str = "min_ledger_sequence") -> None:
         await self._ready()
+        if sequence > self.follower.sequence and self._nats_down() is None:
+            try:
+                last = await self.ledger.last_sequence()
+            except Exception:
+                last = None
+            if last is not None and sequence > last:
+                raise _Abort(grpc.StatusCode.OUT_OF_RANGE,
+                             f"{field}: {sequence} is beyond the ledger's end (its last sequence is {last}); "
+                             "pass a sequence that a write returned")
         if not await self.follower.wait_for(sequence, timeout=self.read_timeout):
             raise _Abort(
                 grpc.StatusCode.UNAVAILABLE,
@@ -297,7 +327,8 @@ class Gateway(api_grpc.JobtreeServicer):
         try:
             last = await self.ledger.last_sequence()
         except Exception as exc:
-            raise _Abort(grpc.StatusCode.UNAVAILABLE, f"cannot read the ledger: {exc}") from None
+            down = self._nats_down()
+            raise _Abort(grpc.StatusCode.UNAVAILABLE, f"cannot read the ledger: {down or exc}; retry shortly") from None
         await self._caught_up(last)
 
     # -- sending -----------------------------------------------------------------------------
@@ -344,6 +375,11 @@ class Gateway(api_grpc.JobtreeServicer):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise _Abort(grpc.StatusCode.UNAVAILABLE, problem)
+            down = self._nats_down()
+            if down is not None:  # a request now would only wait in the reconnect buffer
+                problem = f"{down}; {what} cannot be reached; retry with the same request id"
+                await asyncio.sleep(min(0.1, remaining))
+                continue
             try:
                 msg = await self.ctx.nc.request(subject, data, timeout=min(remaining, RESEND_AFTER), headers=headers)
             except nats.errors.NoRespondersError:
@@ -409,14 +445,21 @@ class Gateway(api_grpc.JobtreeServicer):
         caught_up = sequence > 0 and await self.follower.wait_for(sequence, timeout=min(2.0, self.read_timeout))
         return run_message(self.view, key) if caught_up and key in self.view.runs else None
 
-    async def _answered(self, request_id: str) -> int:
+    async def _answered(self, request_id: str, cmd: facts.Command) -> int:
         """The ledger sequence that already committed `request_id` (0: none). A write repeated
         after its answer was lost gets the original answer, not a check against the state it
-        produced (a completed run cannot be completed again)."""
+        produced (a completed run cannot be completed again); an id that committed a different
+        request is refused."""
         if not request_id:
             return 0
         await self._fresh()
-        return self.follower.command_ids.get(request_id, 0)
+        done = self.follower.command_ids.get(request_id, 0)
+        first = self.follower.command_digests.get(request_id)
+        if done and first and first != convert.command_digest(convert.command_to_proto(cmd)):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"request_id: {request_id!r} was already used for a different request (committed at "
+                         f"ledger sequence {done}); send a new id for a new request, the same request to retry")
+        return done
 
     async def _live_run(self, ref: pb.RunRef, verb: str, *, started: bool = False) -> str:
         key = self._key(ref)
@@ -440,7 +483,7 @@ class Gateway(api_grpc.JobtreeServicer):
             out = await self._run_after(run.key, seq) or convert.run_to_proto(run)
             return api.SubmitRunResponse(run=out, ledger_sequence=seq)
 
-        return await _guard(context, handle)
+        return await self._guard(context, handle)
 
     async def ApplyBudget(self, request: api.ApplyBudgetRequest, context: Context) -> api.ApplyBudgetResponse:
         async def handle() -> api.ApplyBudgetResponse:
@@ -451,29 +494,30 @@ class Gateway(api_grpc.JobtreeServicer):
             seq = await self._commit(facts.ApplyBudget(budget), request.request_id, context)
             return api.ApplyBudgetResponse(budget=convert.budget_to_proto(budget), ledger_sequence=seq)
 
-        return await _guard(context, handle)
+        return await self._guard(context, handle)
 
     async def DeleteRun(self, request: api.DeleteRunRequest, context: Context) -> api.DeleteRunResponse:
         async def handle() -> api.DeleteRunResponse:
-            done = await self._answered(request.request_id)
+            key = self._key(request.run)
+            done = await self._answered(request.request_id, facts.DeleteRun(key))
             if done:
                 return api.DeleteRunResponse(ledger_sequence=done)
-            key = self._key(request.run)
             await self._fresh()
             self._existing(key)
             seq = await self._commit(facts.DeleteRun(key), request.request_id, context)
             return api.DeleteRunResponse(ledger_sequence=seq)
 
-        return await _guard(context, handle)
+        return await self._guard(context, handle)
 
     async def ShrinkRun(self, request: api.ShrinkRunRequest, context: Context) -> api.ShrinkRunResponse:
         async def handle() -> api.ShrinkRunResponse:
             if request.desired_total_gpus <= 0:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                              f"desiredTotalGPUs: must be a positive integer, got {request.desired_total_gpus}")
-            done = await self._answered(request.request_id)
+            shrink = facts.ShrinkRun(self._key(request.run), request.desired_total_gpus)
+            done = await self._answered(request.request_id, shrink)
             if done:
-                return api.ShrinkRunResponse(run=await self._run_after(self._key(request.run), done), ledger_sequence=done)
+                return api.ShrinkRunResponse(run=await self._run_after(shrink.run, done), ledger_sequence=done)
             key = await self._live_run(request.run, "shrink")
             m = self.view.runs[key].spec.malleable
             if m is None:
@@ -483,22 +527,22 @@ class Gateway(api_grpc.JobtreeServicer):
             out = await self._run_after(key, seq)
             return api.ShrinkRunResponse(run=out, ledger_sequence=seq)
 
-        return await _guard(context, handle)
+        return await self._guard(context, handle)
 
     async def CompleteRun(self, request: api.CompleteRunRequest, context: Context) -> api.CompleteRunResponse:
         async def handle() -> api.CompleteRunResponse:
-            done = await self._answered(request.request_id)
+            done = await self._answered(request.request_id, facts.CompleteRun(self._key(request.run)))
             if done:
                 return api.CompleteRunResponse(ledger_sequence=done)
             key = await self._live_run(request.run, "complete", started=True)
             seq = await self._commit(facts.CompleteRun(key), request.request_id, context)
             return api.CompleteRunResponse(ledger_sequence=seq)
 
-        return await _guard(context, handle)
+        return await self._guard(context, handle)
 
     async def FailRun(self, request: api.FailRunRequest, context: Context) -> api.FailRunResponse:
         async def handle() -> api.FailRunResponse:
-            done = await self._answered(request.request_id)
+            done = await self._answered(request.request_id, facts.FailRun(self._key(request.run)))
             if done:
                 return api.FailRunResponse(ledger_sequence=done)
             key = await self._live_run(request.run, "fail", started=True)
@@ -507,7 +551,7 @@ class Gateway(api_grpc.JobtreeServicer):
             seq = await self._commit(facts.FailRun(key), request.request_id, context)
             return api.FailRunResponse(ledger_sequence=seq)
 
-        return await _guard(context, handle)
+        return await self._guard(context, handle)
 
     async def AddSponsor(self, request: api.AddSponsorRequest, context: Context) -> api.AddSponsorResponse:
         async def handle() -> api.AddSponsorResponse:
@@ -530,7 +574,7 @@ class Gateway(api_grpc.JobtreeServicer):
             out = await self._run_after(key, seq) or convert.run_to_proto(updated)
             return api.AddSponsorResponse(run=out, ledger_sequence=seq)
 
-        return await _guard(context, handle)
+        return await self._guard(context, handle)
 
     # -- reads from the follower ---------------------------------------------------------------
 
@@ -541,7 +585,7 @@ class Gateway(api_grpc.JobtreeServicer):
             self._existing(key)
             return api.GetRunResponse(run=run_message(self.view, key), ledger_sequence=self.follower.sequence)
 
-        return await _guard(context, handle)
+        return await self._guard(context, handle)
 
     async def ListRuns(self, request: api.ListRunsRequest, context: Context) -> api.ListRunsResponse:
         async def handle() -> api.ListRunsResponse:
@@ -560,14 +604,14 @@ class Gateway(api_grpc.JobtreeServicer):
                 out.append(run_message(cl, key))
             return api.ListRunsResponse(runs=out, ledger_sequence=self.follower.sequence)
 
-        return await _guard(context, handle)
+        return await self._guard(context, handle)
 
     async def WatchRuns(self, request: api.WatchRunsRequest, context: Context) -> AsyncIterator[api.RunEvent]:
         try:
             await self._ready()
             after = request.after_ledger_sequence
             if after:
-                await self._caught_up(after)
+                await self._caught_up(after, "after_ledger_sequence")
         except _Abort as stop:
             await context.abort(stop.code, stop.message)
         watch = _Watch(request.namespace, request.names)
@@ -640,7 +684,7 @@ class Gateway(api_grpc.JobtreeServicer):
                 ledger_sequence=self.follower.sequence,
             )
 
-        return await _guard(context, handle)
+        return await self._guard(context, handle)
 
     async def ListLeases(self, request: api.ListLeasesRequest, context: Context) -> api.ListLeasesResponse:
         async def handle() -> api.ListLeasesResponse:
@@ -658,7 +702,7 @@ class Gateway(api_grpc.JobtreeServicer):
                 out.append(convert.lease_to_proto(lease))
             return api.ListLeasesResponse(leases=out, ledger_sequence=self.follower.sequence)
 
-        return await _guard(context, handle)
+        return await self._guard(context, handle)
 
     async def ListReservations(
         self, request: api.ListReservationsRequest, context: Context
@@ -676,7 +720,7 @@ class Gateway(api_grpc.JobtreeServicer):
                 out.append(convert.reservation_to_proto(r))
             return api.ListReservationsResponse(reservations=out, ledger_sequence=self.follower.sequence)
 
-        return await _guard(context, handle)
+        return await self._guard(context, handle)
 
     async def ListBudgets(self, request: api.ListBudgetsRequest, context: Context) -> api.ListBudgetsResponse:
         async def handle() -> api.ListBudgetsResponse:
@@ -686,20 +730,20 @@ class Gateway(api_grpc.JobtreeServicer):
                    if not request.owner or budgets[n].owner == request.owner]
             return api.ListBudgetsResponse(budgets=out)
 
-        return await _guard(context, handle)
+        return await self._guard(context, handle)
 
     # -- forwarded to the budget and packer services ----------------------------------------------
 
     async def Usage(self, request: api.UsageRequest, context: Context) -> api.UsageResponse:
-        return await _guard(context, lambda: self._forward("budget", "usage", request, api.UsageResponse, context))
+        return await self._guard(context, lambda: self._forward("budget", "usage", request, api.UsageResponse, context))
 
     async def ListSponsors(self, request: api.ListSponsorsRequest, context: Context) -> api.ListSponsorsResponse:
-        return await _guard(
+        return await self._guard(
             context, lambda: self._forward("budget", "sponsors", request, api.ListSponsorsResponse, context)
         )
 
     async def ListNodes(self, request: api.ListNodesRequest, context: Context) -> api.ListNodesResponse:
-        return await _guard(context, lambda: self._forward("packer", "nodes", request, api.ListNodesResponse, context))
+        return await self._guard(context, lambda: self._forward("packer", "nodes", request, api.ListNodesResponse, context))
 
     async def PlanRun(self, request: api.PlanRunRequest, context: Context) -> api.PlanRunResponse:
         async def handle() -> api.PlanRunResponse:
@@ -707,22 +751,25 @@ class Gateway(api_grpc.JobtreeServicer):
             forward = api.PlanRunRequest(run=convert.run_to_proto(run))
             return await self._forward("packer", "plan", forward, api.PlanRunResponse, context)
 
-        return await _guard(context, handle)
+        return await self._guard(context, handle)
+
+
+    async def _guard(self, context: Context, handle: Callable[[], Awaitable[R]]) -> R:
+        """Run a handler; an _Abort becomes the gRPC status it carries. An answer given while
+        NATS is unreachable says so in the `jobtree-stale` trailing metadata."""
+        try:
+            out = await handle()
+        except _Abort as stop:
+            await _abort(context, stop.code, stop.message)
+        down = self._nats_down()
+        if down is not None:
+            context.set_trailing_metadata(((STALE_METADATA, f"{down}; this answer is the gateway's view at ledger "
+                                                            f"sequence {self.follower.sequence} and may be stale"),))
+        return out
 
 
 def _t(t: int | None) -> str | None:
     return None if t is None else format_time(t)
-
-
-R = TypeVar("R")
-
-
-async def _guard(context: Context, handle: Callable[[], Awaitable[R]]) -> R:
-    """Run a handler; an _Abort becomes the gRPC status it carries."""
-    try:
-        return await handle()
-    except _Abort as stop:
-        await _abort(context, stop.code, stop.message)
 
 
 async def _abort(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:

@@ -84,7 +84,7 @@ async def main(ctx: ServiceContext) -> None:
             try:
                 raw = await ctx.nc.request(subject, codec.encode(cmd, bus.Command), timeout=REQUEST_TIMEOUT,
                                            headers=codec.headers(cmd))
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            except nats.errors.Error as exc:  # no leader yet, a timeout, NATS reconnecting
                 ctx.log.warning("tick not answered", extra={"fields": {"instant": target, "error": repr(exc)}})
                 await _wait(ctx, changed, 1.0)
                 continue

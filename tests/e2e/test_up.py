@@ -438,7 +438,7 @@ def test_up_serves_the_metrics_of_every_process(tmp_path: Path) -> None:
 
 def test_up_standby_admission_takes_over_when_the_leader_is_killed(tmp_path: Path) -> None:
     """Default: two admissions. SIGKILL the one holding the lock; a submission through the gateway
-    succeeds within 5 s, decided by the other; `up` reports the dead one and keeps running."""
+    succeeds within 5 s, decided by the other; `up` reports the dead one and restarts it."""
     data = tmp_path / "jt"
     up = Up(data).wait_ready()
     try:
@@ -481,10 +481,15 @@ def test_up_standby_admission_takes_over_when_the_leader_is_killed(tmp_path: Pat
         assert leader_log_holders(data / "logs" / f"{standby}.log") == [new_holder]
         assert requests_counted(up.metrics[standby]).get(("admission", "command", "ok"), 0) >= 1
 
-        # `up` reports the dead process, restarts nothing and keeps running.
+        # `up` reports the dead process and restarts it, as a standby now (the lock stays put).
         poll_until("up reporting the killed admission", lambda: (
-            f"jobtree up: service {leader} stopped by itself (status -9)" in up.stderr))
+            f"jobtree up: {leader} died (signal 9); restarting it" in up.stderr
+            and f"jobtree up: {leader} restarted (pid " in up.stderr))
         assert up.proc.poll() is None and not alive(pids[leader])
+        restarted = up.state()["services"][leader]
+        assert restarted != pids[leader] and alive(restarted)
+        assert holds(asyncio.run(leader_holder(up)), pids[standby])
+        state = up.state()
         assert up.interrupt() == 0, up.stderr
     finally:
         up.stop()

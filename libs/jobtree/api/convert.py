@@ -24,6 +24,7 @@ Not: transport (jobtree.bus), not scheduling. The core never imports this module
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from enum import StrEnum
@@ -548,6 +549,17 @@ def command_from_proto(msg: bus.Command) -> Command:
         raise ValidationError("batch", "a batch holds several commands: use commands_from_proto")
     body = getattr(msg, which)
     return _COMMANDS_FROM[which](body, which)
+
+
+def command_digest(msg: bus.Command) -> bytes:
+    """What a command asks for, as 16 bytes: its payload without the fields a retry may change
+    (its id, the sender's epoch, the instant and the read-your-writes sequence). Two sends of one
+    request have the same digest; a command id reused for another request does not."""
+    bare = bus.Command()
+    bare.CopyFrom(msg)
+    for name in ("command_id", "epoch", "instant", "min_ledger_sequence"):
+        bare.ClearField(name)  # type: ignore[arg-type]
+    return hashlib.blake2b(bare.SerializeToString(deterministic=True), digest_size=16).digest()
 
 
 def commands_from_proto(msg: bus.Command) -> list[Command]:

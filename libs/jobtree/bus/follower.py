@@ -6,6 +6,13 @@ and returns once caught up; it then keeps applying new batches in order as they 
 ordered push consumer from the next sequence). `sequence` is the
 last applied stream sequence; `wait_for(seq)` returns once it has applied `seq` (the "reads
 carry the sequence they depend on" rule). Views are read from `cluster` between awaits.
+`command_ids` / `command_digests` say which command committed where and what it asked for.
+A NATS outage does not end it: when the connection comes back (or the push consumer goes
+quiet for `STALL_SECONDS` while the ledger has moved on) it re-attaches from its last applied
+sequence (`reattached` counts how often) — a restarted nats-server loses the ephemeral
+consumer, so waiting for the client to notice would take tens of seconds.
+`follow(ctx)` retries every NATS error (the stream not existing yet, a timeout, a reconnect)
+until the follower runs or the service stops.
 Not: a decision maker (only the admission leader decides), not a writer.
 """
 
@@ -13,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
+import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -22,10 +31,15 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from jobtree.api import convert
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.bus import codec, subjects
-from jobtree.bus.ledger import Ledger
+from jobtree.bus.ledger import Ledger, LedgerError
 from jobtree.bus.runtime import ServiceContext
 from jobtree.core.engine import Cluster
 from jobtree.core.model import ClusterConfig
+
+WATCH_EVERY = 0.25
+"""Seconds between checks of the connection by the re-attach watchdog."""
+STALL_SECONDS = 3.0
+"""A push consumer silent this long while the ledger has moved on is re-attached."""
 
 
 def apply_batch(cl: Cluster, batch: bus.LedgerBatch) -> None:
@@ -44,8 +58,14 @@ class Follower:
         self.sequence = 0
         self.command_ids: dict[str, int] = {}
         """Command id -> the sequence that committed it."""
+        self.command_digests: dict[str, bytes] = {}
+        """Command id -> what it asked for (`convert.command_digest`), where the ledger says."""
         self._changed = asyncio.Condition()
         self._sub: Any = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._last_message = time.monotonic()
+        self.reattached = 0
+        """Times the follower re-attached to the ledger after losing its consumer."""
         self.listeners: list[Any] = []
         """Callables `f(sequence, batch)` told of every applied batch (watch streams)."""
 
@@ -53,10 +73,17 @@ class Follower:
         """Catch up with the ledger by pulling it (fetches of 256 messages, so a long ledger is
         read at the follower's pace: a push consumer outran the apply and the server cut it off
         as a slow consumer), then follow new messages with an ordered push consumer from the
-        next sequence. Returns once caught up with the ledger as it was at the call."""
+        next sequence. Returns once caught up with the ledger as it was at the call; from then on
+        a watchdog re-attaches it whenever the connection to NATS was lost."""
+        await self._attach()
+        if self._watchdog is None:
+            self._watchdog = asyncio.ensure_future(self._watch())
+
+    async def _attach(self) -> None:
         async for record in Ledger(self.js, self.cluster_name).records(self.sequence):
             await self._applied(record.sequence, record.batch)
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.sequence + 1)
+        self._last_message = time.monotonic()
         self._sub = await self.js.subscribe(
             subjects.ledger_filter(self.cluster_name),
             stream=subjects.ledger_stream(self.cluster_name),
@@ -65,13 +92,50 @@ class Follower:
             cb=self._on_msg,
         )
 
-    async def stop(self) -> None:
+    async def _detach(self) -> None:
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
             self._sub = None
 
+    async def _watch(self) -> None:
+        """Re-attach from the last applied sequence after a reconnect, or when the push consumer
+        is silent while the ledger has moved on; retried (with backoff) until it works."""
+        nc = self.js._nc
+        seen = nc.stats.get("reconnects", 0)
+        delay = WATCH_EVERY
+        while True:
+            await asyncio.sleep(WATCH_EVERY)
+            if not nc.is_connected:
+                continue
+            reconnects = nc.stats.get("reconnects", 0)
+            stalled = False
+            if reconnects == seen and time.monotonic() - self._last_message > STALL_SECONDS:
+                self._last_message = time.monotonic()
+                with contextlib.suppress(Exception):
+                    stalled = await Ledger(self.js, self.cluster_name, timeout=1.0).last_sequence() > self.sequence
+            if reconnects == seen and not stalled:
+                continue
+            await self._detach()
+            try:
+                await self._attach()
+            except Exception:  # JetStream not ready yet after a restart: try again shortly
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+                continue
+            seen, delay = reconnects, WATCH_EVERY
+            self.reattached += 1
+
+    async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
+        await self._detach()
+
     async def _on_msg(self, msg: Any) -> None:
+        self._last_message = time.monotonic()
         seq = int(msg.metadata.sequence.stream)
         if seq <= self.sequence:
             return
@@ -79,9 +143,7 @@ class Follower:
 
     async def _applied(self, seq: int, batch: bus.LedgerBatch) -> None:
         apply_batch(self.cluster, batch)
-        for entry in batch.entries:
-            if entry.command_id:
-                self.command_ids[entry.command_id] = seq
+        record_ids(batch, seq, self.command_ids, self.command_digests)
         self.sequence = seq
         for listener in list(self.listeners):
             listener(seq, batch)
@@ -100,18 +162,31 @@ class Follower:
         return True
 
 
+def record_ids(batch: bus.LedgerBatch, seq: int, ids: dict[str, int], digests: dict[str, bytes]) -> None:
+    """Note which commands a ledger batch at `seq` committed, and what they asked for."""
+    for entry in batch.entries:
+        if entry.command_id:
+            ids[entry.command_id] = seq
+            if entry.command_digest:
+                digests[entry.command_id] = entry.command_digest
+
+
 async def follow(ctx: ServiceContext) -> Follower | None:
     """A started follower of the cluster's ledger, waiting for the stream if it does not exist
-    yet (services may start before the binder creates it); None if told to stop first."""
+    yet (services may start before the binder creates it) and for NATS while it is unreachable
+    (a timeout or a reconnect is retried, never fatal); None if told to stop first."""
     delay = 0.05
     while not ctx.stopping.is_set():
         follower = Follower(ctx.js, ctx.cluster, ctx.settings.config)
         try:
             await follower.start()
             return follower
-        except nats.js.errors.NotFoundError:
+        except (nats.errors.Error, LedgerError) as exc:
+            await follower.stop()
             if delay == 0.05:
-                ctx.log.info("waiting for the ledger stream", extra={"fields": {"cluster": ctx.cluster}})
+                what = ("waiting for the ledger stream" if isinstance(exc, nats.js.errors.NotFoundError)
+                        else "waiting for NATS")
+                ctx.log.info(what, extra={"fields": {"cluster": ctx.cluster, "error": repr(exc)}})
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(ctx.stopping.wait(), delay)
         delay = min(1.0, delay * 2)

@@ -7,7 +7,8 @@ often than the bucket's TTL; a holder that fails to refresh has lost the lock an
 deciding at once. A standby that acquires after the TTL lapsed gets a higher epoch; once it has
 committed, the binder refuses appends carrying an older one. Until then a deposed leader could
 still append, but only on the ledger's current sequence (expected-last-sequence), so the two
-can never both commit decisions taken against the same state.
+can never both commit decisions taken against the same state. Any NATS error (a timeout, a
+reconnect) counts as "not held": acquire returns False, refresh reports the lock lost.
 Not: the decision loop itself (see services/admission).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 
+import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
@@ -46,7 +48,7 @@ class LeaderLock:
         """Take the lock if nobody holds it; on success `epoch` is this term's fencing epoch."""
         try:
             rev = await self.kv.create(self.key, self.holder.encode())
-        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
+        except nats.errors.Error:  # held by another, or NATS unreachable: not ours (yet)
             return False
         self._revision = self.epoch = int(rev)
         return True
@@ -55,7 +57,7 @@ class LeaderLock:
         """Keep the lock; False when it was lost (expired and taken, or deleted)."""
         try:
             self._revision = int(await self.kv.update(self.key, self.holder.encode(), last=self._revision))
-        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError, nats.errors.TimeoutError):
+        except nats.errors.Error:  # taken, deleted, or NATS unreachable: a lapsed lock may be taken
             return False
         return True
 

@@ -1,12 +1,16 @@
 """The service runtime: what every jobtree service runs inside (`jobtree serve NAME`).
 
-Contract: `run(main, settings)` connects to NATS (reconnecting for ever), opens JetStream,
+Contract: `run(main, settings)` connects to NATS (the first connection retried until it works
+or the service is told to stop; afterwards reconnecting for ever), opens JetStream,
 answers `health` on the service's subject, exposes Prometheus metrics when a port is set, logs
 structured JSON lines to stderr, calls `main(ctx)` and, on SIGINT/SIGTERM or when `main`
 returns, drains the connection and exits. `ServiceContext.serve` registers a request/reply
 handler (optionally in the service's queue group). Handlers take the request bytes and
-return the reply bytes; an exception in a handler is logged and answered with nothing (the
-caller times out) rather than crashing the service.
+return the reply bytes; an exception in a handler is logged and, when the handler was
+registered with `on_error`, answered with what `on_error(exc)` returns (else with nothing: the
+caller times out) rather than crashing the service. `ctx.bus` says whether NATS is reachable
+and since when it is not (`down_since`, from the client's disconnect/reconnect callbacks), so
+answers can say they are stale and errors can name NATS.
 Not: scheduling logic (the core), not subjects (see `subjects`).
 """
 
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -98,12 +103,30 @@ def service_logger(name: str) -> logging.Logger:
 
 
 @dataclass
+class BusState:
+    """Whether this process can reach NATS: `down_since` is the monotonic time the connection
+    was lost (None while connected)."""
+
+    down_since: float | None = None
+    outages: int = 0
+
+    async def disconnected(self) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            self.outages += 1
+
+    async def reconnected(self) -> None:
+        self.down_since = None
+
+
+@dataclass
 class ServiceContext:
     settings: ServiceSettings
     nc: NATS
     js: JetStreamContext
     log: logging.Logger
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    bus: BusState = field(default_factory=BusState)
     _subs: list[Any] = field(default_factory=list)
 
     @property
@@ -113,8 +136,10 @@ class ServiceContext:
     def subject(self, verb: str, service: str | None = None) -> str:
         return subjects.request(self.cluster, service or self.settings.name, verb)
 
-    async def serve(self, subject: str, handler: Handler, *, queue: bool = False) -> None:
-        """Answer requests on `subject` with `handler` (in the service's queue group if asked)."""
+    async def serve(self, subject: str, handler: Handler, *, queue: bool = False,
+                    on_error: Callable[[Exception], bytes] | None = None) -> None:
+        """Answer requests on `subject` with `handler` (in the service's queue group if asked);
+        a handler that raises is answered with `on_error(exc)` when given."""
 
         verb = subject.rsplit(".", 1)[-1]
         service = self.settings.name
@@ -123,9 +148,14 @@ class ServiceContext:
             started = time.perf_counter()
             try:
                 reply = await handler(msg.data)
-            except Exception:
-                self.log.exception("handler failed", extra={"fields": {"subject": subject}})
+            except Exception as exc:
                 REQUESTS.labels(service, verb, "error").inc()
+                if on_error is None:
+                    self.log.exception("handler failed", extra={"fields": {"subject": subject}})
+                    return
+                self.log.warning("request refused", extra={"fields": {"subject": subject, "error": repr(exc)}})
+                if msg.reply:
+                    await msg.respond(on_error(exc))
                 return
             REQUESTS.labels(service, verb, "ok").inc()
             LATENCY.labels(service, verb).observe(time.perf_counter() - started)
@@ -142,18 +172,52 @@ class ServiceContext:
         return bytes(msg.data)
 
 
-async def connect(settings: ServiceSettings) -> NATS:
+async def connect(settings: ServiceSettings, bus: BusState | None = None,
+                  stopping: asyncio.Event | None = None) -> NATS:
+    """A connection that reconnects for ever, the first connection included (nats.py retries
+    it while `max_reconnect_attempts` is -1); nats.errors.NoServersError if `stopping` is set
+    before it connects. With `bus`, outages are tracked and logged (one line per outage)."""
+    log = service_logger(settings.name)
     opts: dict[str, Any] = {
         "servers": [settings.nats_url],
         "name": f"jobtree-{settings.name}",
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 0.5,
+        "connect_timeout": 2,
         "inbox_prefix": subjects.inbox_prefix(settings.cluster, settings.name).encode(),
     }
+    if bus is not None:
+        async def disconnected() -> None:
+            await bus.disconnected()
+            log.warning("lost NATS; reconnecting", extra={"fields": {"url": settings.nats_url}})
+
+        async def reconnected() -> None:
+            down = time.monotonic() - bus.down_since if bus.down_since is not None else 0.0
+            await bus.reconnected()
+            log.info("NATS is back", extra={"fields": {"url": settings.nats_url, "seconds": round(down, 3)}})
+
+        async def failed(exc: Exception) -> None:  # every reconnect attempt while NATS is down
+            if bus.down_since is None:
+                await bus.disconnected()
+                log.warning("cannot reach NATS; retrying", extra={"fields": {"url": settings.nats_url,
+                                                                              "error": repr(exc)}})
+
+        opts.update(disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=failed)
     if settings.user:
         opts["user"] = settings.user
         opts["password"] = settings.password or ""
-    return await nats.connect(**opts)
+    task = asyncio.ensure_future(nats.connect(**opts))
+    if stopping is None:
+        return await task
+    stop = asyncio.ensure_future(stopping.wait())
+    done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise nats.errors.NoServersError()
 
 
 async def run(main: Callable[[ServiceContext], Awaitable[None]], settings: ServiceSettings) -> int:
@@ -161,12 +225,18 @@ async def run(main: Callable[[ServiceContext], Awaitable[None]], settings: Servi
     log = service_logger(settings.name)
     if _time_gc not in gc.callbacks:
         gc.callbacks.append(_time_gc)
-    nc = await connect(settings)
-    ctx = ServiceContext(settings, nc, nc.jetstream(), log)
+    stopping, bus = asyncio.Event(), BusState()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, ctx.stopping.set)
+            loop.add_signal_handler(sig, stopping.set)
+    try:
+        nc = await connect(settings, bus, stopping)
+    except nats.errors.NoServersError:
+        log.info("stopped before NATS could be reached")
+        return 0
+    await bus.reconnected()
+    ctx = ServiceContext(settings, nc, nc.jetstream(), log, stopping, bus)
     if settings.metrics_port:
         from prometheus_client import start_http_server
 

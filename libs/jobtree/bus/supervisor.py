@@ -6,8 +6,10 @@ D/services/NAME --clock K [extra args]`, its credentials and any extra variables
 environment (never on the command line, which every local user can read), stdout and stderr
 appended to `D/logs/NAME.log`. Children run in their own session (a Ctrl-C at the terminal
 reaches only the supervising process, which stops them in order) and, on Linux, get SIGTERM
-if the supervising thread dies. Nothing is restarted automatically: `exited()` reports the
-services that stopped by themselves. `stop()` sends SIGTERM to every running service at once
+if the supervising thread dies. The Supervisor restarts nothing by itself: `exited()` reports
+the services that stopped, and a `RestartPolicy` (what `jobtree up` uses) says when to start
+each again — after a backoff that doubles with every restart in the last `window` seconds, and
+never again once `limit` restarts fall in that window (a crash loop). `stop()` sends SIGTERM to every running service at once
 and SIGKILLs those still alive after `timeout` seconds; it returns the exit statuses.
 Not: health checks (the caller asks each service's `health` subject), not the nats-server
 (see `natsserver`).
@@ -27,13 +29,43 @@ from pathlib import Path
 
 from jobtree.bus.natsserver import orphan_safe
 
-__all__ = ["ServiceProcess", "Supervisor", "SupervisorError"]
+__all__ = ["RestartPolicy", "ServiceProcess", "Supervisor", "SupervisorError"]
 
 CREDENTIAL_ENV = ("JOBTREE_NATS_USER", "JOBTREE_NATS_PASSWORD")
 
 
 class SupervisorError(RuntimeError):
     """A service could not be started."""
+
+
+@dataclass
+class RestartPolicy:
+    """When to restart a process that died: `first` seconds after its first death, doubling
+    (at most `longest`) with every restart in the last `window` seconds; once `limit` restarts
+    fall within the window it is crash-looping and is not restarted again. Times are whatever
+    clock the caller passes (monotonic seconds)."""
+
+    first: float = 0.25
+    longest: float = 8.0
+    window: float = 60.0
+    limit: int = 5
+    restarts: dict[str, list[float]] = field(default_factory=dict)
+
+    def recent(self, name: str, now: float) -> int:
+        """Restarts of `name` in the window ending at `now`."""
+        kept = [t for t in self.restarts.get(name, []) if now - t < self.window]
+        self.restarts[name] = kept
+        return len(kept)
+
+    def delay(self, name: str, now: float) -> float | None:
+        """Seconds to wait before restarting `name`, which died at `now`; None: crash loop, give up."""
+        n = self.recent(name, now)
+        if n >= self.limit:
+            return None
+        return min(self.longest, self.first * 2 ** n)
+
+    def restarted(self, name: str, at: float) -> None:
+        self.restarts.setdefault(name, []).append(at)
 
 
 @dataclass

@@ -7,7 +7,9 @@ Contract: `jobtree up [--data-dir D] [--no-demo] [--cluster C] [--grpc-port P] [
    N < 1, or a metrics port of the block M.. is taken, out of range or the gRPC port;
 2. starts a nats-server with JetStream (`D/nats`, fsync before ack) and one NATS user per
    service with the permissions of `jobtree.bus.security` (passwords in `D/secrets.json`,
-   mode 0600, reused on every start);
+   mode 0600, reused on every start). Its client port is chosen by the server on the first
+   start and kept in `D/nats/client.port`: every later start and every restart uses it, so the
+   services' URL stays valid;
 3. as `admin`, creates the ledger stream and the KV buckets (leader: TTL 2 s, history 1);
 4. starts every service as its own process (`jobtree serve NAME`, logs in `D/logs/NAME.log`),
    each with Prometheus `/metrics` on its own 127.0.0.1 port (M, M+1, ... in start order; free
@@ -22,8 +24,12 @@ Contract: `jobtree up [--data-dir D] [--no-demo] [--cluster C] [--grpc-port P] [
    already holds messages is resumed as it is (nothing loaded twice);
 6. prints `nats: URL`, `grpc: 127.0.0.1:PORT` and then `metrics: NAME=127.0.0.1:PORT ...` (every
    process, in start order) on stdout, writes `D/up.json` (addresses, process ids, metrics
-   ports), and runs until SIGINT (Ctrl-C) or SIGTERM, reporting processes that stop by
-   themselves (none is restarted: a standby admission is what keeps the cluster deciding);
+   ports, restarts), and runs until SIGINT (Ctrl-C) or SIGTERM, supervising: a process that
+   dies (the nats-server included) is restarted with the same port, environment and arguments
+   after a backoff (`RestartPolicy`: 0.25 s, doubling with each restart in the last 60 s, at most
+   8 s), with one line on stderr when it dies and one when it is back; a process restarted 5
+   times within 60 s is crash-looping and is left stopped (said in one line) — for the
+   nats-server that ends `up` (status 1), since nothing works without it;
 7. then stops every service (SIGTERM, SIGKILL after 10 s) and the nats-server, removes
    `D/up.json` and exits 0 (130 if interrupted before it was ready, 1 if starting failed).
 Not: the services (see `services/`), not the simulator demo (`jobtree demo`).
@@ -303,7 +309,8 @@ async def _up(opts: Options) -> int:
         secrets = Secrets.load_or_create(opts.data_dir / "secrets.json", opts.cluster)
     except ValueError as e:
         raise UpError(f"{e}; pass the cluster it was made for, or another --data-dir") from None
-    server = NatsServer(opts.data_dir / "nats", users=server_users(opts.cluster, secrets))
+    server = NatsServer(opts.data_dir / "nats", users=server_users(opts.cluster, secrets),
+                        port=_kept_nats_port(opts.data_dir / "nats"))
     supervisor: Supervisor | None = None
     nc: Any = None
     state_path = opts.data_dir / "up.json"
@@ -312,13 +319,15 @@ async def _up(opts: Options) -> int:
             server.start()
         except NatsServerError as e:
             raise UpError(f"nats-server: {e}") from None
+        _keep_nats_port(server)
         _say(f"jobtree up: nats-server {server.url} (JetStream in {server.store_dir}), cluster {opts.cluster}")
 
         async def quiet(_: Exception) -> None:
             pass
 
         nc = await nats.connect(server.url, user="admin", password=secrets.passwords["admin"],
-                                error_cb=quiet, max_reconnect_attempts=2, name="jobtree-up")
+                                error_cb=quiet, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                                name="jobtree-up")
         sequence = await _prepare_streams(nc, opts.cluster)
         supervisor = _supervisor(opts.data_dir, opts.cluster, server.url, opts.clock)
         with contextlib.suppress(FileNotFoundError):
@@ -332,7 +341,7 @@ async def _up(opts: Options) -> int:
         def start(name: str) -> None:
             env = secrets.env(service_of(name))
             if name == "gateway":
-                env[ENV_GRPC_PORT] = str(opts.grpc_port)
+                env[ENV_GRPC_PORT] = str(opts.grpc_port)  # once bound: the port it first took
             try:
                 supervisor.start(name, env=env, args=("--metrics-port", str(opts.metrics[name])))
             except SupervisorError as e:
@@ -366,17 +375,13 @@ async def _up(opts: Options) -> int:
         _say(f"grpc: {HOST}:{opts.grpc_port}", sys.stdout)
         _say("metrics: " + " ".join(f"{name}={HOST}:{port}" for name, port in opts.metrics.items()), sys.stdout)
         ready = True
-        reported: set[str] = set()
+        keeper = _Keeper(server, supervisor, start, lambda: _write_state(state_path, opts, server, supervisor,
+                                                                          ready=True))
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
-            for name, code in supervisor.exited().items():
-                if name not in reported:
-                    reported.add(name)
-                    standby = (" (a standby admission takes over while one runs)"
-                               if service_of(name) == "admission" and opts.admission_replicas > 1 else "")
-                    _say(f"jobtree up: service {name} stopped by itself (status {code}); it is not restarted"
-                         f"{standby}; see {supervisor.processes[name].log_path}")
+                await asyncio.wait_for(stop.wait(), SUPERVISE_EVERY)
+            if not stop.is_set() and not keeper.tend(time.monotonic()):
+                return 1
         _say("jobtree up: stopping")
         return 0
     finally:
@@ -395,6 +400,100 @@ async def _up(opts: Options) -> int:
             loop.remove_signal_handler(sig)
         if ready:
             _say("jobtree up: stopped")
+
+
+SUPERVISE_EVERY = 0.1
+"""Seconds between looks at the processes `up` supervises."""
+NATS = "nats-server"
+
+
+def _kept_nats_port(nats_dir: Path) -> int:
+    """The nats-server's client port kept from the first start (-1: let it choose, first time)."""
+    with contextlib.suppress(OSError, ValueError):
+        port = int((nats_dir / "client.port").read_text())
+        if 0 < port <= 65535:
+            return port
+    return -1
+
+
+def _keep_nats_port(server: Any) -> None:
+    """Remember the port the server listens on, for every later start and restart."""
+    from urllib.parse import urlsplit
+
+    port = urlsplit(server.url).port
+    path = server.data_dir / "client.port"
+    if port and _kept_nats_port(server.data_dir) != port:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(f"{port}\n")
+        os.replace(tmp, path)
+    server.port = port or server.port
+
+
+def _status_text(code: int | None) -> str:
+    if code is None:
+        return "status unknown"
+    return f"signal {-code}" if code < 0 else f"status {code}"
+
+
+class _Keeper:
+    """Restarts what dies (see the contract, item 6): one line when a process dies, one when it
+    is back, one when it is given up on. `tend(now)` looks once; False when the nats-server is
+    crash-looping (then `up` ends)."""
+
+    def __init__(self, server: Any, supervisor: Any, start: Any, saved: Any) -> None:
+        from jobtree.bus.supervisor import RestartPolicy
+
+        self.server, self.supervisor, self.start, self.saved = server, supervisor, start, saved
+        self.policy = RestartPolicy()
+        self.due: dict[str, float] = {}
+        """Process -> when it is to be restarted."""
+        self.given_up: set[str] = set()
+
+    def _died(self, name: str, code: int | None, log: Path, now: float) -> bool:
+        delay = self.policy.delay(name, now)
+        if delay is None:
+            self.given_up.add(name)
+            _say(f"jobtree up: {name} died ({_status_text(code)}) and is crash-looping "
+                 f"({self.policy.limit} restarts within {self.policy.window:.0f} s); not restarting it; see {log}")
+            return False
+        self.due[name] = now + delay
+        _say(f"jobtree up: {name} died ({_status_text(code)}); restarting it in {delay:g} s "
+             f"(restart {self.policy.recent(name, now) + 1} within {self.policy.window:.0f} s); see {log}")
+        return True
+
+    def tend(self, now: float) -> bool:
+        from jobtree.bus.natsserver import NatsServerError
+        from jobtree.bus.supervisor import SupervisorError
+
+        if NATS not in self.due and NATS not in self.given_up and not self.server.running:
+            code = self.server._proc.returncode if self.server._proc is not None else None
+            self.server._proc = None
+            self.server.url = self.server.monitor_url = ""  # read again from the restarted server
+            if not self._died(NATS, code, self.server.log_path, now):
+                return False
+        for name, code in self.supervisor.exited().items():
+            if name not in self.due and name not in self.given_up:
+                self._died(name, code, self.supervisor.processes[name].log_path, now)
+        for name, at in sorted(self.due.items(), key=lambda item: item[1]):
+            if at > now:
+                continue
+            del self.due[name]
+            self.policy.restarted(name, now)
+            try:
+                if name == NATS:
+                    self.server.start()
+                    pid = self.server.pid
+                else:
+                    self.start(name)
+                    pid = self.supervisor.processes[name].pid
+            except (NatsServerError, SupervisorError, UpError) as e:
+                _say(f"jobtree up: {name} could not be restarted: {' '.join(str(e).split())}")
+                if not self._died(name, None, Path("-"), now) and name == NATS:
+                    return False
+                continue
+            _say(f"jobtree up: {name} restarted (pid {pid})")
+            self.saved()
+        return True
 
 
 async def _until(stop: asyncio.Event, work: Any) -> bool:

@@ -675,6 +675,7 @@ class LedgerEntry(_message.Message):
     INSTANT_FIELD_NUMBER: _builtins.int
     COMMAND_ID_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    COMMAND_DIGEST_FIELD_NUMBER: _builtins.int
     LEASE_MINTED_FIELD_NUMBER: _builtins.int
     LEASE_CLOSED_FIELD_NUMBER: _builtins.int
     RESERVATION_PUT_FIELD_NUMBER: _builtins.int
@@ -686,6 +687,11 @@ class LedgerEntry(_message.Message):
     CLOCK_ADVANCED_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     epoch: _builtins.int
+    command_digest: _builtins.bytes
+    """On the first entry a command decided: a digest of what the command asked for
+    (`jobtree.api.convert.command_digest`), so a command id reused for a different request is
+    refused instead of being answered as the earlier one (empty on every other entry).
+    """
     @_builtins.property
     def instant(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -712,6 +718,7 @@ class LedgerEntry(_message.Message):
         instant: _timestamp_pb2.Timestamp | None = ...,
         command_id: _builtins.str = ...,
         epoch: _builtins.int = ...,
+        command_digest: _builtins.bytes = ...,
         lease_minted: Global___LeaseMinted | None = ...,
         lease_closed: Global___LeaseClosed | None = ...,
         reservation_put: Global___ReservationPut | None = ...,
@@ -724,7 +731,7 @@ class LedgerEntry(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["budget_put", b"budget_put", "clock_advanced", b"clock_advanced", "fact", b"fact", "instant", b"instant", "lease_closed", b"lease_closed", "lease_minted", b"lease_minted", "node_state_put", b"node_state_put", "reservation_put", b"reservation_put", "run_status_put", b"run_status_put", "spec_deleted", b"spec_deleted", "spec_put", b"spec_put"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_put", b"budget_put", "clock_advanced", b"clock_advanced", "command_id", b"command_id", "epoch", b"epoch", "fact", b"fact", "instant", b"instant", "lease_closed", b"lease_closed", "lease_minted", b"lease_minted", "node_state_put", b"node_state_put", "reservation_put", b"reservation_put", "run_status_put", b"run_status_put", "spec_deleted", b"spec_deleted", "spec_put", b"spec_put"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_put", b"budget_put", "clock_advanced", b"clock_advanced", "command_digest", b"command_digest", "command_id", b"command_id", "epoch", b"epoch", "fact", b"fact", "instant", b"instant", "lease_closed", b"lease_closed", "lease_minted", b"lease_minted", "node_state_put", b"node_state_put", "reservation_put", b"reservation_put", "run_status_put", b"run_status_put", "spec_deleted", b"spec_deleted", "spec_put", b"spec_put"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_fact: _TypeAlias = _typing.Literal["lease_minted", "lease_closed", "reservation_put", "run_status_put", "spec_put", "spec_deleted", "node_state_put", "budget_put", "clock_advanced"]  # noqa: Y015
     _WhichOneofArgType_fact: _TypeAlias = _typing.Literal["fact", b"fact"]  # noqa: Y015

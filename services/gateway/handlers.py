@@ -1,0 +1,76 @@
+"""Registering `jobtree.v1.Jobtree` on a gRPC server so that bad bytes are bad input.
+
+Contract: `add_servicer(servicer, server)` registers every method of the service (from its
+descriptor, as the generated `add_JobtreeServicer_to_server` would) with request deserializers
+that never raise: a request that is not the method's protobuf message is aborted with
+INVALID_ARGUMENT `request: not a valid <message type> (...)` before the servicer sees it (grpc
+itself would answer UNKNOWN, naming Python exception classes).
+Not: the methods themselves (`servicer`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from jobtree.api.jobtree.v1 import service_pb2 as api
+
+__all__ = ["SERVICE", "add_servicer"]
+
+SERVICE = api.DESCRIPTOR.services_by_name["Jobtree"]
+
+
+class Undecodable:
+    """What a request deserializer returns for bytes that are not its message."""
+
+    def __init__(self, type_name: str, error: Exception) -> None:
+        self.message = f"request: not a valid {type_name} ({' '.join(str(error).split()) or 'undecodable'})"
+
+
+def _parser(cls: type[Message]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except (DecodeError, ValueError, RuntimeError) as exc:  # DecodeError, or too deeply nested
+            return Undecodable(cls.DESCRIPTOR.full_name, exc)
+
+    return parse
+
+
+def _unary(method: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    async def call(request: Any, context: Any) -> Any:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return await method(request, context)
+
+    return call
+
+
+def _stream(method: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[[Any, Any], AsyncIterator[Any]]:
+    async def call(request: Any, context: Any) -> AsyncIterator[Any]:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        async for item in method(request, context):
+            yield item
+
+    return call
+
+
+def add_servicer(servicer: Any, server: Any) -> None:
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for m in SERVICE.methods:
+        request_cls: type[Message] = getattr(api, m.input_type.name)
+        response_cls: type[Message] = getattr(api, m.output_type.name)
+        method = getattr(servicer, m.name)
+        if m.server_streaming:
+            handlers[m.name] = grpc.unary_stream_rpc_method_handler(
+                _stream(method), request_deserializer=_parser(request_cls),
+                response_serializer=response_cls.SerializeToString)
+        else:
+            handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+                _unary(method), request_deserializer=_parser(request_cls),
+                response_serializer=response_cls.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
