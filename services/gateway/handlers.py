@@ -3,7 +3,7 @@
 Contract: `add_servicer(servicer, server)` registers every method of the service (from its
 descriptor, as the generated `add_JobtreeServicer_to_server` would) with request deserializers
 that never raise: a request that is not the method's protobuf message is aborted with
-INVALID_ARGUMENT `request: not a valid <message type> (...)` before the servicer sees it (grpc
+INVALID_ARGUMENT `request: not a valid <message type>: <why>` before the servicer sees it (grpc
 itself would answer UNKNOWN, naming Python exception classes).
 Not: the methods themselves (`servicer`).
 """
@@ -27,7 +27,8 @@ class Undecodable:
     """What a request deserializer returns for bytes that are not its message."""
 
     def __init__(self, type_name: str, error: Exception) -> None:
-        self.message = f"request: not a valid {type_name} ({' '.join(str(error).split()) or 'undecodable'})"
+        reason = " ".join(str(error).split()).rpartition("': ")[2] or "undecodable"  # without protobuf's preamble
+        self.message = f"request: not a valid {type_name}: {reason[:1].lower()}{reason[1:]}"
 
 
 def _parser(cls: type[Message]) -> Callable[[bytes], Any]:

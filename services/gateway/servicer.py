@@ -1,7 +1,7 @@
 """The `jobtree.v1.Jobtree` gRPC service: validate, send commands to admission, read the follower.
 
 Contract:
-- Writes (SubmitRun, ApplyBudget, DeleteRun, ShrinkRun, CompleteRun, FailRun, AddSponsor) are
+- Writes (SubmitRun, ApplyBudget, Apply, DeleteRun, ShrinkRun, CompleteRun, FailRun, AddSponsor) are
   validated through the schema and the core (`convert.*_from_proto`, which runs
   `jobtree.core.manifest`); bad input aborts with INVALID_ARGUMENT `field.path: problem` and
   sends nothing. Commands that name an existing run are checked against the gateway's view
@@ -33,6 +33,7 @@ Not: a decision maker (admission decides), not a writer of the ledger (the binde
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -115,16 +116,48 @@ def _error_abort(err: bus.Error) -> _Abort:
     return _Abort(STATUS_OF.get(err.code, grpc.StatusCode.UNKNOWN), text)
 
 
-def _run_of(given: pb.Run) -> Run:
+def _run_of(given: pb.Run, path: str = "") -> Run:
     """A client's Run as a validated core Run (its status, if sent, is ignored); an abort with
     INVALID_ARGUMENT naming the field otherwise."""
     msg = pb.Run()
     msg.CopyFrom(given)
     msg.ClearField("status")
     try:
-        return convert.run_from_proto(msg)
+        return convert.run_from_proto(msg, path)
     except ValidationError as err:
         raise _invalid(err) from None
+
+
+MAX_APPLY_OBJECTS = 64
+MAX_APPLY_BYTES = 512 * 1024
+"""An Apply's limits: its objects travel as one command and commit as one ledger message."""
+_BATCH_ITEM = re.compile(r"^batch\.commands\[(\d+)\]")
+
+
+def _apply_commands(request: api.ApplyRequest) -> list[facts.Command]:
+    """The commands of an Apply, each object validated (errors name `objects[i].<field>`)."""
+    if not request.objects:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "objects: at least one Run or Budget is required")
+    if len(request.objects) > MAX_APPLY_OBJECTS:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                     f"objects: {len(request.objects)} objects; at most {MAX_APPLY_OBJECTS} apply together")
+    size = sum(obj.ByteSize() for obj in request.objects)
+    if size > MAX_APPLY_BYTES:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"objects: {size:,} bytes together; at most "
+                     f"{MAX_APPLY_BYTES:,} bytes ({MAX_APPLY_BYTES // 1024} KiB) apply together")
+    cmds: list[facts.Command] = []
+    for i, obj in enumerate(request.objects):
+        which = obj.WhichOneof("object")
+        if which == "run":
+            cmds.append(facts.ApplyRun(_run_of(obj.run, f"objects[{i}].run")))
+        elif which == "budget":
+            try:
+                cmds.append(facts.ApplyBudget(convert.budget_from_proto(obj.budget, f"objects[{i}].budget")))
+            except ValidationError as err:
+                raise _invalid(err) from None
+        else:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"objects[{i}]: must hold a run or a budget")
+    return cmds
 
 
 def _run_key_of(msg: pb.Run) -> str:
@@ -402,14 +435,23 @@ class Gateway(api_grpc.JobtreeServicer):
             except codec.CodecError as exc:
                 raise _Abort(grpc.StatusCode.INTERNAL, f"{what} answered garbage: {exc}") from None
 
-    async def _commit(self, cmd: facts.Command, request_id: str, context: Context) -> int:
-        """Send one command to admission; its ledger sequence, or an abort with the mapped code."""
+    async def _commit(self, cmd: facts.Command | list[facts.Command], request_id: str, context: Context) -> int:
+        """Send one command (or a list as one batch: all or none) to admission; its ledger
+        sequence, or an abort with the mapped code."""
         command_id = self._command_id(request_id)
         instant = self._instant(context)
-        msg = convert.command_to_proto(cmd, command_id=command_id, instant=instant)
+        if isinstance(cmd, list):
+            msg = bus.Command(command_id=command_id)
+            if instant is not None:
+                msg.instant.seconds = instant
+            msg.batch.commands.extend(convert.command_to_proto(c) for c in cmd)
+        else:
+            msg = convert.command_to_proto(cmd, command_id=command_id, instant=instant)
         subject = subjects.request(self.ctx.cluster, "admission", "command")
         reply = await self._ask(subject, msg, bus.CommandReply, "admission", context, self.command_timeout)
         if reply.HasField("error") and reply.error.code != bus.ERROR_CODE_UNSPECIFIED:
+            if isinstance(cmd, list):  # name the object, as the request does
+                reply.error.field_path = _BATCH_ITEM.sub(r"objects[\1]", reply.error.field_path)
             raise _error_abort(reply.error)
         self.ctx.log.debug("committed", extra={"fields": {"command_id": command_id,
                                                            "ledger_sequence": reply.ledger_sequence}})
@@ -482,6 +524,20 @@ class Gateway(api_grpc.JobtreeServicer):
             seq = await self._commit(facts.ApplyRun(run), request.request_id, context)
             out = await self._run_after(run.key, seq) or convert.run_to_proto(run)
             return api.SubmitRunResponse(run=out, ledger_sequence=seq)
+
+        return await self._guard(context, handle)
+
+    async def Apply(self, request: api.ApplyRequest, context: Context) -> api.ApplyResponse:
+        async def handle() -> api.ApplyResponse:
+            cmds = _apply_commands(request)
+            seq = await self._commit(cmds, request.request_id, context)
+            out = api.ApplyResponse(ledger_sequence=seq)
+            for cmd in cmds:
+                if isinstance(cmd, facts.ApplyRun):
+                    out.objects.add().run.CopyFrom(await self._run_after(cmd.run.key, seq) or convert.run_to_proto(cmd.run))
+                elif isinstance(cmd, facts.ApplyBudget):
+                    out.objects.add().budget.CopyFrom(convert.budget_to_proto(cmd.budget))
+            return out
 
         return await self._guard(context, handle)
 

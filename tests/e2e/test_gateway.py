@@ -513,10 +513,10 @@ def test_unavailable_when_admission_and_readers_do_not_answer(
         assert code == grpc.StatusCode.UNAVAILABLE and "budget service" in details, details
         code, details = code_of(lambda: stub.ListNodes(api.ListNodesRequest(), timeout=10))
         assert code == grpc.StatusCode.UNAVAILABLE and "packer service" in details, details
-        # Reads of its own view still work; a sequence it never reaches is UNAVAILABLE.
+        # Reads of its own view still work; a sequence beyond the ledger's end is OUT_OF_RANGE.
         assert list(stub.ListRuns(api.ListRunsRequest(), timeout=10).runs) == []
         code, details = code_of(lambda: stub.ListRuns(api.ListRunsRequest(min_ledger_sequence=99), timeout=10))
-        assert code == grpc.StatusCode.UNAVAILABLE and "not yet 99" in details, details
+        assert code == grpc.StatusCode.OUT_OF_RANGE and "beyond the ledger's end" in details, details
         assert last_sequence(lonely.url, lonely.cluster) == 0
     finally:
         statuses = lonely.stop()

@@ -518,3 +518,28 @@ def test_a_batch_round_trips_in_order_and_names_a_bad_member() -> None:
     with pytest.raises(ValidationError) as info:
         convert.commands_from_proto(wire)
     assert info.value.path == "batch.commands[1].delete_run.run.name"
+
+
+# --- object size (issue 13, D6) -------------------------------------------------------------------
+
+
+def _big_run(annotation_bytes: int) -> dict[str, Any]:
+    return {"apiVersion": "rq.davidlangworthy.io/v1", "kind": "Run",
+            "metadata": {"name": "big", "annotations": {"example.org/notes": "x" * annotation_bytes}},
+            "spec": {"owner": "org:a", "resources": {"gpuType": "H100-80GB", "totalGPUs": 8},
+                     "roles": [{"name": "worker", "template": {"note": "y" * 1000}}]}}
+
+
+def test_objects_are_bounded_in_size_naming_the_largest_field() -> None:
+    assert isinstance(convert.parse_manifest(_big_run(200_000)).model, Run)
+    with pytest.raises(ValidationError) as err:
+        convert.parse_manifest(_big_run(300_000))
+    assert err.value.path == "metadata.annotations"
+    assert err.value.problem.startswith("makes the Run 301,")
+    assert err.value.problem.endswith("a Run may be at most 262,144 bytes (256 KiB)")
+    msg = convert.manifest_to_proto(_big_run(1000))
+    assert isinstance(msg, pb.Run)
+    msg.spec.roles[0].update({"blob": "z" * 400_000})
+    with pytest.raises(ValidationError) as err:
+        convert.run_from_proto(msg, "run")
+    assert err.value.path == "run.spec.roles"

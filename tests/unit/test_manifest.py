@@ -489,3 +489,19 @@ def test_error_without_prefix_has_bare_path() -> None:
         parse_manifest(edit(minimal_run(), (("spec", "resources", "totalGPUs"), -3)))
     assert caught.value.path == "spec.resources.totalGPUs"
     assert str(caught.value) == "spec.resources.totalGPUs: must be a positive integer, got -3"
+
+
+# --- size limits (issue 13, D6) -----------------------------------------------------------------
+
+
+def test_lists_are_bounded_naming_the_field() -> None:
+    from jobtree.core.manifest import MAX_LIST_ITEMS
+
+    doc = {"apiVersion": "rq.davidlangworthy.io/v1", "kind": "Run", "metadata": {"name": "r"},
+           "spec": {"owner": "org:a", "resources": {"gpuType": "H100-80GB", "totalGPUs": 8},
+                    "follow": {"after": [f"u{i}" for i in range(MAX_LIST_ITEMS + 1)]}}}
+    with pytest.raises(ValidationError) as err:
+        parse_manifest(doc)
+    assert (err.value.path, err.value.problem) == ("spec.follow.after", "has 257 items; at most 256 are allowed")
+    doc["spec"]["follow"]["after"] = [f"u{i}" for i in range(MAX_LIST_ITEMS)]  # type: ignore[index]
+    assert len(parse_manifest(doc).spec.follow.after) == MAX_LIST_ITEMS  # type: ignore[union-attr]

@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,41 @@ def test_bad_manifest_is_refused_before_any_call(tmp_path: Path) -> None:
            "spec": {"owner": "org:a", "resources": {"gpuType": "H100-80GB", "totalGPUs": 0}}}
     assert_one_line(cli("submit", "-f", "-", stdin=json.dumps(doc)), EXIT_BAD_INPUT,
                     "-: spec.resources.totalGPUs: must be a positive integer, got 0")
+
+
+def _alias_bomb() -> str:
+    """Anchors inside a role's pod template (free-form, so the schema lets any key through)."""
+    lines = ["apiVersion: rq.davidlangworthy.io/v1", "kind: Run", "metadata: {name: bomb}", "spec:",
+             "  owner: org:a", "  resources: {gpuType: H100-80GB, totalGPUs: 8}", "  roles:", "  - name: worker",
+             "    x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"    x{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 10)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    (_alias_bomb(), "line 14, column 9: this node stands for 1,111,111 nodes once its aliases are expanded; "
+                    "at most 1,000,000 are allowed"),
+    ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than 64 levels"),
+    ("a: &x [*x]\n", "an alias refers to a node that contains it"),
+], ids=["alias-bomb", "deep", "recursive"])
+def test_hostile_yaml_is_one_line_and_cheap(tmp_path: Path, text: str, fragment: str) -> None:
+    """D7: an alias bomb burned 27-80 s of CPU and ended in a traceback; 5,000-deep nesting in a
+    RecursionError. Both are bounded and refused in one line, exit 2, before any call."""
+    path = tmp_path / "hostile.yaml"
+    path.write_text(text)
+    started = time.monotonic()
+    done = cli("submit", "-f", str(path), "--server", "127.0.0.1:1")
+    line = assert_one_line(done, EXIT_BAD_INPUT, fragment)
+    assert line.startswith(f"kubectl-runs: {path}: invalid YAML: line ")
+    assert time.monotonic() - started < 20  # the CLI's start-up included; the bomb itself costs ~0.1 s
+
+
+def test_manifest_files_are_bounded_in_size(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (runs.MAX_FILE_BYTES) + "\n")
+    assert_one_line(cli("submit", "-f", str(big)), EXIT_BAD_INPUT, "big.yaml: larger than 4 MiB")
+    assert_one_line(cli("submit", "-f", "-", stdin="#" * (runs.MAX_FILE_BYTES + 10)), EXIT_BAD_INPUT,
+                    "-: larger than 4 MiB")
 
 
 def test_unreachable_server_exits_1_with_one_line(tmp_path: Path) -> None:

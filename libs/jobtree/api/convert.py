@@ -219,12 +219,46 @@ def budget_to_proto(budget: Budget) -> pb.Budget:
     return msg
 
 
+MAX_OBJECT_BYTES = 256 * 1024
+"""Most bytes a Run or Budget may take serialised (it travels in one NATS message with its
+decision; NATS carries at most 1 MiB). `jobtree.core.manifest.MAX_LIST_ITEMS` bounds lists."""
+
+
+def check_size(msg: Message, path: str = "") -> None:
+    """ValidationError naming the largest field (two levels down, e.g. `spec.roles`) when `msg`
+    is larger than MAX_OBJECT_BYTES serialised."""
+    size = msg.ByteSize()
+    if size <= MAX_OBJECT_BYTES:
+        return
+    kind = msg.DESCRIPTOR.name
+
+    def alone(parent: Message, name: str) -> int:
+        only = type(parent)()
+        only.CopyFrom(parent)
+        for f, _ in only.ListFields():
+            if f.name != name:
+                only.ClearField(f.name)
+        return only.ByteSize()
+
+    candidates: list[tuple[int, str]] = []
+    for top, value in msg.ListFields():
+        if top.message_type is not None and not top.is_repeated:
+            candidates += [(alone(value, f.name), f"{top.json_name}.{f.json_name}") for f, _ in value.ListFields()]
+        else:
+            candidates.append((alone(msg, top.name), top.json_name))
+    _, field_name = max(candidates) if candidates else (0, "")
+    raise ValidationError(_at(path, field_name), f"makes the {kind} {size:,} bytes serialised; a {kind} may be "
+                          f"at most {MAX_OBJECT_BYTES:,} bytes ({MAX_OBJECT_BYTES // 1024} KiB)")
+
+
 def budget_from_proto(msg: pb.Budget, path: str = "") -> Budget:
     """A Budget message as a validated core Budget (apiVersion and kind may be left out)."""
     doc = _to_dict(msg)
     doc.setdefault("apiVersion", API_VERSION)
     doc.setdefault("kind", "Budget")
-    return core_manifest.parse_budget(doc, path)
+    budget = core_manifest.parse_budget(doc, path)  # the list limits first: they name the field
+    check_size(msg, path)
+    return budget
 
 
 # --- Runs ----------------------------------------------------------------------------------
@@ -289,7 +323,9 @@ def run_from_proto(msg: pb.Run, path: str = "") -> Run:
     doc.pop("status", None)
     doc.setdefault("apiVersion", API_VERSION)
     doc.setdefault("kind", "Run")
-    return core_manifest.parse_run(doc, path)
+    run = core_manifest.parse_run(doc, path)  # the list limits first: they name the field
+    check_size(msg, path)
+    return run
 
 
 def run_from_ledger(msg: pb.Run) -> Run:
@@ -792,7 +828,8 @@ def parse_manifest(doc: object, path: str = "") -> ParsedManifest:
         json_format.ParseDict(cleaned, msg)
     except json_format.ParseError as exc:  # pragma: no cover - _check_message catches these first
         raise ValidationError(path, f"does not match the schema: {exc}") from None
-    model = core_manifest.parse_manifest(doc, path)
+    model = core_manifest.parse_manifest(doc, path)  # the list limits first: they name the field
+    check_size(msg, path)
     return ParsedManifest(msg, model)
 
 

@@ -188,6 +188,8 @@ async def connect(settings: ServiceSettings, bus: BusState | None = None,
     }
     if bus is not None:
         async def disconnected() -> None:
+            if stopping is not None and stopping.is_set():
+                return  # a clean stop drains and closes the connection: not an outage
             await bus.disconnected()
             log.warning("lost NATS; reconnecting", extra={"fields": {"url": settings.nats_url}})
 

@@ -50,6 +50,8 @@ DEFAULT_TIMEOUT = 10.0
 OUTPUTS = ("table", "json")
 SHELLS = ("bash", "zsh", "fish")
 WATCH_LABEL = "__kubectl_runs_step_"
+STALE_METADATA = "jobtree-stale"
+"""Trailing metadata of an answer the gateway gave while cut off from NATS (see the gateway)."""
 
 Json = dict[str, Any]
 
@@ -228,11 +230,21 @@ class Manifest:
     """`namespace/name` of a Run, the name of a Budget."""
 
 
+MAX_FILE_BYTES = 4 * 1024 * 1024
+"""The largest manifest file (or standard input) read; the gateway takes no larger request."""
+
+
 def _read_text(name: str) -> str:
+    too_big = f"{name}: larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB; manifest files may be at most that"
     if name == "-":
-        return sys.stdin.read()
+        text = sys.stdin.read(MAX_FILE_BYTES + 1)
+        if len(text.encode("utf-8", errors="replace")) > MAX_FILE_BYTES:
+            raise RunsError(too_big)
+        return text
     path = Path(name)
     try:
+        if path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
+            raise RunsError(too_big)
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RunsError(f"{name}: no such file") from None
@@ -506,12 +518,18 @@ class Remote:
         return RunsError(f"{prefix}{code.name}: {details}", EXIT_UNAVAILABLE)
 
     def call(self, method: str, request: Any, where: str = "") -> Any:
+        """One call; an answer the gateway marks stale (it has lost NATS) is still returned,
+        with a warning line on stderr."""
         import grpc
 
         try:
-            return getattr(self.stub, method)(request, timeout=self.opts.timeout)
+            response, call = getattr(self.stub, method).with_call(request, timeout=self.opts.timeout)
         except grpc.RpcError as err:
             raise self.error(err, where) from None
+        for key, value in call.trailing_metadata() or ():
+            if key == STALE_METADATA:
+                sys.stderr.write(f"{PROG}: warning: {_one_line(str(value))}\n")
+        return response
 
 
 def _ref(key: str) -> Any:
@@ -550,15 +568,57 @@ def _to_dict(msg: Any) -> Json:
     return out
 
 
+def _apply_all(r: Remote, manifests: Sequence[Manifest], request_id: str | None, out: TextIO) -> int:
+    """Several manifests as one Apply: every object applies, or none does (an error names the
+    document, `FILE[i]`, where the gateway names `objects[i]`)."""
+    from google.protobuf import json_format
+
+    from jobtree.api.jobtree.v1 import objects_pb2 as pb
+    from jobtree.api.jobtree.v1 import service_pb2 as api
+
+    req = api.ApplyRequest(request_id=request_id or str(uuid.uuid4()))
+    for m in manifests:
+        obj = req.objects.add()
+        if m.kind == "Budget":
+            obj.budget.CopyFrom(json_format.ParseDict(m.doc, pb.Budget()))
+        else:
+            obj.run.CopyFrom(json_format.ParseDict(m.doc, pb.Run()))
+    try:
+        resp = r.call("Apply", req)
+    except RunsError as e:
+        found = re.search(r"objects\[(\d+)\](?:\.(?:run|budget))?(\.?)", str(e))
+        if found and int(found.group(1)) < len(manifests):
+            where = manifests[int(found.group(1))].where + (": " if found.group(2) else "")
+            e.args = (str(e).replace(found.group(0), where, 1),)
+        raise
+    results: list[Json] = []
+    for m, obj in zip(manifests, resp.objects, strict=False):
+        if m.kind == "Budget":
+            results.append({"kind": "Budget", "name": m.key, "ledgerSequence": resp.ledger_sequence})
+            line = f"budget/{m.key} applied (ledger sequence {resp.ledger_sequence})"
+        else:
+            phase = obj.run.status.phase or "submitted"
+            results.append({"kind": "Run", "name": m.key, "phase": obj.run.status.phase or None,
+                            "ledgerSequence": resp.ledger_sequence})
+            line = f"run/{m.key} submitted: {phase} (ledger sequence {resp.ledger_sequence})"
+        if r.opts.output == "table":
+            out.write(line + "\n")
+    if r.opts.output == "json":
+        _dump(results, out)
+    return EXIT_OK
+
+
 def remote_submit(r: Remote, manifests: Sequence[Manifest], request_id: str | None, out: TextIO) -> int:
     from google.protobuf import json_format
 
     from jobtree.api.jobtree.v1 import objects_pb2 as pb
     from jobtree.api.jobtree.v1 import service_pb2 as api
 
+    if len(manifests) > 1:
+        return _apply_all(r, manifests, request_id, out)
     results: list[Json] = []
-    for i, m in enumerate(manifests):
-        rid = f"{request_id}-{i}" if request_id and len(manifests) > 1 else (request_id or str(uuid.uuid4()))
+    for m in manifests:
+        rid = request_id or str(uuid.uuid4())
         if m.kind == "Budget":
             budget = json_format.ParseDict(m.doc, pb.Budget())
             resp = r.call("ApplyBudget", api.ApplyBudgetRequest(budget=budget, request_id=rid), m.where)

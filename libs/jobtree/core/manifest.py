@@ -163,20 +163,29 @@ def _bool(value: object, path: str) -> bool:
     return value
 
 
+MAX_LIST_ITEMS = 256
+"""Most items of any list in a manifest (`spec.follow.after`, `spec.funding.sponsors`,
+`spec.roles`, `spec.parents`, `spec.envelopes`, `spec.aggregateCaps`, a cap's envelopes): a
+valid run of 10,000 upstreams was 1-4 MB and could not be carried on the bus. The size of a
+whole object is bounded where it is serialised (`jobtree.api.convert.MAX_OBJECT_BYTES`)."""
+
+
 def _list(value: object, path: str) -> list[object]:
     if not isinstance(value, list):
         raise ValidationError(path, f"must be a list, got {_show(value)}")
+    if len(value) > MAX_LIST_ITEMS:
+        raise ValidationError(path, f"has {len(value):,} items; at most {MAX_LIST_ITEMS} are allowed")
     return value
 
 
 def _unique(value: object, path: str, parse: Parse[str], what: str) -> tuple[str, ...]:
     """A list of strings, each parsed by `parse`, none repeated."""
-    seen: list[str] = []
+    seen: dict[str, None] = {}
     for i, item in enumerate(_list(value, path)):
         text = parse(item, _item(path, i))
         if text in seen:
             raise ValidationError(_item(path, i), f"duplicate {what} {text!r}; each may be listed once")
-        seen.append(text)
+        seen[text] = None
     return tuple(seen)
 
 

@@ -146,8 +146,61 @@ class Scenario:
 # --- YAML loading ------------------------------------------------------------------------
 
 
+MAX_YAML_DEPTH = 64
+"""Deepest nesting of collections a YAML document may have (PyYAML composes recursively: a
+5,000-deep document ended in RecursionError)."""
+MAX_YAML_NODES = 1_000_000
+"""Most nodes a YAML document may stand for once its aliases are expanded (an alias bomb: a
+few hundred bytes that stand for billions of nodes burned a minute of CPU downstream)."""
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """Safe YAML without implicit timestamps (RFC3339 stays text) and without duplicate keys."""
+    """Safe YAML without implicit timestamps (RFC3339 stays text) and without duplicate keys,
+    bounded: at most MAX_YAML_DEPTH levels of nesting and MAX_YAML_NODES nodes with aliases
+    expanded (counted on the composed graph, in time linear in its size); no recursive alias."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_YAML_DEPTH} levels; flatten the document",
+                    self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        if node is not None:
+            _expanded_size(node, {}, set())
+        return node
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """How many nodes `node` stands for with every alias expanded (each shared node counted once
+    per reference, computed once); ComposerError for an alias that contains itself."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise yaml.composer.ComposerError(None, None, "an alias refers to a node that contains it "
+                                          "(a recursive structure); not allowed", node.start_mark)
+    open_.add(key)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_expanded_size(item, sizes, open_) for item in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total += sum(_expanded_size(k, sizes, open_) + _expanded_size(v, sizes, open_) for k, v in node.value)
+    open_.discard(key)
+    if total > MAX_YAML_NODES:  # the innermost node past the bound: where the bomb is
+        raise yaml.composer.ComposerError(
+            None, None, f"this node stands for {total:,} nodes once its aliases are expanded; at most "
+            f"{MAX_YAML_NODES:,} are allowed in a document (an alias bomb?)", node.start_mark)
+    sizes[key] = total
+    return total
 
 
 _StrictLoader.yaml_implicit_resolvers = {

@@ -89,6 +89,11 @@ class JobtreeStub:
                 request_serializer=jobtree_dot_v1_dot_service__pb2.ApplyBudgetRequest.SerializeToString,
                 response_deserializer=jobtree_dot_v1_dot_service__pb2.ApplyBudgetResponse.FromString,
                 _registered_method=True)
+        self.Apply = channel.unary_unary(
+                '/jobtree.v1.Jobtree/Apply',
+                request_serializer=jobtree_dot_v1_dot_service__pb2.ApplyRequest.SerializeToString,
+                response_deserializer=jobtree_dot_v1_dot_service__pb2.ApplyResponse.FromString,
+                _registered_method=True)
         self.ListBudgets = channel.unary_unary(
                 '/jobtree.v1.Jobtree/ListBudgets',
                 request_serializer=jobtree_dot_v1_dot_service__pb2.ListBudgetsRequest.SerializeToString,
@@ -200,6 +205,14 @@ class JobtreeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Apply(self, request, context):
+        """Several Runs and Budgets as one decision: every object applies, or none does (a
+        multi-document `kubectl runs submit -f`). Errors name the object: objects[i].<field>.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListBudgets(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -299,6 +312,11 @@ def add_JobtreeServicer_to_server(servicer, server):
                     servicer.ApplyBudget,
                     request_deserializer=jobtree_dot_v1_dot_service__pb2.ApplyBudgetRequest.FromString,
                     response_serializer=jobtree_dot_v1_dot_service__pb2.ApplyBudgetResponse.SerializeToString,
+            ),
+            'Apply': grpc.unary_unary_rpc_method_handler(
+                    servicer.Apply,
+                    request_deserializer=jobtree_dot_v1_dot_service__pb2.ApplyRequest.FromString,
+                    response_serializer=jobtree_dot_v1_dot_service__pb2.ApplyResponse.SerializeToString,
             ),
             'ListBudgets': grpc.unary_unary_rpc_method_handler(
                     servicer.ListBudgets,
@@ -633,6 +651,33 @@ class Jobtree:
             '/jobtree.v1.Jobtree/ApplyBudget',
             jobtree_dot_v1_dot_service__pb2.ApplyBudgetRequest.SerializeToString,
             jobtree_dot_v1_dot_service__pb2.ApplyBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Apply(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtree.v1.Jobtree/Apply',
+            jobtree_dot_v1_dot_service__pb2.ApplyRequest.SerializeToString,
+            jobtree_dot_v1_dot_service__pb2.ApplyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,10 @@ class JobtreeStub:
     """Workload reports."""
     FailRun: _grpc.UnaryUnaryMultiCallable[_service_pb2.FailRunRequest, _service_pb2.FailRunResponse]
     ApplyBudget: _grpc.UnaryUnaryMultiCallable[_service_pb2.ApplyBudgetRequest, _service_pb2.ApplyBudgetResponse]
+    Apply: _grpc.UnaryUnaryMultiCallable[_service_pb2.ApplyRequest, _service_pb2.ApplyResponse]
+    """Several Runs and Budgets as one decision: every object applies, or none does (a
+    multi-document `kubectl runs submit -f`). Errors name the object: objects[i].<field>.
+    """
     ListBudgets: _grpc.UnaryUnaryMultiCallable[_service_pb2.ListBudgetsRequest, _service_pb2.ListBudgetsResponse]
     Usage: _grpc.UnaryUnaryMultiCallable[_service_pb2.UsageRequest, _service_pb2.UsageResponse]
     ListSponsors: _grpc.UnaryUnaryMultiCallable[_service_pb2.ListSponsorsRequest, _service_pb2.ListSponsorsResponse]
@@ -80,6 +84,10 @@ class JobtreeAsyncStub(JobtreeStub):
     """Workload reports."""
     FailRun: _aio.UnaryUnaryMultiCallable[_service_pb2.FailRunRequest, _service_pb2.FailRunResponse]  # type: ignore[assignment]
     ApplyBudget: _aio.UnaryUnaryMultiCallable[_service_pb2.ApplyBudgetRequest, _service_pb2.ApplyBudgetResponse]  # type: ignore[assignment]
+    Apply: _aio.UnaryUnaryMultiCallable[_service_pb2.ApplyRequest, _service_pb2.ApplyResponse]  # type: ignore[assignment]
+    """Several Runs and Budgets as one decision: every object applies, or none does (a
+    multi-document `kubectl runs submit -f`). Errors name the object: objects[i].<field>.
+    """
     ListBudgets: _aio.UnaryUnaryMultiCallable[_service_pb2.ListBudgetsRequest, _service_pb2.ListBudgetsResponse]  # type: ignore[assignment]
     Usage: _aio.UnaryUnaryMultiCallable[_service_pb2.UsageRequest, _service_pb2.UsageResponse]  # type: ignore[assignment]
     ListSponsors: _aio.UnaryUnaryMultiCallable[_service_pb2.ListSponsorsRequest, _service_pb2.ListSponsorsResponse]  # type: ignore[assignment]
@@ -170,6 +178,16 @@ class JobtreeServicer(metaclass=_abc_1.ABCMeta):
         request: _service_pb2.ApplyBudgetRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_service_pb2.ApplyBudgetResponse, _abc.Awaitable[_service_pb2.ApplyBudgetResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Apply(
+        self,
+        request: _service_pb2.ApplyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_service_pb2.ApplyResponse, _abc.Awaitable[_service_pb2.ApplyResponse]]:
+        """Several Runs and Budgets as one decision: every object applies, or none does (a
+        multi-document `kubectl runs submit -f`). Errors name the object: objects[i].<field>.
+        """
 
     @_abc_1.abstractmethod
     def ListBudgets(
