@@ -591,24 +591,31 @@ def _apply_all(r: Remote, manifests: Sequence[Manifest], request_id: str | None,
             where = manifests[int(found.group(1))].where + (": " if found.group(2) else "")
             e.args = (str(e).replace(found.group(0), where, 1),)
         raise
+    phases = [obj.run.status.phase if obj.HasField("run") else "" for obj in resp.objects]
+    return _print_submitted(r, [(m, phase, resp.ledger_sequence) for m, phase in zip(manifests, phases, strict=False)],
+                            out)
+
+
+def _print_submitted(r: Remote, done: Sequence[tuple[Manifest, str, int]], out: TextIO) -> int:
+    """What a submit did, per manifest: (manifest, the run's phase or "", its ledger sequence)."""
     results: list[Json] = []
-    for m, obj in zip(manifests, resp.objects, strict=False):
+    for m, phase, seq in done:
         if m.kind == "Budget":
-            results.append({"kind": "Budget", "name": m.key, "ledgerSequence": resp.ledger_sequence})
-            line = f"budget/{m.key} applied (ledger sequence {resp.ledger_sequence})"
+            results.append({"kind": "Budget", "name": m.key, "ledgerSequence": seq})
+            line = f"budget/{m.key} applied (ledger sequence {seq})"
         else:
-            phase = obj.run.status.phase or "submitted"
-            results.append({"kind": "Run", "name": m.key, "phase": obj.run.status.phase or None,
-                            "ledgerSequence": resp.ledger_sequence})
-            line = f"run/{m.key} submitted: {phase} (ledger sequence {resp.ledger_sequence})"
+            results.append({"kind": "Run", "name": m.key, "phase": phase or None, "ledgerSequence": seq})
+            line = f"run/{m.key} submitted: {phase or 'submitted'} (ledger sequence {seq})"
         if r.opts.output == "table":
             out.write(line + "\n")
+            out.flush()
     if r.opts.output == "json":
         _dump(results, out)
     return EXIT_OK
 
 
 def remote_submit(r: Remote, manifests: Sequence[Manifest], request_id: str | None, out: TextIO) -> int:
+    """One manifest: SubmitRun or ApplyBudget; several: one Apply (all or none)."""
     from google.protobuf import json_format
 
     from jobtree.api.jobtree.v1 import objects_pb2 as pb
@@ -616,27 +623,14 @@ def remote_submit(r: Remote, manifests: Sequence[Manifest], request_id: str | No
 
     if len(manifests) > 1:
         return _apply_all(r, manifests, request_id, out)
-    results: list[Json] = []
-    for m in manifests:
-        rid = request_id or str(uuid.uuid4())
-        if m.kind == "Budget":
-            budget = json_format.ParseDict(m.doc, pb.Budget())
-            resp = r.call("ApplyBudget", api.ApplyBudgetRequest(budget=budget, request_id=rid), m.where)
-            results.append({"kind": "Budget", "name": m.key, "ledgerSequence": resp.ledger_sequence})
-            line = f"budget/{m.key} applied (ledger sequence {resp.ledger_sequence})"
-        else:
-            run = json_format.ParseDict(m.doc, pb.Run())
-            resp = r.call("SubmitRun", api.SubmitRunRequest(run=run, request_id=rid), m.where)
-            phase = resp.run.status.phase or "submitted"
-            results.append({"kind": "Run", "name": m.key, "phase": resp.run.status.phase or None,
-                            "ledgerSequence": resp.ledger_sequence})
-            line = f"run/{m.key} submitted: {phase} (ledger sequence {resp.ledger_sequence})"
-        if r.opts.output == "table":
-            out.write(line + "\n")
-            out.flush()
-    if r.opts.output == "json":
-        _dump(results, out)
-    return EXIT_OK
+    m, rid = manifests[0], request_id or str(uuid.uuid4())
+    if m.kind == "Budget":
+        budget = json_format.ParseDict(m.doc, pb.Budget())
+        resp = r.call("ApplyBudget", api.ApplyBudgetRequest(budget=budget, request_id=rid), m.where)
+        return _print_submitted(r, [(m, "", resp.ledger_sequence)], out)
+    run = json_format.ParseDict(m.doc, pb.Run())
+    resp = r.call("SubmitRun", api.SubmitRunRequest(run=run, request_id=rid), m.where)
+    return _print_submitted(r, [(m, resp.run.status.phase, resp.ledger_sequence)], out)
 
 
 def remote_plan(r: Remote, manifests: Sequence[Manifest], out: TextIO) -> int:
