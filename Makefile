@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv proto proto-check test lint types contracts unit up bench clean
+.PHONY: all venv proto proto-check crds crds-check test lint types contracts unit up bench clean
 
 all: venv
 
@@ -31,10 +31,16 @@ proto: venv
 proto-check: venv
 	$(BIN)/python tools/check_proto_fresh.py
 
+crds: venv
+	$(BIN)/python tools/gen_crds.py
+
+crds-check: venv
+	$(BIN)/python tools/gen_crds.py --check
+
 unit: venv
 	$(BIN)/pytest -q
 
-test: lint types contracts proto-check unit
+test: lint types contracts proto-check crds-check unit
 
 up: venv
 	$(BIN)/jobtree up

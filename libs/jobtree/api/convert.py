@@ -448,6 +448,7 @@ def lease_to_proto(lease: Lease) -> pb.GPULease:
     spec.role = lease.role.value
     for node, index in lease.slots:
         spec.slots.add(node=node, index=index)
+    spec.gpus = len(lease.slots)
     if lease.paid_by is not None:
         spec.paid_by.CopyFrom(_paid_by(lease.paid_by))
     spec.start.seconds = lease.start

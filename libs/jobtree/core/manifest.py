@@ -65,7 +65,8 @@ _SIM_ANNOTATION_PREFIX = "jobtree.sim/"
 _TOP_LEVEL = ("apiVersion", "kind", "metadata", "spec")
 _METADATA_OPTIONAL = ("namespace", "annotations", "labels")
 _BUDGET_SPEC_OPTIONAL = ("parents", "period", "envelopes", "aggregateCaps")
-_ENVELOPE_REQUIRED = ("name", "flavor", "concurrency")
+ENVELOPE_REQUIRED = ("name", "flavor", "concurrency")
+_ENVELOPE_REQUIRED = ENVELOPE_REQUIRED
 _ENVELOPE_OPTIONAL = ("selector", "maxGPUHours", "start", "end", "sharing", "preActivation", "lending")
 _RUN_SPEC_OPTIONAL = (
     "locality",
@@ -77,8 +78,12 @@ _RUN_SPEC_OPTIONAL = (
     "roles",
 )
 
-_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
-_NAME_MAX = 253
+NAME_PATTERN = r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
+"""Names of objects, envelopes, caps and upstream runs (DNS-1123 subdomain style); the CRDs
+(`jobtree.api.crds`) carry the same pattern."""
+NAME_MAX = 253
+_NAME = re.compile(NAME_PATTERN)
+_NAME_MAX = NAME_MAX
 _NAME_RULE = "lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters"
 _NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _NAMESPACE_MAX = 63

@@ -459,6 +459,38 @@ class BudgetSpec(_message.Message):
 Global___BudgetSpec: _TypeAlias = BudgetSpec  # noqa: Y015
 
 @_typing.final
+class BudgetStatus(_message.Message):
+    """What jobtree knows of a budget beyond its spec. Written by jobtree only (never in a manifest)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADROOM_FIELD_NUMBER: _builtins.int
+    OBSERVED_GENERATION_FIELD_NUMBER: _builtins.int
+    headroom: _builtins.str
+    """Funded GPUs each envelope could still fund now, e.g. "pool=40, extra=8" (kubectl's HEADROOM)."""
+    observed_generation: _builtins.int
+    def __init__(
+        self,
+        *,
+        headroom: _builtins.str | None = ...,
+        observed_generation: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_headroom", b"_headroom", "_observed_generation", b"_observed_generation", "headroom", b"headroom", "observed_generation", b"observed_generation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_headroom", b"_headroom", "_observed_generation", b"_observed_generation", "headroom", b"headroom", "observed_generation", b"observed_generation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__headroom: _TypeAlias = _typing.Literal["headroom"]  # noqa: Y015
+    _WhichOneofArgType__headroom: _TypeAlias = _typing.Literal["_headroom", b"_headroom"]  # noqa: Y015
+    _WhichOneofReturnType__observed_generation: _TypeAlias = _typing.Literal["observed_generation"]  # noqa: Y015
+    _WhichOneofArgType__observed_generation: _TypeAlias = _typing.Literal["_observed_generation", b"_observed_generation"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__headroom) -> _WhichOneofReturnType__headroom | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__observed_generation) -> _WhichOneofReturnType__observed_generation | None: ...
+
+Global___BudgetStatus: _TypeAlias = BudgetStatus  # noqa: Y015
+
+@_typing.final
 class Budget(_message.Message):
     """kind: Budget"""
 
@@ -468,12 +500,15 @@ class Budget(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     api_version: _builtins.str
     kind: _builtins.str
     @_builtins.property
     def metadata(self) -> Global___ObjectMeta: ...
     @_builtins.property
     def spec(self) -> Global___BudgetSpec: ...
+    @_builtins.property
+    def status(self) -> Global___BudgetStatus: ...
     def __init__(
         self,
         *,
@@ -481,10 +516,11 @@ class Budget(_message.Message):
         kind: _builtins.str | None = ...,
         metadata: Global___ObjectMeta | None = ...,
         spec: Global___BudgetSpec | None = ...,
+        status: Global___BudgetStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_api_version", b"_api_version", "_kind", b"_kind", "api_version", b"api_version", "kind", b"kind", "metadata", b"metadata", "spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_api_version", b"_api_version", "_kind", b"_kind", "api_version", b"api_version", "kind", b"kind", "metadata", b"metadata", "spec", b"spec", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_api_version", b"_api_version", "_kind", b"_kind", "api_version", b"api_version", "kind", b"kind", "metadata", b"metadata", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_api_version", b"_api_version", "_kind", b"_kind", "api_version", b"api_version", "kind", b"kind", "metadata", b"metadata", "spec", b"spec", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__api_version: _TypeAlias = _typing.Literal["api_version"]  # noqa: Y015
     _WhichOneofArgType__api_version: _TypeAlias = _typing.Literal["_api_version", b"_api_version"]  # noqa: Y015
@@ -796,6 +832,10 @@ class RunStatus(_message.Message):
     RESERVATION_FIELD_NUMBER: _builtins.int
     ETA_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    FUNDING_FIELD_NUMBER: _builtins.int
+    EXPECTED_AT_FIELD_NUMBER: _builtins.int
+    OBSERVED_GENERATION_FIELD_NUMBER: _builtins.int
     phase: _builtins.str
     """Waiting | Pending | Reserved | Running | Completed | Failed"""
     reason: _builtins.str
@@ -806,6 +846,12 @@ class RunStatus(_message.Message):
     """Name of the run's pending reservation."""
     generation: _builtins.int
     """Submission count of this run name (a resubmission after a terminal phase increments it)."""
+    width: _builtins.int
+    """GPUs the run holds now (its open Active leases)."""
+    funding: _builtins.str
+    """How those GPUs are funded, e.g. "16 owned, 8 unfunded" (kubectl's FUNDING column)."""
+    observed_generation: _builtins.int
+    """The metadata.generation of the Run object this status answers (the Kubernetes bridge)."""
     @_builtins.property
     def created(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -824,6 +870,12 @@ class RunStatus(_message.Message):
     def upstream_failed_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def eta(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expected_at(self) -> _timestamp_pb2.Timestamp:
+        """What is expected next: while Reserved, the reservation's earliest start; while Running,
+        the workload's reported ETA (kubectl's RESERVED-UNTIL/ETA column).
+        """
+
     def __init__(
         self,
         *,
@@ -840,31 +892,47 @@ class RunStatus(_message.Message):
         reservation: _builtins.str | None = ...,
         eta: _timestamp_pb2.Timestamp | None = ...,
         generation: _builtins.int | None = ...,
+        width: _builtins.int | None = ...,
+        funding: _builtins.str | None = ...,
+        expected_at: _timestamp_pb2.Timestamp | None = ...,
+        observed_generation: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_generation", b"_generation", "_message", b"_message", "_phase", b"_phase", "_reason", b"_reason", "_reservation", b"_reservation", "admitted", b"admitted", "bound_at", b"bound_at", "checkpoint_deadline", b"checkpoint_deadline", "created", b"created", "ended_at", b"ended_at", "eta", b"eta", "generation", b"generation", "hold_down_until", b"hold_down_until", "message", b"message", "phase", b"phase", "reason", b"reason", "reservation", b"reservation", "upstream_failed_at", b"upstream_failed_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_funding", b"_funding", "_generation", b"_generation", "_message", b"_message", "_observed_generation", b"_observed_generation", "_phase", b"_phase", "_reason", b"_reason", "_reservation", b"_reservation", "_width", b"_width", "admitted", b"admitted", "bound_at", b"bound_at", "checkpoint_deadline", b"checkpoint_deadline", "created", b"created", "ended_at", b"ended_at", "eta", b"eta", "expected_at", b"expected_at", "funding", b"funding", "generation", b"generation", "hold_down_until", b"hold_down_until", "message", b"message", "observed_generation", b"observed_generation", "phase", b"phase", "reason", b"reason", "reservation", b"reservation", "upstream_failed_at", b"upstream_failed_at", "width", b"width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_generation", b"_generation", "_message", b"_message", "_phase", b"_phase", "_reason", b"_reason", "_reservation", b"_reservation", "admitted", b"admitted", "bound_at", b"bound_at", "checkpoint_deadline", b"checkpoint_deadline", "created", b"created", "ended_at", b"ended_at", "eta", b"eta", "generation", b"generation", "hold_down_until", b"hold_down_until", "message", b"message", "phase", b"phase", "reason", b"reason", "reservation", b"reservation", "upstream_failed_at", b"upstream_failed_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_funding", b"_funding", "_generation", b"_generation", "_message", b"_message", "_observed_generation", b"_observed_generation", "_phase", b"_phase", "_reason", b"_reason", "_reservation", b"_reservation", "_width", b"_width", "admitted", b"admitted", "bound_at", b"bound_at", "checkpoint_deadline", b"checkpoint_deadline", "created", b"created", "ended_at", b"ended_at", "eta", b"eta", "expected_at", b"expected_at", "funding", b"funding", "generation", b"generation", "hold_down_until", b"hold_down_until", "message", b"message", "observed_generation", b"observed_generation", "phase", b"phase", "reason", b"reason", "reservation", b"reservation", "upstream_failed_at", b"upstream_failed_at", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__funding: _TypeAlias = _typing.Literal["funding"]  # noqa: Y015
+    _WhichOneofArgType__funding: _TypeAlias = _typing.Literal["_funding", b"_funding"]  # noqa: Y015
     _WhichOneofReturnType__generation: _TypeAlias = _typing.Literal["generation"]  # noqa: Y015
     _WhichOneofArgType__generation: _TypeAlias = _typing.Literal["_generation", b"_generation"]  # noqa: Y015
     _WhichOneofReturnType__message: _TypeAlias = _typing.Literal["message"]  # noqa: Y015
     _WhichOneofArgType__message: _TypeAlias = _typing.Literal["_message", b"_message"]  # noqa: Y015
+    _WhichOneofReturnType__observed_generation: _TypeAlias = _typing.Literal["observed_generation"]  # noqa: Y015
+    _WhichOneofArgType__observed_generation: _TypeAlias = _typing.Literal["_observed_generation", b"_observed_generation"]  # noqa: Y015
     _WhichOneofReturnType__phase: _TypeAlias = _typing.Literal["phase"]  # noqa: Y015
     _WhichOneofArgType__phase: _TypeAlias = _typing.Literal["_phase", b"_phase"]  # noqa: Y015
     _WhichOneofReturnType__reason: _TypeAlias = _typing.Literal["reason"]  # noqa: Y015
     _WhichOneofArgType__reason: _TypeAlias = _typing.Literal["_reason", b"_reason"]  # noqa: Y015
     _WhichOneofReturnType__reservation: _TypeAlias = _typing.Literal["reservation"]  # noqa: Y015
     _WhichOneofArgType__reservation: _TypeAlias = _typing.Literal["_reservation", b"_reservation"]  # noqa: Y015
+    _WhichOneofReturnType__width: _TypeAlias = _typing.Literal["width"]  # noqa: Y015
+    _WhichOneofArgType__width: _TypeAlias = _typing.Literal["_width", b"_width"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__funding) -> _WhichOneofReturnType__funding | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__generation) -> _WhichOneofReturnType__generation | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__message) -> _WhichOneofReturnType__message | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__observed_generation) -> _WhichOneofReturnType__observed_generation | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__phase) -> _WhichOneofReturnType__phase | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__reason) -> _WhichOneofReturnType__reason | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__reservation) -> _WhichOneofReturnType__reservation | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__width) -> _WhichOneofReturnType__width | None: ...
 
 Global___RunStatus: _TypeAlias = RunStatus  # noqa: Y015
 
@@ -1181,6 +1249,7 @@ class GPULeaseSpec(_message.Message):
     PAID_BY_FIELD_NUMBER: _builtins.int
     START_FIELD_NUMBER: _builtins.int
     MINT_REASON_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
     run_ref: _builtins.str
     """The run's name; the run lives in the lease's namespace."""
     owner: _builtins.str
@@ -1189,6 +1258,8 @@ class GPULeaseSpec(_message.Message):
     """Active | Spare"""
     mint_reason: _builtins.str
     """Start | Grow | Swap"""
+    gpus: _builtins.int
+    """How many GPUs: the number of slots (kubectl's GPUS column)."""
     @_builtins.property
     def slots(self) -> _containers.RepeatedCompositeFieldContainer[Global___Slot]:
         """All on one node."""
@@ -1210,11 +1281,14 @@ class GPULeaseSpec(_message.Message):
         paid_by: Global___PaidBy | None = ...,
         start: _timestamp_pb2.Timestamp | None = ...,
         mint_reason: _builtins.str | None = ...,
+        gpus: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_group", b"_group", "_mint_reason", b"_mint_reason", "_owner", b"_owner", "_role", b"_role", "_run_ref", b"_run_ref", "group", b"group", "mint_reason", b"mint_reason", "owner", b"owner", "paid_by", b"paid_by", "role", b"role", "run_ref", b"run_ref", "start", b"start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_gpus", b"_gpus", "_group", b"_group", "_mint_reason", b"_mint_reason", "_owner", b"_owner", "_role", b"_role", "_run_ref", b"_run_ref", "gpus", b"gpus", "group", b"group", "mint_reason", b"mint_reason", "owner", b"owner", "paid_by", b"paid_by", "role", b"role", "run_ref", b"run_ref", "start", b"start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_group", b"_group", "_mint_reason", b"_mint_reason", "_owner", b"_owner", "_role", b"_role", "_run_ref", b"_run_ref", "group", b"group", "mint_reason", b"mint_reason", "owner", b"owner", "paid_by", b"paid_by", "role", b"role", "run_ref", b"run_ref", "slots", b"slots", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gpus", b"_gpus", "_group", b"_group", "_mint_reason", b"_mint_reason", "_owner", b"_owner", "_role", b"_role", "_run_ref", b"_run_ref", "gpus", b"gpus", "group", b"group", "mint_reason", b"mint_reason", "owner", b"owner", "paid_by", b"paid_by", "role", b"role", "run_ref", b"run_ref", "slots", b"slots", "start", b"start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__gpus: _TypeAlias = _typing.Literal["gpus"]  # noqa: Y015
+    _WhichOneofArgType__gpus: _TypeAlias = _typing.Literal["_gpus", b"_gpus"]  # noqa: Y015
     _WhichOneofReturnType__group: _TypeAlias = _typing.Literal["group"]  # noqa: Y015
     _WhichOneofArgType__group: _TypeAlias = _typing.Literal["_group", b"_group"]  # noqa: Y015
     _WhichOneofReturnType__mint_reason: _TypeAlias = _typing.Literal["mint_reason"]  # noqa: Y015
@@ -1225,6 +1299,8 @@ class GPULeaseSpec(_message.Message):
     _WhichOneofArgType__role: _TypeAlias = _typing.Literal["_role", b"_role"]  # noqa: Y015
     _WhichOneofReturnType__run_ref: _TypeAlias = _typing.Literal["run_ref"]  # noqa: Y015
     _WhichOneofArgType__run_ref: _TypeAlias = _typing.Literal["_run_ref", b"_run_ref"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gpus) -> _WhichOneofReturnType__gpus | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__group) -> _WhichOneofReturnType__group | None: ...
     @_typing.overload
