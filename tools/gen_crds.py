@@ -1,4 +1,5 @@
-"""Write the CRDs (`jobtree.api.crds.files()`) into deploy/kustomize/base/crds/, or check them.
+"""Write the generated deployment files — the CRDs and the kustomize base and overlays
+(`jobtree.cli.kustomize.files()`) — into deploy/kustomize/, or check them.
 
 `make crds` runs this; `make crds-check` (part of `make test`) runs it with `--check`, which
 writes nothing and exits 1 naming every file that is missing, stale or not generated.
@@ -10,30 +11,36 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "deploy" / "kustomize" / "base" / "crds"
+OUT = ROOT / "deploy" / "kustomize"
+GENERATED = ("*.yaml", "*.conf")
+
+
+def _present() -> set[str]:
+    if not OUT.is_dir():
+        return set()
+    return {str(p.relative_to(OUT)) for pattern in GENERATED for p in OUT.rglob(pattern)}
 
 
 def main(argv: list[str]) -> int:
     sys.path.insert(0, str(ROOT / "libs"))
-    from jobtree.api.crds import files
+    from jobtree.cli.kustomize import files
 
     wanted = files()
+    where = OUT.relative_to(ROOT)
     if "--check" in argv:
-        present = {p.name for p in OUT.glob("*.yaml")} if OUT.is_dir() else set()
         stale = sorted(n for n, text in wanted.items() if not (OUT / n).is_file() or (OUT / n).read_text() != text)
-        extra = sorted(present - set(wanted))
+        extra = sorted(_present() - set(wanted))
         if stale or extra:
-            print(f"CRDs in {OUT.relative_to(ROOT)} are stale: {', '.join(stale + extra)}; run `make crds`")
+            print(f"generated files in {where} are stale: {', '.join(stale + extra)}; run `make crds`")
             return 1
-        print(f"CRDs in {OUT.relative_to(ROOT)} are fresh ({len(wanted)} files)")
+        print(f"generated files in {where} are fresh ({len(wanted)} files)")
         return 0
-    OUT.mkdir(parents=True, exist_ok=True)
-    for old in OUT.glob("*.yaml"):
-        if old.name not in wanted:
-            old.unlink()
+    for old in _present() - set(wanted):
+        (OUT / old).unlink()
     for name, text in wanted.items():
+        (OUT / name).parent.mkdir(parents=True, exist_ok=True)
         (OUT / name).write_text(text)
-    print(f"wrote {len(wanted)} files into {OUT.relative_to(ROOT)}")
+    print(f"wrote {len(wanted)} files into {where}")
     return 0
 
 

@@ -28,7 +28,7 @@ from google.protobuf.message import DecodeError
 
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.bus import subjects
-from jobtree.bus.ledger import Ledger, LedgerError, StaleAppend
+from jobtree.bus.ledger import Ledger, LedgerError, StaleAppend, stream_replicas
 from jobtree.bus.runtime import ServiceContext
 
 MIRROR_CHUNK = 512
@@ -55,7 +55,7 @@ class Binder:
             try:
                 self.kv[name] = await self.ctx.js.key_value(bucket)
             except nats.js.errors.BucketNotFoundError:
-                self.kv[name] = await self.ctx.js.create_key_value(bucket=bucket, history=1)
+                self.kv[name] = await self.ctx.js.create_key_value(bucket=bucket, history=1, replicas=stream_replicas())
 
     async def handle(self, data: bytes) -> bytes:
         try:

@@ -22,6 +22,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from jobtree.bus import subjects
+from jobtree.bus.ledger import stream_replicas
 
 LEADER_TTL = 2.0
 """Seconds a holder may go without refreshing before a standby may take over."""
@@ -33,7 +34,7 @@ async def leader_bucket(js: JetStreamContext, cluster: str, ttl: float = LEADER_
     try:
         return await js.key_value(name)
     except nats.js.errors.BucketNotFoundError:
-        return await js.create_key_value(bucket=name, ttl=ttl, history=1)
+        return await js.create_key_value(bucket=name, ttl=ttl, history=1, replicas=stream_replicas())
 
 
 class LeaderLock:

@@ -29,6 +29,7 @@ the fencing epoch check (the binder compares `LedgerEntry.epoch` with the leader
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -49,7 +50,7 @@ from nats.js.api import (
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.bus import codec, subjects
 
-__all__ = ["Appended", "Ledger", "LedgerError", "Record", "StaleAppend"]
+__all__ = ["REPLICAS_ENV", "Appended", "Ledger", "LedgerError", "Record", "StaleAppend", "stream_replicas"]
 
 MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"
@@ -58,6 +59,21 @@ WRONG_LAST_SEQUENCE = 10071
 """JetStream error code: the stream's last sequence is not the expected one."""
 STREAM_NAME_IN_USE = 10058
 """JetStream error code: a stream of that name exists with another configuration."""
+
+
+REPLICAS_ENV = "JOBTREE_STREAM_REPLICAS"
+"""How many copies JetStream keeps of the streams and buckets a service creates when they are
+missing (1 by default; 3 on a clustered NATS: the Kubernetes deployment sets it)."""
+
+
+def stream_replicas() -> int:
+    """$JOBTREE_STREAM_REPLICAS (1 to 5), or 1."""
+    raw = os.environ.get(REPLICAS_ENV, "")
+    if not raw:
+        return 1
+    if not raw.isdigit() or not 1 <= int(raw) <= 5:
+        raise ValueError(f"{REPLICAS_ENV} must be a whole number from 1 to 5, got {raw!r}")
+    return int(raw)
 
 
 class LedgerError(RuntimeError):
@@ -115,8 +131,10 @@ class Ledger:
             allow_rollup_hdrs=False,
         )
 
-    async def create(self, *, replicas: int = 1, duplicate_window: float = 120.0) -> StreamInfo:
-        """Create the stream, or find it if it exists with the same configuration."""
+    async def create(self, *, replicas: int | None = None, duplicate_window: float = 120.0) -> StreamInfo:
+        """Create the stream, or find it if it exists with the same configuration (replicas: by
+        default `stream_replicas()`)."""
+        replicas = stream_replicas() if replicas is None else replicas
         config = self.stream_config(replicas=replicas, duplicate_window=duplicate_window)
         try:
             return await self.js.add_stream(config)

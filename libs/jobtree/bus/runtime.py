@@ -10,7 +10,8 @@ return the reply bytes; an exception in a handler is logged and, when the handle
 registered with `on_error`, answered with what `on_error(exc)` returns (else with nothing: the
 caller times out) rather than crashing the service. `ctx.bus` says whether NATS is reachable
 and since when it is not (`down_since`, from the client's disconnect/reconnect callbacks), so
-answers can say they are stale and errors can name NATS.
+answers can say they are stale and errors can name NATS. /metrics listens on
+$JOBTREE_METRICS_HOST (default 127.0.0.1).
 Not: scheduling logic (the core), not subjects (see `subjects`).
 """
 
@@ -21,6 +22,7 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -45,6 +47,9 @@ REQUESTS = Counter("jobtree_requests_total", "Requests a service handled, by sub
                    ["service", "verb", "outcome"])
 LATENCY = Histogram("jobtree_request_seconds", "Time a service spent answering a request",
                     ["service", "verb"], buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+
+METRICS_HOST_ENV = "JOBTREE_METRICS_HOST"
+"""The address /metrics listens on (default 127.0.0.1; 0.0.0.0 in a pod, for probes and scrapes)."""
 
 GC_PAUSES = Histogram("jobtree_gc_pause_seconds", "Time the Python garbage collector stopped the service, by generation",
                       ["generation"], buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
@@ -242,7 +247,7 @@ async def run(main: Callable[[ServiceContext], Awaitable[None]], settings: Servi
     if settings.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.metrics_port, addr="127.0.0.1")
+        start_http_server(settings.metrics_port, addr=os.environ.get(METRICS_HOST_ENV) or "127.0.0.1")
 
     async def health(_: bytes) -> bytes:
         return b"ok"

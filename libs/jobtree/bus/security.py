@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -54,8 +55,10 @@ __all__ = [
     "SERVICES",
     "Secrets",
     "expand",
+    "password_env",
     "permission_table",
     "permissions",
+    "server_config_users",
     "server_users",
 ]
 
@@ -146,6 +149,26 @@ def permissions(cluster: str, service: str) -> Permissions:
     deny = () if "write ledger" in grants else (ledger,)
     subscribe = (subjects.service_filter(cluster, service), subjects.inbox_prefix(cluster, service) + ".>")
     return Permissions(publish=_unique(publish), subscribe=subscribe, publish_deny=deny)
+
+
+PASSWORD_ENV = "JOBTREE_NATS_PASSWORD_{user}"
+"""In a NATS config written for Kubernetes (`server_config_users`), each user's password is this
+environment variable of the nats-server container (user upper-cased, `-` as `_`)."""
+
+
+def password_env(user: str) -> str:
+    return PASSWORD_ENV.format(user=user.upper().replace("-", "_"))
+
+
+def server_config_users(cluster: str) -> str:
+    """The `authorization { users: [...] }` block of a nats-server config for cluster `cluster`:
+    `admin` and one user per service with the permissions of `permissions`, every password a
+    reference to the environment variable `password_env(user)` (the NATS config language
+    substitutes `$NAME`), so the file holds no secret and the passwords come from a Secret."""
+    users = [User(u, "\0" + password_env(u), None if u == ADMIN else permissions(cluster, u))
+             for u in (ADMIN, *SERVICES)]
+    text = json.dumps([u.config() for u in users], indent=2)
+    return "authorization {\n  users: " + re.sub(r'"\\u0000(\w+)"', r"$\1", text).replace("\n", "\n  ") + "\n}\n"
 
 
 def server_users(cluster: str, secrets_: Secrets | Mapping[str, str]) -> tuple[User, ...]:
