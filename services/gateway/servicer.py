@@ -5,8 +5,10 @@ Contract:
   validated through the schema and the core (`convert.*_from_proto`, which runs
   `jobtree.core.manifest`); bad input aborts with INVALID_ARGUMENT `field.path: problem` and
   sends nothing. Commands that name an existing run are checked against the gateway's view
-  once it has caught up with the ledger's last sequence: an unknown run is NOT_FOUND, a run in
-  the wrong phase FAILED_PRECONDITION. A valid write becomes one `bus.Command`
+  once it has caught up with the ledger's last sequence: an unknown run is NOT_FOUND. What a
+  command may do to a run (not after it ended, not before it started, shrink only a malleable
+  run) is the core's rule: admission answers FAILED_PRECONDITION and the gateway maps the code
+  (`STATUS_OF`), keeping no copy of the rule. A valid write becomes one `bus.Command`
   (`command_id` = the request's `request_id`, or a fresh uuid4; the instant from the clock) sent
   to `jobtree.<c>.admission.command`; the `bus.CommandReply`'s error maps to a gRPC code
   (`STATUS_OF`), and its `ledger_sequence` is returned so the client can read its own write.
@@ -76,6 +78,7 @@ STATUS_OF: dict[int, grpc.StatusCode] = {
     bus.ERROR_CODE_STALE_EPOCH: grpc.StatusCode.UNAVAILABLE,
     bus.ERROR_CODE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     bus.ERROR_CODE_INTERNAL: grpc.StatusCode.INTERNAL,
+    bus.ERROR_CODE_FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
 }
 """bus.ErrorCode -> gRPC status code."""
 
@@ -503,17 +506,12 @@ class Gateway(api_grpc.JobtreeServicer):
                          f"ledger sequence {done}); send a new id for a new request, the same request to retry")
         return done
 
-    async def _live_run(self, ref: pb.RunRef, verb: str, *, started: bool = False) -> str:
+    async def _known_run(self, ref: pb.RunRef) -> str:
+        """The key of a run the view (caught up with the ledger) holds; NOT_FOUND otherwise. What
+        a command may do to it is the core's to say (admission answers FAILED_PRECONDITION)."""
         key = self._key(ref)
         await self._fresh()
         self._existing(key)
-        st = self.view.status.get(key)
-        if st is not None and st.phase.terminal:
-            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                         f"run {key} already ended ({st.phase.value}); cannot {verb} it")
-        if started and st is not None and st.bound_at is None:
-            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                         f"run {key} has not started ({st.phase.value}); only a started workload reports")
         return key
 
     # -- writes ------------------------------------------------------------------------------
@@ -574,11 +572,7 @@ class Gateway(api_grpc.JobtreeServicer):
             done = await self._answered(request.request_id, shrink)
             if done:
                 return api.ShrinkRunResponse(run=await self._run_after(shrink.run, done), ledger_sequence=done)
-            key = await self._live_run(request.run, "shrink")
-            m = self.view.runs[key].spec.malleable
-            if m is None:
-                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                             f"run {key} is not malleable; only malleable runs shrink")
+            key = await self._known_run(request.run)
             seq = await self._commit(facts.ShrinkRun(key, request.desired_total_gpus), request.request_id, context)
             out = await self._run_after(key, seq)
             return api.ShrinkRunResponse(run=out, ledger_sequence=seq)
@@ -590,7 +584,7 @@ class Gateway(api_grpc.JobtreeServicer):
             done = await self._answered(request.request_id, facts.CompleteRun(self._key(request.run)))
             if done:
                 return api.CompleteRunResponse(ledger_sequence=done)
-            key = await self._live_run(request.run, "complete", started=True)
+            key = await self._known_run(request.run)
             seq = await self._commit(facts.CompleteRun(key), request.request_id, context)
             return api.CompleteRunResponse(ledger_sequence=seq)
 
@@ -601,7 +595,7 @@ class Gateway(api_grpc.JobtreeServicer):
             done = await self._answered(request.request_id, facts.FailRun(self._key(request.run)))
             if done:
                 return api.FailRunResponse(ledger_sequence=done)
-            key = await self._live_run(request.run, "fail", started=True)
+            key = await self._known_run(request.run)
             if request.message:
                 self.ctx.log.info("workload failed", extra={"fields": {"run": key, "message": request.message}})
             seq = await self._commit(facts.FailRun(key), request.request_id, context)
@@ -613,7 +607,11 @@ class Gateway(api_grpc.JobtreeServicer):
         async def handle() -> api.AddSponsorResponse:
             if not request.sponsor:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "sponsor: is required (an owner id)")
-            key = await self._live_run(request.run, "add a sponsor to")
+            key = await self._known_run(request.run)
+            st = self.view.status.get(key)
+            if st is not None and st.phase.terminal:  # applying the changed spec would resubmit it
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"run {key} already ended ({st.phase.value}); cannot add a sponsor to it")
             run = self.view.runs[key]
             funding = run.spec.funding
             if funding.allow_borrow and request.sponsor in funding.sponsors:

@@ -62,7 +62,25 @@ REFUSED: dict[str, facts.Command] = {
     "fail unknown node": facts.FailNode("nope"),
     "cordon unknown node": facts.CordonNode("nope"),
     "uncordon unknown node": facts.UncordonNode("nope"),
+    "shrink ended run": facts.ShrinkRun("default/done", 4),
 }
+
+KIND: dict[str, str] = {
+    "budget cycle": "invalid",
+    "complete unknown run": "not_found",
+    "complete ended run": "precondition",
+    "complete unstarted run": "precondition",
+    "fail unstarted run": "precondition",
+    "delete unknown run": "not_found",
+    "shrink rigid run": "precondition",
+    "shrink off the step": "invalid",
+    "shrink unknown run": "not_found",
+    "fail unknown node": "not_found",
+    "cordon unknown node": "not_found",
+    "uncordon unknown node": "not_found",
+    "shrink ended run": "precondition",
+}
+"""What kind of refusal each is (`jobtree.core.errors`): the edges map the kind to a status."""
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
@@ -72,6 +90,8 @@ def test_a_refused_lone_command_changes_nothing(name: str) -> None:
     with pytest.raises(ValidationError) as err:
         refused.submit(REFUSED[name])
     assert err.value.command_index == 0
+    assert err.value.kind == KIND[name], (err.value.kind, err.value)
+    assert err.value.under("batch.commands[0]").kind == KIND[name]
     assert state_json(refused) == before
     assert len(refused.journal) == journal
     assert refused.next_timer() == timer

@@ -708,9 +708,17 @@ _FACT_FIELDS = tuple(f.name for f in bus.LedgerEntry.DESCRIPTOR.oneofs_by_name["
 assert set(_FACT_FIELDS) == set(_FACTS_FROM), "bus.proto LedgerEntry and convert disagree"
 
 
+ERROR_CODE_OF_KIND: dict[str, int] = {
+    "invalid": bus.ERROR_CODE_INVALID_ARGUMENT,
+    "not_found": bus.ERROR_CODE_NOT_FOUND,
+    "precondition": bus.ERROR_CODE_FAILED_PRECONDITION,
+}
+"""The core's kinds of refusal (`jobtree.core.errors`) as bus ErrorCodes: the one mapping."""
+
+
 def error_to_proto(err: ValidationError) -> bus.Error:
-    """A core ValidationError as a bus Error (INVALID_ARGUMENT with the field path)."""
-    return bus.Error(code=bus.ERROR_CODE_INVALID_ARGUMENT, field_path=err.path, problem=err.problem)
+    """A core refusal as a bus Error: its kind's code, the field path and the problem."""
+    return bus.Error(code=ERROR_CODE_OF_KIND[err.kind], field_path=err.path, problem=err.problem)  # type: ignore[arg-type]
 
 
 # --- Manifests through the schema ----------------------------------------------------------

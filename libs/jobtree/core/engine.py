@@ -21,7 +21,7 @@ from sortedcontainers import SortedDict
 
 from jobtree.core import cuts as cutorder
 from jobtree.core.cover import Candidate, Cover, GroupNeed, Payment, candidates, cover, eligible_at
-from jobtree.core.errors import ValidationError
+from jobtree.core.errors import NotFound, Precondition, ValidationError
 from jobtree.core.facts import (
     AddNode,
     ApplyBudget,
@@ -428,12 +428,12 @@ class Cluster:
 
     def _node(self, name: str, field: str) -> str:
         if name not in self.topo.nodes:
-            raise ValidationError(field, f"unknown node {name!r}")
+            raise NotFound(field, f"unknown node {name!r}")
         return name
 
     def _live(self, key: str, field: str) -> str:
         if key not in self.runs:
-            raise ValidationError(field, f"unknown run {key!r} (expected namespace/name of a submitted run)")
+            raise NotFound(field, f"unknown run {key!r} (expected namespace/name of a submitted run)")
         return key
 
     def _apply_budget(self, budget: Budget) -> None:
@@ -481,9 +481,9 @@ class Cluster:
         st = self.status[key]
         verb = "complete" if ok else "fail"
         if st.phase.terminal:
-            raise ValidationError(verb, f"run {key} already ended ({st.phase.value})")
+            raise Precondition(verb, f"run {key} already ended ({st.phase.value})")
         if st.bound_at is None:
-            raise ValidationError(verb, f"run {key} has not started ({st.phase.value}); only a started workload reports")
+            raise Precondition(verb, f"run {key} has not started ({st.phase.value}); only a started workload reports")
         self._close_run(key, R_COMPLETED if ok else "RunFailed")
         self._fail_reservation(key)
         ended = {"ended_at": self.now, "reservation": None, "hold_down_until": None, "checkpoint_deadline": None}
@@ -504,8 +504,11 @@ class Cluster:
         self._live(key, "shrink.run")
         run = self.runs[key]
         m = run.spec.malleable
+        st = self.status[key]
+        if st.phase.terminal:
+            raise Precondition("shrink.run", f"run {key} already ended ({st.phase.value}); cannot shrink it")
         if m is None:
-            raise ValidationError("shrink.run", f"run {key} is not malleable; only malleable runs shrink")
+            raise Precondition("shrink.run", f"run {key} is not malleable; only malleable runs shrink")
         if not (m.min_total <= desired <= m.max_total) or (desired - m.min_total) % m.step:
             raise ValidationError(
                 "shrink.desiredTotalGPUs",

@@ -1,7 +1,14 @@
 """Errors raised by the core for bad input.
 
 Contract: every rejection names the field path, what was wrong and what is allowed, in one
-line. Not: a logging or reporting facility.
+line, and says what kind of refusal it is (`kind`), so the edges map it to a status once
+(admission to a bus ErrorCode, the gateway to a gRPC code) and keep no copy of the rule:
+- `ValidationError` (`invalid`): the input itself is wrong (a field, a value, a cycle);
+- `NotFound` (`not_found`): well formed, but it names a run or node that does not exist;
+- `Precondition` (`precondition`): well formed and known, but the state does not allow it now
+  (a run that already ended, one that has not started, one that is not malleable).
+Both are ValidationErrors, so code that only cares that a command was refused catches one type.
+Not: a logging or reporting facility.
 """
 
 from __future__ import annotations
@@ -9,6 +16,8 @@ from __future__ import annotations
 
 class ValidationError(ValueError):
     """Bad input: `path` names the field, `problem` what is wrong (including what is allowed)."""
+
+    kind = "invalid"
 
     def __init__(self, path: str, problem: str) -> None:
         self.path = path
@@ -22,7 +31,19 @@ class ValidationError(ValueError):
         if not prefix:
             return self
         joined = f"{prefix}.{self.path}" if self.path and not self.path.startswith("[") else prefix + self.path
-        return ValidationError(joined, self.problem)
+        return type(self)(joined, self.problem)
+
+
+class NotFound(ValidationError):
+    """The input names a run or node that does not exist."""
+
+    kind = "not_found"
+
+
+class Precondition(ValidationError):
+    """The input is well formed, but the state does not allow it now."""
+
+    kind = "precondition"
 
 
 def field_path(path: str, key: str) -> str:

@@ -41,6 +41,8 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     """The sender's fencing epoch is older than the current leader's."""
     ERROR_CODE_UNAVAILABLE: _ErrorCode.ValueType  # 5
     ERROR_CODE_INTERNAL: _ErrorCode.ValueType  # 6
+    ERROR_CODE_FAILED_PRECONDITION: _ErrorCode.ValueType  # 7
+    """Well formed and known, but the state does not allow it now (a run that already ended)."""
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
     """---- Replies -----------------------------------------------------------------------------"""
@@ -55,6 +57,8 @@ ERROR_CODE_STALE_EPOCH: ErrorCode.ValueType  # 4
 """The sender's fencing epoch is older than the current leader's."""
 ERROR_CODE_UNAVAILABLE: ErrorCode.ValueType  # 5
 ERROR_CODE_INTERNAL: ErrorCode.ValueType  # 6
+ERROR_CODE_FAILED_PRECONDITION: ErrorCode.ValueType  # 7
+"""Well formed and known, but the state does not allow it now (a run that already ended)."""
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
 @_typing.final
