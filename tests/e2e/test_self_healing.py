@@ -205,6 +205,7 @@ def test_up_heals_every_kill(tmp_path: Path) -> None:
             "resume_seconds": {name: round(took, 2) for name, took in figures}, "longest": round(longest, 2)}))
         slow = {name: round(took, 2) for name, took in figures if took > RESUME_WITHIN}
         assert not slow, f"service resumed later than {RESUME_WITHIN} s after: {slow}\n{up.stderr}"
+        assert up.state()["restarts"] == dict.fromkeys(victims, 1), up.state()["restarts"]
         for name in victims:
             assert f"jobtree up: {name} died (signal 9); restarting it" in up.stderr, up.stderr
             assert f"jobtree up: {name} restarted (pid " in up.stderr, up.stderr

@@ -376,7 +376,7 @@ async def _up(opts: Options) -> int:
         _say("metrics: " + " ".join(f"{name}={HOST}:{port}" for name, port in opts.metrics.items()), sys.stdout)
         ready = True
         keeper = _Keeper(server, supervisor, start, lambda: _write_state(state_path, opts, server, supervisor,
-                                                                          ready=True))
+                                                                          ready=True, restarts=keeper.restarts))
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), SUPERVISE_EVERY)
@@ -448,6 +448,8 @@ class _Keeper:
         self.due: dict[str, float] = {}
         """Process -> when it is to be restarted."""
         self.given_up: set[str] = set()
+        self.restarts: dict[str, int] = {}
+        """Process -> how often it was restarted (up.json's `restarts`)."""
 
     def _died(self, name: str, code: int | None, log: Path, now: float) -> bool:
         delay = self.policy.delay(name, now)
@@ -491,6 +493,7 @@ class _Keeper:
                 if not self._died(name, None, Path("-"), now) and name == NATS:
                     return False
                 continue
+            self.restarts[name] = self.restarts.get(name, 0) + 1
             _say(f"jobtree up: {name} restarted (pid {pid})")
             self.saved()
         return True
@@ -648,7 +651,8 @@ def _port_file(supervisor: Any) -> Path:
     return Path(supervisor.data_dir) / "services" / "gateway" / "gateway.port"
 
 
-def _write_state(path: Path, opts: Options, server: Any, supervisor: Any, *, ready: bool) -> None:
+def _write_state(path: Path, opts: Options, server: Any, supervisor: Any, *, ready: bool,
+                 restarts: dict[str, int] | None = None) -> None:
     doc = {
         "pid": os.getpid(),
         "ready": ready,
@@ -661,6 +665,7 @@ def _write_state(path: Path, opts: Options, server: Any, supervisor: Any, *, rea
         "admission_replicas": ["admission", *standby_names(opts.admission_replicas)],
         "metrics": {name: f"{HOST}:{port}" for name, port in opts.metrics.items()},
         "logs": str(supervisor.logs_dir),
+        "restarts": dict(restarts or {}),
     }
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
