@@ -332,10 +332,11 @@ class Gateway(api_grpc.JobtreeServicer):
                          "the gateway is still reading the ledger; retry shortly") from None
 
     def _nats_down(self) -> str | None:
-        """Why NATS cannot be reached now (None while connected)."""
-        since = self.ctx.bus.down_since
-        if since is None and self.ctx.nc.is_connected:
+        """Why NATS cannot be reached now (None while connected: the connection decides, the
+        bus state only says since when)."""
+        if self.ctx.nc.is_connected:
             return None
+        since = self.ctx.bus.down_since
         ago = f" {max(0.0, time.monotonic() - since):.1f} s ago" if since is not None else ""
         return f"NATS is unreachable (the gateway lost its connection{ago} and is reconnecting)"
 

@@ -224,3 +224,44 @@ async def _ledger(up: Up) -> list:  # type: ignore[type-arg]
         return await Ledger(nc.jetstream(), "demo").replay()
     finally:
         await nc.close()
+
+
+def test_an_error_on_a_live_connection_is_not_an_outage(nats_binary: Path, tmp_path: Path) -> None:
+    """nats.py reports every asynchronous error through one callback: a permissions violation on a
+    live connection must not mark the bus down (the gateway would refuse writes naming NATS); a
+    server that is gone must, and its return must clear it."""
+    from jobtree.bus import subjects
+    from jobtree.bus.runtime import BusState, ServiceSettings, connect
+    from jobtree.bus.security import Secrets, server_users
+
+    secrets = Secrets.generate("live")
+    server = NatsServer(tmp_path / "nats", binary=nats_binary, users=server_users("live", secrets)).start()
+    settings = ServiceSettings(name="budget", cluster="live", nats_url=server.url, user="budget",
+                               password=secrets.passwords["budget"])
+
+    async def go() -> None:
+        bus = BusState()
+        nc = await connect(settings, bus)
+        try:
+            await nc.publish(subjects.ledger_subject("live"), b"forged")  # budget may not: an async -ERR
+            await nc.flush()
+            await asyncio.sleep(0.5)
+            assert bus.up and bus.down_since is None and bus.outages == 0
+            server.port = urlsplit(server.url).port or -1
+            server.kill()
+            await asyncio.sleep(1.5)
+            assert not bus.up and bus.down_since is not None and bus.outages == 1
+            server.start()
+            for _ in range(100):
+                if bus.up:
+                    break
+                await asyncio.sleep(0.1)
+            assert bus.up and bus.down_since is None
+        finally:
+            await nc.close()
+
+    try:
+        asyncio.run(go())
+        assert "Publish Violation" in server.log_path.read_text()
+    finally:
+        server.stop()

@@ -114,6 +114,12 @@ class BusState:
 
     down_since: float | None = None
     outages: int = 0
+    client: Any = None
+    """The connection, once made (whether it is connected is its own to say)."""
+
+    @property
+    def up(self) -> bool:
+        return self.client is not None and bool(self.client.is_connected)
 
     async def disconnected(self) -> None:
         if self.down_since is None:
@@ -203,7 +209,13 @@ async def connect(settings: ServiceSettings, bus: BusState | None = None,
             await bus.reconnected()
             log.info("NATS is back", extra={"fields": {"url": settings.nats_url, "seconds": round(down, 3)}})
 
-        async def failed(exc: Exception) -> None:  # every reconnect attempt while NATS is down
+        async def failed(exc: Exception) -> None:
+            """Every asynchronous error: a failed (re)connect attempt while NATS is away, or an
+            error on a live connection (a permissions violation, a slow consumer) — which must
+            not mark the bus down."""
+            if bus.client is not None and bus.client.is_connected:
+                log.warning("NATS error", extra={"fields": {"error": repr(exc)}})
+                return
             if bus.down_since is None:
                 await bus.disconnected()
                 log.warning("cannot reach NATS; retrying", extra={"fields": {"url": settings.nats_url,
@@ -215,12 +227,18 @@ async def connect(settings: ServiceSettings, bus: BusState | None = None,
         opts["password"] = settings.password or ""
     task = asyncio.ensure_future(nats.connect(**opts))
     if stopping is None:
-        return await task
+        nc = await task
+        if bus is not None:
+            bus.client = nc
+        return nc
     stop = asyncio.ensure_future(stopping.wait())
     done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
     stop.cancel()
     if task in done:
-        return task.result()
+        nc = task.result()
+        if bus is not None:
+            bus.client = nc
+        return nc
     task.cancel()
     with contextlib.suppress(BaseException):
         await task
