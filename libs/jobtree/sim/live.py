@@ -235,7 +235,7 @@ class _Player:
                 self.sequence = max(self.sequence, reply.ledger_sequence)
                 return
             err = reply.error
-            if err.code == bus.ERROR_CODE_INVALID_ARGUMENT:
+            if err.code in REFUSALS:  # the core refused it: the in-process runner's error, in its words
                 raise S.ScenarioError(_scenario_message(where, apply_index, err))
             if err.code in (bus.ERROR_CODE_CONFLICT, bus.ERROR_CODE_UNAVAILABLE) and attempt + 1 < RETRIES:
                 await asyncio.sleep(0.1 * (attempt + 1))  # same command id: it commits once
@@ -255,12 +255,14 @@ class _Player:
         raise AssertionError("unreachable")
 
 
+REFUSALS = frozenset({bus.ERROR_CODE_INVALID_ARGUMENT, bus.ERROR_CODE_NOT_FOUND, bus.ERROR_CODE_FAILED_PRECONDITION})
+"""Reply codes that mean the core refused the command (`convert.ERROR_CODE_OF_KIND`)."""
 _BATCH_ITEM = re.compile(r"^batch\.commands\[(\d+)\]\.?")
 _COMMAND_PREFIX = re.compile(r"^(apply_run\.run|apply_budget\.budget)\.?")
 
 
 def _scenario_message(where: str, apply_index: int | None, err: bus.Error) -> str:
-    """An INVALID_ARGUMENT reply in the words of the in-process runner (`steps[i].apply[j].path: ...`)."""
+    """A refusal in the words of the in-process runner (`steps[i].apply[j].path: ...`)."""
     path = err.field_path
     m = _BATCH_ITEM.match(path)
     if m:
