@@ -59,7 +59,7 @@ from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.bus import subjects
 from jobtree.bus.follower import Follower, apply_batch, follow, record_ids
 from jobtree.bus.leader import LEADER_TTL, LeaderLock, leader_bucket
-from jobtree.bus.ledger import Ledger
+from jobtree.bus.ledger import Ledger, LedgerError
 from jobtree.bus.runtime import LATENCY, REQUESTS, ServiceContext
 from jobtree.core import facts
 from jobtree.core.engine import Cluster
@@ -411,10 +411,16 @@ async def main(ctx: ServiceContext) -> None:
                     await standby.stop()
             try:
                 await _term(ctx, lock, holder, standby)
-            except Exception:
+            except Exception as exc:
                 # Whatever broke (the bus, a bug), the view may not be the ledger's: give the
-                # lock up, follow the ledger afresh and stand by again.
-                ctx.log.exception("the leader term failed; standing by again", extra={"fields": {"epoch": lock.epoch}})
+                # lock up, follow the ledger afresh and stand by again. NATS going away is
+                # expected and says so in one line; anything else gets its traceback.
+                fields = {"epoch": lock.epoch}
+                if isinstance(exc, nats.errors.Error | LedgerError):
+                    ctx.log.warning("the leader term failed on the bus; standing by again",
+                                    extra={"fields": {**fields, "error": repr(exc)}})
+                else:
+                    ctx.log.exception("the leader term failed; standing by again", extra={"fields": fields})
                 await lock.release()
                 await _sleep(ctx, LEADER_TTL / 4)
             lock.epoch = 0

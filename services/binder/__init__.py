@@ -99,10 +99,12 @@ class Binder:
                 try:
                     await self._mirror(batches)
                     break
+                except nats.errors.Error as exc:  # NATS away or slow: expected, retried
+                    self.ctx.log.warning("spec copy failed; retrying", extra={"fields": {"error": repr(exc)}})
                 except Exception:
                     self.ctx.log.warning("spec copy failed; retrying", exc_info=True)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _mirror(self, batches: list[bus.LedgerBatch]) -> None:
         """Write the last change of each spec the batches carry, all at once."""
