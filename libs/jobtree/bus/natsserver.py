@@ -301,6 +301,16 @@ class NatsServer:
             proc.kill()
             proc.wait()
 
+    def reap(self) -> int | None:
+        """If the server process has ended by itself: forget it (no zombie is left, `url` will be
+        read again from the next start) and return its exit status; None while it runs or when
+        none was started."""
+        if self._proc is None or self._proc.poll() is None:
+            return None
+        proc, self._proc = self._proc, None
+        self.url = self.monitor_url = ""
+        return proc.returncode
+
     def kill(self) -> None:
         """Stop at once (SIGKILL), as a crash would."""
         proc, self._proc = self._proc, None

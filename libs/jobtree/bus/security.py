@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -165,10 +164,12 @@ def server_config_users(cluster: str) -> str:
     `admin` and one user per service with the permissions of `permissions`, every password a
     reference to the environment variable `password_env(user)` (the NATS config language
     substitutes `$NAME`), so the file holds no secret and the passwords come from a Secret."""
-    users = [User(u, "\0" + password_env(u), None if u == ADMIN else permissions(cluster, u))
+    users = [User(u, "$" + password_env(u), None if u == ADMIN else permissions(cluster, u))
              for u in (ADMIN, *SERVICES)]
     text = json.dumps([u.config() for u in users], indent=2)
-    return "authorization {\n  users: " + re.sub(r'"\\u0000(\w+)"', r"$\1", text).replace("\n", "\n  ") + "\n}\n"
+    for user in (ADMIN, *SERVICES):  # unquoted, so that the config language substitutes it
+        text = text.replace(f'"password": "${password_env(user)}"', f'"password": ${password_env(user)}')
+    return "authorization {\n  users: " + text.replace("\n", "\n  ") + "\n}\n"
 
 
 def server_users(cluster: str, secrets_: Secrets | Mapping[str, str]) -> tuple[User, ...]:

@@ -467,11 +467,9 @@ class _Keeper:
         from jobtree.bus.natsserver import NatsServerError
         from jobtree.bus.supervisor import SupervisorError
 
-        if NATS not in self.due and NATS not in self.given_up and not self.server.running:
-            code = self.server._proc.returncode if self.server._proc is not None else None
-            self.server._proc = None
-            self.server.url = self.server.monitor_url = ""  # read again from the restarted server
-            if not self._died(NATS, code, self.server.log_path, now):
+        if NATS not in self.due and NATS not in self.given_up:
+            code = self.server.reap()
+            if code is not None and not self._died(NATS, code, self.server.log_path, now):
                 return False
         for name, code in self.supervisor.exited().items():
             if name not in self.due and name not in self.given_up:

@@ -230,16 +230,29 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 
 def load_yaml(text: str) -> object:
-    """Parse YAML text strictly (no timestamps, no duplicate keys); errors as one-line ScenarioError."""
+    """Parse YAML text strictly (no timestamps, no duplicate keys, bounded); errors as one-line
+    ScenarioError."""
     try:
         return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
-    except yaml.MarkedYAMLError as e:
+    except yaml.YAMLError as e:
+        raise _yaml_error(e) from None
+
+
+def load_yaml_all(text: str) -> list[object]:
+    """Every non-empty document of a multi-document YAML text, loaded as `load_yaml` loads one."""
+    try:
+        return [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
+    except yaml.YAMLError as e:
+        raise _yaml_error(e) from None
+
+
+def _yaml_error(e: yaml.YAMLError) -> ScenarioError:
+    if isinstance(e, yaml.MarkedYAMLError):
         mark = e.problem_mark or e.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = " ".join(str(e.problem or e.context or "invalid YAML").split())
-        raise ScenarioError(f"invalid YAML: {where}{problem}") from None
-    except yaml.YAMLError as e:
-        raise ScenarioError(f"invalid YAML: {' '.join(str(e).split())}") from None
+        return ScenarioError(f"invalid YAML: {where}{problem}")
+    return ScenarioError(f"invalid YAML: {' '.join(str(e).split())}")
 
 
 # --- Parsing -----------------------------------------------------------------------------

@@ -10,8 +10,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from jobtree.cli.runs.options import Json, RunsError
 
 # ================================================================================================
@@ -56,16 +54,12 @@ def _read_text(name: str) -> str:
 
 
 def _load_documents(text: str, name: str) -> list[object]:
-    from jobtree.sim.scenario import _StrictLoader
+    from jobtree.sim.scenario import ScenarioError, load_yaml_all
 
     try:
-        docs = [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        raise RunsError(f"{name}: invalid YAML: {where}{' '.join(str(e.problem or e.context).split())}") from None
-    except yaml.YAMLError as e:
-        raise RunsError(f"{name}: invalid YAML: {' '.join(str(e).split())}") from None
+        docs = load_yaml_all(text)
+    except ScenarioError as e:
+        raise RunsError(f"{name}: {e}") from None
     out: list[object] = []
     for doc in docs:
         if isinstance(doc, list):
