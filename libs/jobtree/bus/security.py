@@ -73,11 +73,14 @@ GRANTS: dict[str, tuple[str, ...]] = {
     "packer": ("follow ledger",),
     # The resolver sends Tick commands when timers fall due (services.md, "read path").
     "resolver": ("follow ledger", "call admission.command"),
+    # The kube-bridge sends the Kubernetes objects' commands and mirrors decisions back.
+    "kube-bridge": ("follow ledger", "call admission.command"),
 }
 """The permission table: what each service may do besides answering its own requests."""
 
 SERVICES: tuple[str, ...] = tuple(GRANTS)
-"""The services `jobtree up` runs, each as its own NATS user (named like the service)."""
+"""The services, each its own NATS user (named like the service); `jobtree up` runs the
+kube-bridge only with `--kubeconfig`."""
 
 JS_API = "$JS.API"
 

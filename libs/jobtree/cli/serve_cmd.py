@@ -32,6 +32,9 @@ ENV_URL = "JOBTREE_NATS_URL"
 ENV_USER = "JOBTREE_NATS_USER"
 ENV_PASSWORD = "JOBTREE_NATS_PASSWORD"
 ENV_GRPC_PORT = "JOBTREE_GRPC_PORT"
+ENV_KUBECONFIG = "JOBTREE_KUBECONFIG"
+ENV_NODE_GRACE = "JOBTREE_NODE_GRACE"
+ENV_POD_GRACE = "JOBTREE_POD_GRACE"
 DEFAULT_URL = "nats://127.0.0.1:4222"
 DEFAULT_CLUSTER = "default"
 
@@ -52,8 +55,8 @@ def module_name(name: str) -> str:
 def available_services() -> list[str]:
     """Services whose package exists (a folder with `__init__.py`), by service name."""
     root = services_dir()
-    return sorted(p.name.replace("_", "-") for p in root.iterdir()
-                  if p.is_dir() and (p / "__init__.py").is_file())
+    return sorted({p.name.replace("_", "-") for p in root.iterdir()
+                   if p.is_dir() and (p / "__init__.py").is_file()})
 
 
 def load_service(name: str) -> ServiceMain:
@@ -121,6 +124,12 @@ def add_serve_parser(subparsers: Any) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML mapping of cluster config keys (period, ...)")
     p.add_argument("--grpc-port", metavar="P", type=int,
                    help=f"gateway only: the gRPC port (passed as ${ENV_GRPC_PORT})")
+    p.add_argument("--kubeconfig", metavar="FILE",
+                   help=f"kube-bridge only: the API server's kubeconfig (default: in-cluster; ${ENV_KUBECONFIG})")
+    p.add_argument("--node-grace", metavar="S", type=float,
+                   help=f"kube-bridge only: seconds a node may be NotReady before it is fenced (default 40; ${ENV_NODE_GRACE})")
+    p.add_argument("--pod-grace", metavar="S", type=int,
+                   help=f"kube-bridge only: seconds a workload pod gets to stop when its lease closes (default 30; ${ENV_POD_GRACE})")
     p.set_defaults(handler=cmd_serve)
 
 
@@ -148,6 +157,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not 0 <= args.grpc_port <= 65535:
             raise CliError(f"--grpc-port: must be a port number, got {args.grpc_port}")
         os.environ[ENV_GRPC_PORT] = str(args.grpc_port)
+    if args.kubeconfig is not None:
+        if not Path(args.kubeconfig).is_file():
+            raise CliError(f"--kubeconfig: {args.kubeconfig}: no such file")
+        os.environ[ENV_KUBECONFIG] = str(Path(args.kubeconfig).resolve())
+    if args.node_grace is not None:
+        if not 0 <= args.node_grace <= 86400:
+            raise CliError(f"--node-grace: must be 0..86400 seconds, got {args.node_grace:g}")
+        os.environ[ENV_NODE_GRACE] = str(args.node_grace)
+    if args.pod_grace is not None:
+        if not 0 <= args.pod_grace <= 86400:
+            raise CliError(f"--pod-grace: must be 0..86400 seconds, got {args.pod_grace}")
+        os.environ[ENV_POD_GRACE] = str(args.pod_grace)
     settings = ServiceSettings(
         name=args.name,
         cluster=cluster,

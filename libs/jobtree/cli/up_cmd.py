@@ -1,7 +1,10 @@
 """`jobtree up`: the whole system on this machine — nats-server, every service, a demo cluster.
 
 Contract: `jobtree up [--data-dir D] [--no-demo] [--cluster C] [--grpc-port P] [--clock K]
-[--admission-replicas N] [--metrics-port-base M]`
+[--admission-replicas N] [--metrics-port-base M] [--kubeconfig FILE [--node-grace S] [--pod-grace S]]`
+With `--kubeconfig`, the kube-bridge runs too (against that API server, as every other process
+here: supervised, its own NATS user, a metrics port), and there is no demo: nodes come from the
+cluster's Nodes, budgets and runs from its objects (an unreadable file: one line, status 2).
 1. refuses at once, with one line, when a service cannot be served yet, the data directory
    belongs to another cluster or another `jobtree up` runs on it, the gRPC port is taken,
    N < 1, or a metrics port of the block M.. is taken, out of range or the gRPC port;
@@ -100,6 +103,13 @@ def add_up_parser(subparsers: Any) -> None:
     p.add_argument("--metrics-port-base", metavar="M", type=int, default=0,
                    help=f"Prometheus /metrics of every process on {HOST}:M, M+1, ... in start order "
                         "(default 0: free ports; the `metrics:` line and up.json say which)")
+    p.add_argument("--kubeconfig", metavar="FILE",
+                   help="also run the kube-bridge against this API server; nodes come from its Nodes "
+                        "(no demo)")
+    p.add_argument("--node-grace", metavar="S", type=float, default=40.0,
+                   help="with --kubeconfig: seconds a node may be NotReady before it is fenced (default 40)")
+    p.add_argument("--pod-grace", metavar="S", type=int, default=30,
+                   help="with --kubeconfig: seconds a workload pod gets to stop when its lease closes (default 30)")
     p.set_defaults(handler=cmd_up)
 
 
@@ -155,11 +165,16 @@ def service_of(process: str) -> str:
     return base if base == "admission" and k.isdigit() else process
 
 
-def process_names(replicas: int) -> list[str]:
-    """Every process `up` starts, in start order (the order of the metrics ports)."""
+KUBE_BRIDGE = "kube-bridge"
+
+
+def process_names(replicas: int, kube: bool = False) -> list[str]:
+    """Every process `up` starts, in start order (the order of the metrics ports); the
+    kube-bridge only with a kubeconfig."""
     from jobtree.bus.security import SERVICES
 
-    return [*START_ORDER, *(s for s in SERVICES if s not in START_ORDER), *standby_names(replicas)]
+    rest = [s for s in SERVICES if s not in START_ORDER and (kube or s != KUBE_BRIDGE)]
+    return [*START_ORDER, *rest, *standby_names(replicas)]
 
 
 def _supervisor(data_dir: Path, cluster: str, nats_url: str, clock: str) -> Any:
@@ -250,6 +265,8 @@ class Options:
     metrics_base: int = 0
     metrics: dict[str, int] = field(default_factory=dict)
     """Process name -> its metrics port (assigned once the nats-server runs)."""
+    kubeconfig: Path | None = None
+    bridge_args: tuple[str, ...] = ()
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -260,6 +277,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         subjects.check_cluster(args.cluster)
     except ValueError as e:
         raise CliError(f"--cluster: {e}") from None
+    kubeconfig = Path(args.kubeconfig).resolve() if args.kubeconfig else None
+    if kubeconfig is not None and not kubeconfig.is_file():
+        raise CliError(f"--kubeconfig: {args.kubeconfig}: no such file")
+    if not 0 <= args.node_grace <= 86400 or not 0 <= args.pod_grace <= 86400:
+        raise CliError("--node-grace and --pod-grace: must be 0..86400 seconds")
     missing = missing_services(list(SERVICES))
     if missing:
         raise CliError(
@@ -273,14 +295,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     replicas = args.admission_replicas
     if replicas < 1:
         raise CliError(f"--admission-replicas: must be at least 1 (one leader, the rest standbys), got {replicas}")
-    check_metrics_base(args.metrics_port_base, len(process_names(replicas)), port)
+    check_metrics_base(args.metrics_port_base, len(process_names(replicas, kubeconfig is not None)), port)
     data_dir = Path(args.data_dir).resolve()
     try:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(data_dir, 0o700)  # the nats-server config inside holds the passwords
     except OSError as e:
         raise CliError(f"--data-dir {data_dir}: {e.strerror or e}") from None
-    opts = Options(data_dir, args.cluster, port, args.clock, not args.no_demo, replicas, args.metrics_port_base)
+    opts = Options(data_dir, args.cluster, port, args.clock, not args.no_demo and kubeconfig is None, replicas,
+                   args.metrics_port_base, kubeconfig=kubeconfig,
+                   bridge_args=("--kubeconfig", str(kubeconfig), "--node-grace", f"{args.node_grace:g}",
+                                "--pod-grace", str(args.pod_grace)) if kubeconfig else ())
     with data_dir_lock(data_dir):
         try:
             return asyncio.run(_up(opts))
@@ -332,7 +357,7 @@ async def _up(opts: Options) -> int:
         supervisor = _supervisor(opts.data_dir, opts.cluster, server.url, opts.clock)
         with contextlib.suppress(FileNotFoundError):
             _port_file(supervisor).unlink()  # left by a crash: the gateway writes it once bound
-        names = process_names(opts.admission_replicas)
+        names = process_names(opts.admission_replicas, opts.kubeconfig is not None)
         ports = (range(opts.metrics_base, opts.metrics_base + len(names)) if opts.metrics_base
                  else free_ports(len(names), avoid=opts.grpc_port))
         opts.metrics = dict(zip(names, ports, strict=True))
@@ -342,8 +367,9 @@ async def _up(opts: Options) -> int:
             env = secrets.env(service_of(name))
             if name == "gateway":
                 env[ENV_GRPC_PORT] = str(opts.grpc_port)  # once bound: the port it first took
+            extra = opts.bridge_args if name == KUBE_BRIDGE else ()
             try:
-                supervisor.start(name, env=env, args=("--metrics-port", str(opts.metrics[name])))
+                supervisor.start(name, env=env, args=("--metrics-port", str(opts.metrics[name]), *extra))
             except SupervisorError as e:
                 raise UpError(str(e)) from None
 
@@ -367,6 +393,8 @@ async def _up(opts: Options) -> int:
             note = f"demo loaded ({len(DEMO_DOMAINS) * DEMO_NODES_PER_DOMAIN} nodes, {len(demo_budgets(opts.cluster))} budgets)"
         elif sequence:
             note = f"resumed at ledger sequence {sequence}"
+        elif opts.kubeconfig is not None:
+            note = f"bridging the Kubernetes API server of {opts.kubeconfig}"
         else:
             note = "started empty (--no-demo)"
         _write_state(state_path, opts, server, supervisor, ready=True)
