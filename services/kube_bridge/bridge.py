@@ -112,8 +112,13 @@ class Bridge:
                 key = f"{lease.metadata.namespace}/{lease.spec.run_ref}"
                 self.leases_by_run.setdefault(key, set()).add(lease.metadata.name)
                 self.queue.add(("run", key))
+                if lease.spec.paid_by.budget:  # its headroom moved
+                    self.queue.add(("budget", lease.spec.paid_by.budget))
             elif which == "lease_closed":
                 self.queue.add(("run", o.lease_run_key(entry.lease_closed.name)))
+                closed = self.follower.cluster.leases.get(entry.lease_closed.name)
+                if closed is not None and closed.paid_by is not None:
+                    self.queue.add(("budget", closed.paid_by[0]))
             elif which == "reservation_put":
                 res = entry.reservation_put.reservation
                 key = f"{res.metadata.namespace}/{res.spec.run_ref}"
@@ -343,7 +348,8 @@ class Bridge:
             if name not in have:
                 await self._create(PODS, pod)
         for name, pod in have.items():
-            if name not in want and not pod["metadata"].get("deletionTimestamp"):
+            finished = pod.get("status", {}).get("phase") in ("Succeeded", "Failed")  # kept for their logs
+            if name not in want and not finished and not pod["metadata"].get("deletionTimestamp"):
                 with contextlib.suppress(KubeError):
                     await self.kube.request("DELETE", PODS.path(ns, name),
                                             query={"gracePeriodSeconds": str(self.pod_grace)})

@@ -140,8 +140,8 @@ WORKER = [{"name": "worker", "template": {"spec": {"containers": [
 
 
 def run(name: str, ns: str, gpus: int, *, group: int | None = None, owner: str | None = None,
-        roles: list[Json] | None = None, **spec: Any) -> Json:
-    body: Json = {"resources": {"gpuType": "H100-80GB", "totalGPUs": gpus}, **spec}
+        roles: list[Json] | None = None, flavor: str = "H100-80GB", **spec: Any) -> Json:
+    body: Json = {"resources": {"gpuType": flavor, "totalGPUs": gpus}, **spec}
     if group:
         body["locality"] = {"groupGPUs": group}
     if owner:

@@ -16,7 +16,8 @@ watch cache has moved on). Writes behave as the apiserver's:
 - patch: JSON merge patch (RFC 7386) for merge and strategic-merge content types (lists are
   replaced whole: the stand-in knows no patch strategies), RFC 6902 JSON patch;
 - delete: with finalizers sets deletionTimestamp; otherwise removes, then deletes the objects
-  that name it as an owner (background cascading, as the garbage collector).
+  that name it as an owner (background cascading, as the garbage collector); an object created
+  with owner references to none that exists is collected at once.
 Selectors: label selectors (`=`, `==`, `!=`, `in`, `notin`, `key`, `!key`) and field selectors
 (`=`, `==`, `!=` on any dotted path). Not: admission webhooks, pruning of unknown fields,
 server-side apply, protobuf.
@@ -391,6 +392,10 @@ class Store:
             obj["status"] = {"phase": "Active"}
         kind.objects[(ns, name)] = obj
         self._emit(kind, "ADDED", obj)
+        refs = [r.get("uid") for r in meta.get("ownerReferences") or []]
+        if refs and not any(self._exists(uid) for uid in refs):
+            self.delete(kind, ns or None, name)  # the garbage collector: an object whose owners are gone
+            return copy.deepcopy(obj)
         if kind.plural == "customresourcedefinitions":
             self.register_crd(obj)
         return copy.deepcopy(obj)
@@ -492,6 +497,9 @@ class Store:
                         self.delete(other, ns, obj_name)
         self._collect(meta["uid"])
         return copy.deepcopy(current)
+
+    def _exists(self, uid: str) -> bool:
+        return any(o.get("metadata", {}).get("uid") == uid for k in self.kinds.values() for o in k.objects.values())
 
     def _collect(self, uid: str) -> None:
         """Delete what `uid` owned (the garbage collector's background propagation)."""
