@@ -140,7 +140,7 @@ def test_the_permission_table_comes_from_the_subjects_module() -> None:
             assert ledger not in perms.publish and perms.publish_deny == (ledger,)
             assert not any(p.startswith("$JS.API.STREAM.CREATE.jobtree_") for p in perms.publish)
     senders = [s for s in SERVICES if subjects.request(C, "admission", "command") in security.permissions(C, s).publish]
-    assert senders == ["gateway", "resolver"]
+    assert senders == ["gateway", "resolver", "kube-bridge"]
     assert [s for s in SERVICES if any(p.startswith(f"$KV.{subjects.bucket(C, 'leader')}")
                                        for p in security.permissions(C, s).publish)] == ["admission"]
     table = security.permission_table(C)
@@ -195,10 +195,11 @@ def test_only_the_binder_appends_to_the_ledger(session: Session) -> None:
 
 
 def test_requests_reach_a_service_only_from_its_callers(session: Session) -> None:
-    """admission.command only from the gateway (and the resolver's ticks); binder.commit only
-    from admission; the read services' verbs only from the gateway. Admin may do anything."""
+    """admission.command only from the gateway (and the resolver's ticks, the kube-bridge's
+    objects); binder.commit only from admission; the read services' verbs only from the gateway.
+    Admin may do anything."""
     callers = {
-        subjects.request(C, "admission", "command"): {"gateway", "resolver", "admin"},
+        subjects.request(C, "admission", "command"): {"gateway", "resolver", "kube-bridge", "admin"},
         subjects.request(C, "binder", "commit"): {"admission", "admin"},
         subjects.request(C, "budget", "state"): {"gateway", "admin"},
         subjects.request(C, "packer", "plan"): {"gateway", "admin"},

@@ -51,7 +51,8 @@ def test_every_object_of_the_overlay_is_valid_kubernetes(overlay: str) -> None:
     docs = build(overlay)
     for doc in docs:
         assert kubernetes_validate.validate(doc, "1.37.0", strict=True), doc["metadata"]["name"]
-    namespaced = [d for d in docs if d["kind"] not in ("Namespace", "CustomResourceDefinition")]
+    cluster_scoped = ("Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding")
+    namespaced = [d for d in docs if d["kind"] not in cluster_scoped]
     assert {d["metadata"].get("namespace") for d in namespaced} == {kustomize.NAMESPACE}
     assert all(d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "jobtree" for d in docs)
 
@@ -62,8 +63,10 @@ def test_one_deployment_and_account_per_service(overlay: str) -> None:
     for service in SERVICES:
         dep = one(docs, "Deployment", f"jobtree-{service}")
         pod = dep["spec"]["template"]["spec"]
-        assert pod["serviceAccountName"] == f"jobtree-{service}" and pod["automountServiceAccountToken"] is False
-        assert one(docs, "ServiceAccount", f"jobtree-{service}")["automountServiceAccountToken"] is False
+        talks_to_kubernetes = service == "kube-bridge"
+        assert pod["serviceAccountName"] == f"jobtree-{service}"
+        assert pod["automountServiceAccountToken"] is talks_to_kubernetes
+        assert one(docs, "ServiceAccount", f"jobtree-{service}")["automountServiceAccountToken"] is talks_to_kubernetes
         assert pod["securityContext"]["runAsNonRoot"] is True
         (container,) = pod["containers"]
         assert container["args"][:2] == ["serve", service]
@@ -76,7 +79,17 @@ def test_one_deployment_and_account_per_service(overlay: str) -> None:
     gateway = one(docs, "Deployment", "jobtree-gateway")["spec"]["template"]["spec"]["containers"][0]
     assert gateway["readinessProbe"]["grpc"] == {"port": 50051, "service": "jobtree.v1.Jobtree"}
     assert one(docs, "PodDisruptionBudget", "jobtree-admission")["spec"]["minAvailable"] == 1
-    assert not [d for d in docs if d["kind"] in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")]
+    rbac = [d for d in docs if d["kind"] in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")]
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in rbac) == [
+        ("ClusterRole", "jobtree-kube-bridge"), ("ClusterRoleBinding", "jobtree-kube-bridge")], \
+        "only the kube-bridge talks to the Kubernetes API"
+    binding = one(docs, "ClusterRoleBinding", "jobtree-kube-bridge")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "jobtree-kube-bridge",
+                                    "namespace": kustomize.NAMESPACE}]
+    verbs = {(g, r): set(rule["verbs"]) for rule in one(docs, "ClusterRole", "jobtree-kube-bridge")["rules"]
+             for g in rule["apiGroups"] for r in rule["resources"]}
+    assert "delete" in verbs[("", "pods")] and not any("delete" in v for k, v in verbs.items() if k != ("", "pods"))
+    assert verbs[("rq.davidlangworthy.io", "runs")] == {"get", "list", "watch"}, "the bridge never edits a Run's spec"
 
 
 @pytest.mark.parametrize(("overlay", "replicas"), [("dev", 1), ("prod", 3)])

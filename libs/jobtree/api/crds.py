@@ -13,7 +13,8 @@ Budget (cluster-scoped), Run, Reservation and GPULease (namespaced) — as plain
   checks each against `jobtree.core.manifest`, so the two cannot drift apart);
 - `x-kubernetes-validations` CEL rules where a rule of the core fits one object (`CEL`);
 - the status subresource, printer columns, short names (`gl` for GPULease) and the category
-  `jobtree` (`kubectl get jobtree`).
+  `jobtree` (`kubectl get jobtree`); Run and Budget status also hold `conditions`
+  (metav1.Condition, a map list keyed by type), which the kube-bridge writes.
 Not: the kube-bridge that reads and writes these objects; not the rest of the deployment.
 """
 
@@ -223,7 +224,33 @@ def _top(kind: Kind) -> Json:
     }
     if "status" in d.fields_by_name:
         props["status"] = schema_of(d.fields_by_name["status"].message_type)
+        if kind.kind in CONDITIONED:
+            props["status"]["properties"]["conditions"] = CONDITIONS
     return {"type": "object", "required": ["spec"], "properties": props}
+
+
+CONDITIONED = ("Run", "Budget")
+"""Kinds whose status also carries Kubernetes conditions (written by the kube-bridge only, so
+they are not in the proto: `kubectl wait --for=condition=Running` reads them)."""
+
+CONDITIONS: Json = {
+    "type": "array",
+    "x-kubernetes-list-type": "map",
+    "x-kubernetes-list-map-keys": ["type"],
+    "maxItems": 16,
+    "items": {  # metav1.Condition
+        "type": "object",
+        "required": ["type", "status", "reason", "lastTransitionTime"],
+        "properties": {
+            "type": {"type": "string", "maxLength": 316},
+            "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+            "reason": {"type": "string", "maxLength": 1024},
+            "message": {"type": "string", "maxLength": 32768},
+            "lastTransitionTime": {"type": "string", "format": "date-time"},
+            "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0},
+        },
+    },
+}
 
 
 def crd(kind: Kind) -> Json:

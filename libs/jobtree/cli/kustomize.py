@@ -6,7 +6,8 @@ Contract: `files(cluster)` maps a path under `deploy/kustomize/` to its text: th
   (`nats.conf` from `jobtree.bus.natsconf`: every write fsynced, one user per service, passwords
   from the Secret `jobtree-nats-users`), its client and headless Services and a
   PodDisruptionBudget; for each service of `jobtree.bus.security.SERVICES` a ServiceAccount
-  without a token (no service talks to the Kubernetes API) and a Deployment (`jobtree serve
+  without a token (only the kube-bridge talks to the Kubernetes API: its ClusterRole in
+  `rbac.yaml` grants what it reads and writes, nothing more) and a Deployment (`jobtree serve
   NAME`, its NATS user and password, metrics on 9090 probed over HTTP, the gateway probed over
   gRPC health, non-root, read-only root filesystem, all capabilities dropped); admission runs
   2 replicas (a leader and a hot standby); the gateway's Service; PodDisruptionBudgets for
@@ -18,7 +19,7 @@ Contract: `files(cluster)` maps a path under `deploy/kustomize/` to its text: th
 tests build both overlays with the real `kubectl kustomize` and validate every object against
 the Kubernetes 1.37 schemas. The Secret is not generated (it holds the passwords): create it
 as `docs/operator-guide/install.md` says.
-Not: the kube-bridge (not built yet), not an image (the `Dockerfile` at the root builds it).
+Not: an image (the `Dockerfile` at the root builds it).
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def _deployment(service: str) -> Json:
                 "metadata": {"labels": labels},
                 "spec": {
                     "serviceAccountName": name,
-                    "automountServiceAccountToken": False,
+                    "automountServiceAccountToken": service == KUBE_BRIDGE,
                     "securityContext": _POD_SECURITY,
                     "terminationGracePeriodSeconds": 30,
                     "containers": [container],
@@ -125,9 +126,36 @@ def _deployment(service: str) -> Json:
     }
 
 
+KUBE_BRIDGE = "kube-bridge"
+
+BRIDGE_RULES: list[Json] = [
+    {"apiGroups": [crds.GROUP], "resources": ["runs", "budgets"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [crds.GROUP], "resources": ["runs/status", "budgets/status", "gpuleases/status",
+                                               "reservations/status"], "verbs": ["get", "update", "patch"]},
+    {"apiGroups": [crds.GROUP], "resources": ["gpuleases", "reservations"], "verbs": ["get", "list", "watch", "create"]},
+    {"apiGroups": [""], "resources": ["namespaces", "nodes"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"]},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+]
+"""What the kube-bridge may do in the cluster: read the objects it bridges, write their status,
+create leases, reservations, pods, Services and Events, delete only pods (a closed lease's)."""
+
+
+def _bridge_rbac() -> list[Json]:
+    name = f"jobtree-{KUBE_BRIDGE}"
+    return [
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
+         "rules": BRIDGE_RULES},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": NAMESPACE}]},
+    ]
+
+
 def _service_account(name: str) -> Json:
     return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name},
-            "automountServiceAccountToken": False}
+            "automountServiceAccountToken": name == f"jobtree-{KUBE_BRIDGE}"}
 
 
 def _pdb(name: str, selector: str, **budget: int) -> Json:
@@ -198,7 +226,7 @@ def _base() -> dict[str, str]:
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
         "namespace": NAMESPACE,
         "labels": [{"pairs": PART_OF, "includeSelectors": False}],
-        "resources": ["namespace.yaml", "crds", "nats.yaml", "serviceaccounts.yaml", "deployments.yaml",
+        "resources": ["namespace.yaml", "crds", "nats.yaml", "serviceaccounts.yaml", "rbac.yaml", "deployments.yaml",
                       "services.yaml", "pdbs.yaml"],
         "configMapGenerator": [
             {"name": "nats-config", "files": ["nats.conf"]},
@@ -212,6 +240,7 @@ def _base() -> dict[str, str]:
         "base/nats.yaml": _dump(*_nats()),
         "base/serviceaccounts.yaml": _dump(*(_service_account(n) for n in
                                              ("jobtree-nats", *(f"jobtree-{s}" for s in SERVICES)))),
+        "base/rbac.yaml": _dump(*_bridge_rbac()),
         "base/deployments.yaml": _dump(*(_deployment(s) for s in SERVICES)),
         "base/services.yaml": _dump(gateway),
         "base/pdbs.yaml": _dump(_pdb("jobtree-admission", "jobtree-admission", minAvailable=1),
