@@ -334,7 +334,7 @@ class Bridge:
         ns, run = key.split("/", 1)
         leases = o.open_active(cl, key)
         roles = (cr.get("spec") or {}).get("roles") or []
-        rank0 = o.pod_name(leases[0], roles[0]["name"]) if leases else ""
+        rank0 = o.pod_name(leases[0].name, leases[0].group) if leases else ""
         want: dict[str, Json] = {}
         for rank, lease in enumerate(leases):
             for pod in o.pods_for_lease(cr, lease, rank, len(leases), rank0):

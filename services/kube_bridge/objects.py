@@ -23,7 +23,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from jobtree.api import convert
-from jobtree.api.crds import GROUP, VERSION
+from jobtree.api.crds import GROUP, VERSION, pod_name
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.core import views
 from jobtree.core.engine import Cluster
@@ -310,12 +310,6 @@ def service_name(run: str) -> str:
     return f"{run}-gang"[:63]
 
 
-def pod_name(lease: Lease, role: str) -> str:
-    run = lease.run.split("/", 1)[1]
-    number = lease.name.rsplit(".", 1)[1]
-    return f"{run}-{number}-{role}"[:63].rstrip("-")
-
-
 def open_active(cl: Cluster, key: str) -> list[Lease]:
     """The run's open Active leases in rank order (group, then lease name)."""
     leases = [lease for lease in cl.open_by_run.get(key, {}).values() if lease.role is Role.ACTIVE]
@@ -333,7 +327,7 @@ def pods_for_lease(cr: Json, lease: Lease, rank: int, world: int, rank0: str) ->
         template = role.get("template") or {}
         tmeta = template.get("metadata") or {}
         spec = json_copy(template.get("spec") or {})
-        name = pod_name(lease, role["name"])
+        name = pod_name(lease.name, lease.group, role["name"] if i else None)
         spec["nodeName"] = node
         spec["hostname"] = name
         spec["subdomain"] = svc

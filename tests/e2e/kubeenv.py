@@ -75,6 +75,15 @@ class StandIn:
             pytest.fail(f"kubectl {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
         return out
 
+    def plugin(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`kubectl PLUGIN ...` (kubectl takes no flags before a plugin's name: KUBECONFIG instead)."""
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
+               "PATH": os.pathsep.join([str(KUBECTL.parent), os.environ.get("PATH", "")])}
+        out = subprocess.run([str(KUBECTL), *args], capture_output=True, text=True, timeout=60, env=env)
+        if out.returncode != 0:
+            pytest.fail(f"kubectl {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+        return out
+
     def apply(self, *docs: Json) -> str:
         return self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(docs)).stdout
 
@@ -166,6 +175,7 @@ class KubeUp:
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.nats = ""
+        self.grpc = ""
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -185,6 +195,8 @@ class KubeUp:
             key, _, value = line.partition(": ")
             if key == "nats":
                 self.nats = value
+            if key == "grpc":
+                self.grpc = value
             if key == "metrics":
                 return self
 

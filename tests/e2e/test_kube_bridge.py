@@ -9,7 +9,6 @@ import os
 import signal
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from kubeenv import WORKER, KubeUp, StandIn, budget, gpu_node, namespace, poll_until, run
@@ -82,6 +81,9 @@ def test_apply_a_budget_and_a_run_and_kubectl_wait_for_running(env: tuple[StandI
         assert pod["spec"]["subdomain"] == "train-gang" and pod["metadata"]["ownerReferences"][0]["kind"] == "Run"
     assert {p["metadata"]["labels"]["rq.davidlangworthy.io/rank"] for p in pods} == {"0", "1"}
     assert api.get_json("svc", "train-gang", "-n", "one")["spec"]["clusterIP"] == "None"
+    listed = json.loads(api.plugin("runs", "pods", "train", "-n", "one", "-o", "json", "--server", up.grpc).stdout)
+    assert sorted((p["pod"], p["node"]) for p in listed) == sorted(
+        (p["metadata"]["name"], p["spec"]["nodeName"]) for p in pods), "kubectl runs pods lists the bridge's pods"
     table = api.kubectl("get", "runs", "-n", "one").stdout
     assert "Running" in table and "16 owned" in table
     events = api.get_json("events", "-n", "one")["items"]
@@ -151,7 +153,7 @@ def test_a_node_not_ready_past_its_grace_is_fenced_and_the_gang_swaps_to_its_spa
 
 
 def test_a_node_lost_without_a_spare_requeues_a_checkpointed_run(env: tuple[StandIn, KubeUp]) -> None:
-    api, up = env
+    api, _ = env
     _flavored(api, "F7", {"f7-a": "d7", "f7-b": "d7"})
     api.apply(budget("seven", "org:seven", [{"name": "pool", "flavor": "F7", "concurrency": 8}]),
               namespace("seven", "org:seven"),
@@ -202,8 +204,8 @@ def test_deleting_a_run_object_deletes_the_run_and_its_pods(env: tuple[StandIn, 
     poll_until("its pods gone", lambda: not _pods(api, "five"))
 
 
-def test_an_invalid_run_is_refused_with_the_field_path(env: tuple[StandIn, KubeUp], tmp_path: Path) -> None:
-    api, up = env
+def test_an_invalid_run_is_refused_with_the_field_path(env: tuple[StandIn, KubeUp]) -> None:
+    api, _ = env
     api.apply(namespace("six", "org:six"))
     bad = run("bad", "six", 0)
     api.apply(bad, run("badroles", "six", 8, roles=[{"name": "Worker!", "template": {}}]))

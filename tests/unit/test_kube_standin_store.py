@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
-from kube_standin import store as st  # noqa: E402
+from kube_standin import store as st
 
 
 def _store_with_namespace() -> tuple[st.Store, st.Kind]:

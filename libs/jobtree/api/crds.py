@@ -30,7 +30,7 @@ from jobtree.api.jobtree.v1 import objects_pb2 as pb
 from jobtree.core import manifest as core_manifest
 from jobtree.core.model import FailurePolicy, Sharing
 
-__all__ = ["CEL", "GROUP", "KINDS", "RULES", "VERSION", "Kind", "crds", "files", "schema_of"]
+__all__ = ["CEL", "GROUP", "KINDS", "RULES", "VERSION", "Kind", "crds", "files", "pod_name", "schema_of"]
 
 GROUP = "rq.davidlangworthy.io"
 VERSION = "v1"
@@ -279,6 +279,15 @@ def crd(kind: Kind) -> Json:
             }],
         },
     }
+
+
+def pod_name(lease: str, group: int, role: str | None = None) -> str:
+    """The name of a workload pod of lease `<namespace>.<run>.<NNNNN>`: `<run>-g<group>-<NNNNN>`
+    for the run's first (GPU) role, with `-<role>` after it for any other role. The kube-bridge
+    creates the pods under these names and `kubectl runs pods` lists them."""
+    run, number = lease.split(".", 1)[1].rsplit(".", 1)
+    base = f"{run}-g{group}-{number}"
+    return f"{base}-{role}" if role else base
 
 
 def crds() -> list[Json]:

@@ -111,12 +111,15 @@ def _lease_rows_table(rows: Sequence[LeaseRow]) -> str:
 
 
 def pods_of(rows: Sequence[LeaseRow]) -> list[Json]:
-    """The pods a run's open leases materialise: one per lease (one node, one group, one role)."""
+    """The workload pods the kube-bridge makes of a run's open Active leases: one per lease (one
+    node, one group) for the run's first role, named by `jobtree.api.crds.pod_name` (a spare
+    lease has none)."""
+    from jobtree.api.crds import pod_name
+
     out = []
-    for r in sorted((r for r in rows if r.open), key=lambda r: (r.group, r.role != "Active", r.name)):
-        run_name = _split_key(r.run)[1]
+    for r in sorted((r for r in rows if r.open and r.role == "Active"), key=lambda r: (r.group, r.name)):
         out.append({
-            "pod": f"{run_name}-g{r.group}-{r.name.rsplit('.', 1)[-1]}",
+            "pod": pod_name(r.name, r.group),
             "node": r.node,
             "group": r.group,
             "role": r.role,
