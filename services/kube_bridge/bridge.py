@@ -259,9 +259,9 @@ class Bridge:
             problem, reason = o.roles_problem(cr), "Invalid"
         parsed = None
         if problem is None:
-            bound = ((namespace or {}).get("metadata", {}).get("annotations") or {}).get(o.OWNER_ANNOTATION)
+            bound = o.namespace_owners(namespace)
             try:
-                parsed = convert.parse_manifest(o.run_manifest(cr, bound))
+                parsed = convert.parse_manifest(o.run_manifest(cr, bound[0] if len(bound) == 1 else None))
             except ValidationError as err:
                 problem = f"{err.path}: {err.problem}" if err.path else err.problem
         if problem is None and parsed is not None:

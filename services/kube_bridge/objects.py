@@ -108,6 +108,7 @@ def _clean_meta(meta: Json, *, namespaced: bool) -> Json:
 
 
 def run_manifest(cr: Json, namespace_owner: str | None) -> Json:
+    """The jobtree manifest of a Run object; `namespace_owner` fills an absent spec.owner."""
     spec = dict(cr.get("spec") or {})
     if not spec.get("owner") and namespace_owner:
         spec["owner"] = namespace_owner
@@ -120,19 +121,32 @@ def budget_manifest(cr: Json) -> Json:
             "metadata": _clean_meta(cr.get("metadata", {}), namespaced=False), "spec": dict(cr.get("spec") or {})}
 
 
+def namespace_owners(namespace: Json | None) -> list[str]:
+    """The owners a namespace is bound to: its `rq.davidlangworthy.io/owner` annotation, one
+    owner id or several separated by commas (a namespace teams share)."""
+    text = ((namespace or {}).get("metadata", {}).get("annotations") or {}).get(OWNER_ANNOTATION) or ""
+    return [o.strip() for o in text.split(",") if o.strip()]
+
+
 def owner_problem(cr: Json, namespace: Json | None, family: Family) -> str | None:
-    """Why this Run may not claim its owner (the namespace binds one, CALCULUS-wise the Run may
-    name it or a descendant); None when it may."""
+    """Why this Run may not claim its owner: the namespace binds its owners, and a Run may name
+    one of them or a descendant (by the budgets' parents); None when it may."""
     ns = cr.get("metadata", {}).get("namespace", "default")
-    bound = ((namespace or {}).get("metadata", {}).get("annotations") or {}).get(OWNER_ANNOTATION)
+    bound = namespace_owners(namespace)
     if not bound:
         return (f"namespace {ns} is not bound to an owner: annotate it with {OWNER_ANNOTATION}=<owner> "
                 "(a platform admin's act) before it can run work")
-    claimed = (cr.get("spec") or {}).get("owner") or bound
-    if claimed == bound or bound in family.ancestors(claimed):
+    claimed = (cr.get("spec") or {}).get("owner")
+    if not claimed:
+        if len(bound) == 1:
+            return None
+        return f"spec.owner: required: namespace {ns} is shared by {', '.join(bound)}; name one of them"
+    ancestors = family.ancestors(claimed)
+    if any(claimed == b or b in ancestors for b in bound):
         return None
-    return (f"spec.owner: {claimed!r} is neither {bound!r} (the owner of namespace {ns}) nor one of its "
-            "descendants; a Run may only spend its namespace's budgets")
+    names = " or ".join(repr(b) for b in bound)
+    return (f"spec.owner: {claimed!r} is neither {names} (the owner of namespace {ns}) nor a descendant; "
+            "a Run may only spend its namespace's budgets")
 
 
 def roles_problem(cr: Json) -> str | None:

@@ -277,7 +277,8 @@ class Store:
         self.rv = 1
         self.history: deque[Event] = deque(maxlen=HISTORY)
         self.changed = asyncio.Condition()
-        self.on_crd: list[Callable[[Json, bool], None]] = []
+        for name in ("default", "kube-system", "kube-public"):  # as every cluster has them
+            self.create(self.kinds[("", "v1", "namespaces")], None, {"metadata": {"name": name}})
 
     # kinds ------------------------------------------------------------------------------
 

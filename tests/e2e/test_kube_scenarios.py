@@ -1,0 +1,82 @@
+"""Every reference scenario's nodes, budgets and runs, applied as Kubernetes objects with the real
+kubectl to `jobtree up --kubeconfig`, reach the phases the simulator gives for them.
+
+What is compared: each scenario's first step (its applies at 0s) against the simulator's first
+snapshot. Later steps are timed (minutes to hours of scenario time) and the live system runs on
+the wall clock, so they are not replayed here (the live simulator tests drive them through the
+gateway). Objects are applied in the scenario's order, each Run once the previous one is
+admitted, so the wall clock gives them the order the simulator gives runs of one instant. A
+namespace is bound to the owners of its runs (several owners share `default` in some scenarios).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from kubeenv import REPO, KubeUp, StandIn, gpu_node, namespace, poll_until
+
+from jobtree.sim.runner import run_scenario
+from jobtree.sim.scenario import load_scenario
+
+SCENARIOS = sorted(p for p in (REPO.parent / "shared" / "scenarios").glob("[0-9]*.yaml")
+                   if not p.name.endswith(".expect.yaml"))
+
+
+def test_the_reference_scenarios_are_there() -> None:
+    assert len(SCENARIOS) >= 4, SCENARIOS
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.stem)
+def test_reference_scenario_as_kubernetes_objects(path: Path, tmp_path: Path) -> None:
+    scenario = load_scenario(path)
+    first = next(iter(run_scenario(scenario)["snapshots"].values()))
+    raw = yaml.safe_load(path.read_text())
+    docs = [doc for step in raw["steps"] if str(step.get("at", "")) in ("0s", "0")
+            for doc in step.get("apply") or []]
+    runs = [d for d in docs if d["kind"] == "Run"]
+    want = {r["key"]: r["phase"] for r in first["runs"] if r["key"] in {
+        f"{d['metadata'].get('namespace', 'default')}/{d['metadata']['name']}" for d in runs}}
+    assert want, "the first snapshot shows the runs of the first step"
+
+    api = StandIn(tmp_path)
+    up = None
+    try:
+        api.apply_crds()
+        api.apply(*(gpu_node(n.name, n.gpus, n.label("fabric.domain"), region=n.label("region"),
+                             flavor=n.label("gpu.flavor")) for n in scenario.nodes))
+        up = KubeUp(tmp_path / "up", api, scenario.config.cluster).wait_ready()
+        owners: dict[str, list[str]] = {}
+        for d in runs:
+            owners.setdefault(d["metadata"].get("namespace", "default"), [])
+            if d["spec"]["owner"] not in owners[d["metadata"].get("namespace", "default")]:
+                owners[d["metadata"].get("namespace", "default")].append(d["spec"]["owner"])
+        budgets = [d for d in docs if d["kind"] == "Budget"]
+        api.apply(*budgets, *(namespace(ns, ",".join(o)) for ns, o in owners.items()))
+        for b in budgets:
+            poll_until(f"budget {b['metadata']['name']} accepted", lambda b=b: any(
+                c["type"] == "Accepted" and c["status"] == "True"
+                for c in api.get_json("budget", b["metadata"]["name"]).get("status", {}).get("conditions", [])))
+        for d in runs:
+            api.apply(d)
+            ns, name = d["metadata"].get("namespace", "default"), d["metadata"]["name"]
+            poll_until(f"run {ns}/{name} admitted", lambda ns=ns, name=name: any(
+                c["type"] == "Admitted" and c["status"] == "True"
+                for c in api.get_json("run", name, "-n", ns).get("status", {}).get("conditions", [])))
+
+        def phases() -> dict[str, str]:
+            return {f"{ns}/{name}": api.get_json("run", name, "-n", ns).get("status", {}).get("phase", "")
+                    for ns, name in (k.split("/", 1) for k in want)}
+
+        last: dict[str, str] = {}
+
+        def same() -> bool:
+            last.update(phases())
+            return last == want
+
+        poll_until(f"the simulator's phases {want}", same, timeout=20)
+    finally:
+        if up is not None:
+            up.stop()
+        api.stop()
