@@ -229,7 +229,8 @@ def owner_ref(cr: Json, controller: bool = True) -> Json:
             "uid": meta["uid"], "controller": controller, "blockOwnerDeletion": True}
 
 
-def _funding_words(funding: Json) -> str:
+def funding_words(funding: Json) -> str:
+    """A run's funding split as status.funding words, e.g. "16 owned, 8 unfunded"."""
     parts = [f"{funding[k]} {k}" for k in ("owned", "shared", "borrowed", "unfunded") if funding.get(k)]
     return ", ".join(parts)
 
@@ -261,7 +262,7 @@ def run_status(cl: Cluster, key: str, cr: Json, now: str) -> Json:
     doc: Json = json_format.MessageToDict(msg)
     phase = st.phase.value
     doc["width"] = view["width"]["allocated"]
-    words = _funding_words(view["funding"])
+    words = funding_words(view["funding"])
     if words:
         doc["funding"] = words
     else:

@@ -1,5 +1,5 @@
 """Every reference scenario's nodes, budgets and runs, applied as Kubernetes objects with the real
-kubectl to `jobtree up --kubeconfig`, reach the phases the simulator gives for them.
+kubectl to `jobtree up --kubeconfig`, reach the phases the simulator gives for them (and the same widths and funding split).
 
 What is compared: each scenario's first step (its applies at 0s) against the simulator's first
 snapshot. Later steps are timed (minutes to hours of scenario time) and the live system runs on
@@ -17,6 +17,7 @@ import pytest
 import yaml
 from kubeenv import REPO, KubeUp, StandIn, gpu_node, namespace, poll_until
 
+from jobtree.services.kube_bridge.objects import funding_words
 from jobtree.sim.runner import run_scenario
 from jobtree.sim.scenario import load_scenario
 
@@ -36,7 +37,8 @@ def test_reference_scenario_as_kubernetes_objects(path: Path, tmp_path: Path) ->
     docs = [doc for step in raw["steps"] if str(step.get("at", "")) in ("0s", "0")
             for doc in step.get("apply") or []]
     runs = [d for d in docs if d["kind"] == "Run"]
-    want = {r["key"]: r["phase"] for r in first["runs"] if r["key"] in {
+    want = {r["key"]: (r["phase"], r["width"]["allocated"], funding_words(r["funding"]))
+            for r in first["runs"] if r["key"] in {
         f"{d['metadata'].get('namespace', 'default')}/{d['metadata']['name']}" for d in runs}}
     assert want, "the first snapshot shows the runs of the first step"
 
@@ -65,17 +67,20 @@ def test_reference_scenario_as_kubernetes_objects(path: Path, tmp_path: Path) ->
                 c["type"] == "Admitted" and c["status"] == "True"
                 for c in api.get_json("run", name, "-n", ns).get("status", {}).get("conditions", [])))
 
-        def phases() -> dict[str, str]:
-            return {f"{ns}/{name}": api.get_json("run", name, "-n", ns).get("status", {}).get("phase", "")
-                    for ns, name in (k.split("/", 1) for k in want)}
+        def phases() -> dict[str, tuple[str, int, str]]:
+            out = {}
+            for ns, name in (k.split("/", 1) for k in want):
+                st = api.get_json("run", name, "-n", ns).get("status", {})
+                out[f"{ns}/{name}"] = (st.get("phase", ""), st.get("width", 0), st.get("funding", ""))
+            return out
 
-        last: dict[str, str] = {}
+        last: dict[str, tuple[str, int, str]] = {}
 
         def same() -> bool:
             last.update(phases())
             return last == want
 
-        poll_until(f"the simulator's phases {want}", same, timeout=20)
+        poll_until(f"the simulator's phases, widths and funding {want}", same, timeout=20)
     finally:
         if up is not None:
             up.stop()
