@@ -137,7 +137,7 @@ class Informer:
         self.kube, self.res, self.on_change, self.labels = kube, res, on_change, labels
         self.cache: dict[tuple[str, str], Json] = {}
         self.synced = asyncio.Event()
-        self.relists = 0
+        self.lists = 0
         self.rv = ""
 
     def _put(self, obj: Json) -> None:
@@ -161,12 +161,14 @@ class Informer:
         for key in [k for k in self.cache if k not in seen]:
             self._drop(key)
         self.rv = doc.get("metadata", {}).get("resourceVersion", "")
-        self.relists += 1
+        self.lists += 1
         self.synced.set()
 
     async def run(self) -> None:
+        """List, then watch, forever. An informer that already has a resourceVersion (its loop
+        was restarted) resumes the watch from it; 410 Gone relists."""
         delay = 0.1
-        listed = False
+        listed = bool(self.rv)
         while True:
             try:
                 if not listed:

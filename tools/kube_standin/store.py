@@ -29,6 +29,7 @@ import asyncio
 import copy
 import datetime
 import json
+import os
 import re
 import uuid
 from collections import deque
@@ -38,7 +39,7 @@ from typing import Any
 
 Json = dict[str, Any]
 
-HISTORY = 4096
+HISTORY = int(os.environ.get("KUBE_STANDIN_HISTORY", "4096"))
 """Events kept for resuming watches; a resourceVersion older than these is Gone."""
 
 
