@@ -21,7 +21,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StandIn, Kub
     work = tmp_path_factory.mktemp("kube")
     api = StandIn(work)
     api.apply_crds()
-    up = KubeUp(work / "up", api, CLUSTER, "--node-grace", "1", "--pod-grace", "0").wait_ready()
+    config = work / "config.yaml"
+    config.write_text(f"cluster: {CLUSTER}\nreservationLead: 3s\n")  # reservations activate in seconds
+    up = KubeUp(work / "up", api, CLUSTER, "--node-grace", "1", "--pod-grace", "0",
+                "--config", str(config)).wait_ready()
     try:
         yield api, up
     finally:
@@ -213,3 +216,32 @@ def test_an_invalid_run_is_refused_with_the_field_path(env: tuple[StandIn, KubeU
     assert refused["status"] == "False" and refused["reason"] == "Invalid" and "totalGPUs" in refused["message"]
     roles = poll_until("roles refused", lambda: _condition(_run(api, "six", "badroles"), "Admitted") or None)
     assert "spec.roles[0].name" in roles["message"]
+
+
+def test_funded_work_reserves_and_the_cut_preempts_unfunded_work(env: tuple[StandIn, KubeUp]) -> None:
+    api, _ = env
+    _flavored(api, "F8", {"f8-a": "d8", "f8-b": "d8"})
+    api.apply(budget("eight", "org:eight", [{"name": "pool", "flavor": "F8", "concurrency": 16}]),
+              namespace("eight", "org:eight,org:stray"),
+              run("opp", "eight", 16, group=8, owner="org:stray", flavor="F8"))
+    api.kubectl("wait", "-n", "eight", "--for=condition=Running", "run/opp", "--timeout=30s", timeout=40)
+    assert _run(api, "eight", "opp")["status"]["funding"] == "16 unfunded"
+    api.apply(run("main", "eight", 16, group=8, owner="org:eight", flavor="F8"))
+    api.kubectl("wait", "-n", "eight", "--for=condition=Reserved", "run/main", "--timeout=30s", timeout=40)
+    reserved = _run(api, "eight", "main")["status"]
+    res = poll_until("its Reservation object", lambda: api.get_json("reservations", "-n", "eight")["items"])
+    assert res[0]["spec"]["runRef"] == "main" and res[0]["spec"]["deficitGPUs"] == 16
+    assert reserved["expectedAt"] == res[0]["spec"]["earliestStart"]
+    api.kubectl("wait", "-n", "eight", "--for=condition=Running", "run/main", "--timeout=30s", timeout=40)
+    assert _run(api, "eight", "main")["status"]["funding"] == "16 owned"
+    preempted = poll_until("opp preempted", lambda: _condition(_run(api, "eight", "opp"), "Preempted")
+                           if _condition(_run(api, "eight", "opp"), "Preempted").get("status") == "True" else None)
+    assert "ReclaimUnfunded(" in preempted["message"]
+    events = api.get_json("events", "-n", "eight")["items"]
+    reasons = Counter(e["reason"] for e in events)
+    assert reasons["Reserved"] >= 1 and reasons["Preempted"] >= 1, reasons
+    seeded = [e for e in events if e["reason"] == "Preempted"]
+    assert all("ReclaimUnfunded(" in e["message"] and e["involvedObject"]["name"] == "opp" for e in seeded)
+    state = poll_until("the reservation released", lambda: [
+        r for r in api.get_json("reservations", "-n", "eight")["items"] if r.get("status", {}).get("state") == "Released"])
+    assert state

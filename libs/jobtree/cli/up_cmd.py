@@ -1,7 +1,10 @@
 """`jobtree up`: the whole system on this machine — nats-server, every service, a demo cluster.
 
 Contract: `jobtree up [--data-dir D] [--no-demo] [--cluster C] [--grpc-port P] [--clock K]
-[--admission-replicas N] [--metrics-port-base M] [--kubeconfig FILE [--node-grace S] [--pod-grace S]]`
+[--admission-replicas N] [--metrics-port-base M] [--config FILE]
+[--kubeconfig FILE [--node-grace S] [--pod-grace S]]`
+`--config FILE` (a YAML mapping of a scenario's `config:` keys: period, reservationLead, ...)
+is checked at once (one line, status 2) and handed to every service.
 With `--kubeconfig`, the kube-bridge runs too (against that API server, as every other process
 here: supervised, its own NATS user, a metrics port), and there is no demo: nodes come from the
 cluster's Nodes, budgets and runs from its objects (an unreadable file: one line, status 2).
@@ -103,6 +106,9 @@ def add_up_parser(subparsers: Any) -> None:
     p.add_argument("--metrics-port-base", metavar="M", type=int, default=0,
                    help=f"Prometheus /metrics of every process on {HOST}:M, M+1, ... in start order "
                         "(default 0: free ports; the `metrics:` line and up.json say which)")
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML mapping of cluster config keys (period, reservationLead, preemptionHoldDown, ...) "
+                        "for every service")
     p.add_argument("--kubeconfig", metavar="FILE",
                    help="also run the kube-bridge against this API server; nodes come from its Nodes "
                         "(no demo)")
@@ -267,6 +273,7 @@ class Options:
     """Process name -> its metrics port (assigned once the nats-server runs)."""
     kubeconfig: Path | None = None
     bridge_args: tuple[str, ...] = ()
+    config_args: tuple[str, ...] = ()
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -282,6 +289,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise CliError(f"--kubeconfig: {args.kubeconfig}: no such file")
     if not 0 <= args.node_grace <= 86400 or not 0 <= args.pod_grace <= 86400:
         raise CliError("--node-grace and --pod-grace: must be 0..86400 seconds")
+    config_args: tuple[str, ...] = ()
+    if args.config:
+        from jobtree.cli.serve_cmd import read_config
+
+        read_config(Path(args.config), args.cluster)  # CliError (one line) if it is not valid
+        config_args = ("--config", str(Path(args.config).resolve()))
     missing = missing_services(list(SERVICES))
     if missing:
         raise CliError(
@@ -305,7 +318,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     opts = Options(data_dir, args.cluster, port, args.clock, not args.no_demo and kubeconfig is None, replicas,
                    args.metrics_port_base, kubeconfig=kubeconfig,
                    bridge_args=("--kubeconfig", str(kubeconfig), "--node-grace", f"{args.node_grace:g}",
-                                "--pod-grace", str(args.pod_grace)) if kubeconfig else ())
+                                "--pod-grace", str(args.pod_grace)) if kubeconfig else (),
+                   config_args=config_args)
     with data_dir_lock(data_dir):
         try:
             return asyncio.run(_up(opts))
@@ -369,7 +383,8 @@ async def _up(opts: Options) -> int:
                 env[ENV_GRPC_PORT] = str(opts.grpc_port)  # once bound: the port it first took
             extra = opts.bridge_args if name == KUBE_BRIDGE else ()
             try:
-                supervisor.start(name, env=env, args=("--metrics-port", str(opts.metrics[name]), *extra))
+                supervisor.start(name, env=env,
+                                 args=("--metrics-port", str(opts.metrics[name]), *opts.config_args, *extra))
             except SupervisorError as e:
                 raise UpError(str(e)) from None
 
