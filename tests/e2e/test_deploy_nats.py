@@ -19,6 +19,7 @@ import grpc
 import nats
 import nats.errors
 import pytest
+from kubeenv import StandIn
 from test_gateway import BUDGET, budget_msg, run_msg, wait_for_port, wait_serving
 
 from jobtree.api import convert
@@ -53,6 +54,8 @@ def test_services_run_on_the_generated_nats_config(tmp_path: Path) -> None:
                               stderr=subprocess.STDOUT)
     url = f"nats://127.0.0.1:{port}"
     sup = Supervisor(tmp_path / "sys", CLUSTER, url)
+    (tmp_path / "kube").mkdir()
+    kube_api = StandIn(tmp_path / "kube")  # the kube-bridge needs an API server to talk to
     try:
         deadline = time.monotonic() + 15
         while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
@@ -60,7 +63,8 @@ def test_services_run_on_the_generated_nats_config(tmp_path: Path) -> None:
             time.sleep(0.05)
         for service in SERVICES:
             creds = {"JOBTREE_NATS_USER": service, "JOBTREE_NATS_PASSWORD": passwords[service]}
-            sup.start(service, env=creds, args=("--grpc-port", "0") if service == "gateway" else ())
+            extra = {"gateway": ("--grpc-port", "0"), "kube-bridge": ("--kubeconfig", str(kube_api.kubeconfig))}
+            sup.start(service, env=creds, args=extra.get(service, ()))
         address = f"127.0.0.1:{wait_for_port(tmp_path / 'sys', sup)}"
         wait_serving(address)
 
@@ -107,6 +111,7 @@ def test_services_run_on_the_generated_nats_config(tmp_path: Path) -> None:
         assert sup.exited() == {}, {n: sp.log_tail(20) for n, sp in sup.processes.items()}
     finally:
         sup.stop()
+        kube_api.stop()
         server.terminate()
         server.wait(10)
         log.close()

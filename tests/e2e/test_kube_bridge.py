@@ -22,7 +22,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StandIn, Kub
     api = StandIn(work)
     api.apply_crds()
     config = work / "config.yaml"
-    config.write_text(f"cluster: {CLUSTER}\nreservationLead: 3s\n")  # reservations activate in seconds
+    config.write_text(f"cluster: {CLUSTER}\nreservationLead: 6s\n")  # reservations activate in seconds
     up = KubeUp(work / "up", api, CLUSTER, "--node-grace", "1", "--pod-grace", "0",
                 "--config", str(config)).wait_ready()
     try:
