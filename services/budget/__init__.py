@@ -17,11 +17,14 @@ the service decides nothing. It answers:
   lowered to its lending concurrency cap, and the GPU-hours left under its lending and
   envelope hours caps (absent when neither is capped).
 All three are request/reply handlers in the `budget` queue group (replicas share the load).
+It also derives the domain events from the ledger (`jobtree.api.events`) and publishes them
+into the cluster's events stream (`publisher`): the one publisher, so run one replica.
 Not: a decision maker (admission is), not a writer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
@@ -103,9 +106,15 @@ def sponsors(cl: Cluster, req: svc.ListSponsorsRequest) -> svc.ListSponsorsRespo
 
 
 async def main(ctx: ServiceContext) -> None:
-    follower = await follow(ctx)
+    from jobtree.services.budget.publisher import start
+
+    publisher = await start(ctx)
+    if publisher is None:
+        return
+    follower = await follow(ctx, listeners=[publisher])
     if follower is None:
         return
+    publishing = asyncio.ensure_future(publisher.run())
 
     async def on_state(data: bytes) -> bytes:
         req = bus.StateRequest.FromString(data)
@@ -128,5 +137,6 @@ async def main(ctx: ServiceContext) -> None:
     try:
         await ctx.stopping.wait()
     finally:
+        publishing.cancel()
         await follower.stop()
 

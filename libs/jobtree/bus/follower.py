@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import nats.errors
@@ -171,13 +172,21 @@ def record_ids(batch: bus.LedgerBatch, seq: int, ids: dict[str, int], digests: d
                 digests[entry.command_id] = entry.command_digest
 
 
-async def follow(ctx: ServiceContext) -> Follower | None:
+async def follow(ctx: ServiceContext, listeners: Sequence[Any] = ()) -> Follower | None:
     """A started follower of the cluster's ledger, waiting for the stream if it does not exist
     yet (services may start before the binder creates it) and for NATS while it is unreachable
-    (a timeout or a reconnect is retried, never fatal); None if told to stop first."""
+    (a timeout or a reconnect is retried, never fatal); None if told to stop first. `listeners`
+    are told of every batch from the first (the catch-up included); a failed start begins again
+    with a fresh view, so a listener with a `reset(follower)` method is told of the follower it
+    listens to (it drops what it derived from an earlier attempt)."""
     delay = 0.05
     while not ctx.stopping.is_set():
         follower = Follower(ctx.js, ctx.cluster, ctx.settings.config)
+        for listener in listeners:
+            reset = getattr(listener, "reset", None)
+            if reset is not None:
+                reset(follower)
+            follower.listeners.append(listener)
         try:
             await follower.start()
             return follower

@@ -21,6 +21,9 @@ Every service user may:
   - `write ledger`: publish to `jobtree.C.ledger.>`, create the ledger stream and read single
     messages (what `Ledger.create` and `Ledger.append` need). Only the binder has it, and
     every other user is also explicitly denied the ledger subjects;
+  - `write events`: publish to `jobtree.C.evt.>`, create the events stream and read its
+    messages (the budget service, which derives the events from the ledger);
+  - `follow events`: read the events stream through consumers, durable ones included;
   - `kv B`: read, write and create the cluster's KV bucket B (get, put, create, update,
     delete, watch).
 The JetStream API subjects were found by running the services' own code (Follower, Ledger,
@@ -65,16 +68,19 @@ ADMIN = "admin"
 """The user with full access (stream and bucket setup by `jobtree up`, tests)."""
 
 GRANTS: dict[str, tuple[str, ...]] = {
-    "gateway": ("follow ledger", "call admission.command", "call budget.*", "call packer.*"),
+    "gateway": ("follow ledger", "call admission.command", "call budget.*", "call packer.*", "follow events"),
     "admission": ("follow ledger", "call binder.commit", "kv leader"),
     # The binder mirrors the specs of committed batches into the runs/budgets/nodes buckets.
     "binder": ("follow ledger", "write ledger", "kv runs", "kv budgets", "kv nodes"),
-    "budget": ("follow ledger",),
+    # The budget service derives the domain events from the ledger and publishes them.
+    "budget": ("follow ledger", "write events"),
     "packer": ("follow ledger",),
     # The resolver sends Tick commands when timers fall due (services.md, "read path").
     "resolver": ("follow ledger", "call admission.command"),
     # The kube-bridge sends the Kubernetes objects' commands and mirrors decisions back.
-    "kube-bridge": ("follow ledger", "call admission.command"),
+    "kube-bridge": ("follow ledger", "call admission.command", "follow events"),
+    # The notifier delivers events (a durable consumer) and records what it delivered.
+    "notifier": ("follow events", "kv notified"),
 }
 """The permission table: what each service may do besides answering its own requests."""
 
@@ -129,10 +135,18 @@ def expand(cluster: str, grant: str) -> list[str]:
         stream = subjects.ledger_stream(cluster)
         return [subjects.ledger_filter(cluster), f"{JS_API}.STREAM.CREATE.{stream}",
                 f"{JS_API}.STREAM.INFO.{stream}", *_stream_get(stream)]
+    if kind == "write" and what == "events":
+        stream = subjects.events_stream(cluster)
+        return [subjects.events_filter(cluster), f"{JS_API}.STREAM.CREATE.{stream}", f"{JS_API}.STREAM.INFO.{stream}",
+                *_stream_get(stream)]
+    if kind == "follow" and what == "events":
+        stream = subjects.events_stream(cluster)
+        return [*_stream_read(stream), *_stream_get(stream), f"{JS_API}.CONSUMER.DURABLE.CREATE.{stream}.*"]
     if kind == "kv":
         bucket, stream = _kv_stream(cluster, what)
         return [*_stream_read(stream), *_stream_get(stream), f"$KV.{bucket}.>", f"{JS_API}.STREAM.CREATE.{stream}"]
-    raise ValueError(f"unknown grant {grant!r}; grants are: call S.V, call S.*, follow ledger, write ledger, kv B")
+    raise ValueError(f"unknown grant {grant!r}; grants are: call S.V, call S.*, follow ledger, write ledger, "
+                     "follow events, write events, kv B")
 
 
 def _unique(items: Iterable[str]) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ share one NATS system (leaf nodes, gateways) without their subjects meeting.
 | events               | `jobtree.C.evt.<kind>.<token>...`    | bus.LedgerEntry              | the writer of a fact -> watchers  |
 | ledger (stream input)| `jobtree.C.ledger.facts`             | bus.LedgerBatch              | binder only -> the ledger stream  |
 | ledger stream        | `jobtree_C_ledger`                   | captures `jobtree.C.ledger.>`| file storage, no delete/purge     |
+| events stream        | `jobtree_C_events`                   | captures `jobtree.C.evt.>`   | bus.Event; the budget service publishes |
 | KV bucket            | `jobtree_C_<bucket>`, keys `kv_key`  | one message per key          | see BUCKETS                       |
 | reply inboxes        | `_INBOX.jobtree.C.<service>.>`       | replies                      | per-service inbox prefix (permissions) |
 
@@ -39,6 +40,7 @@ __all__ = [
     "check_cluster",
     "event",
     "events_filter",
+    "events_stream",
     "inbox_prefix",
     "kv_key",
     "ledger_filter",
@@ -78,7 +80,7 @@ EVENT_KINDS: dict[str, tuple[str, ...]] = {
     "lease": ("namespace", "run"),  # lease minted / closed, by run
     "reservation": ("namespace", "run"),
     "node": ("node",),  # node state changes
-    "budget": ("budget",),  # budget applied
+    "budget": ("budget",),  # budget applied, an envelope's GPU-hours and window
 }
 """Each event kind and the name tokens that follow it."""
 
@@ -87,6 +89,7 @@ BUCKETS: dict[str, str] = {
     "budgets": "budget specs (objects.Budget), key kv_key(name)",
     "nodes": "nodes, topology and state (objects.Node), key kv_key(name)",
     "leader": "the decision-loop lock: holder and fencing epoch per loop",
+    "notified": "the notifier's deliveries: key kv_key(receiver, event id), value delivered or dead (TTL)",
 }
 """KV buckets per cluster and what they hold."""
 
@@ -186,6 +189,11 @@ def ledger_stream(cluster: str) -> str:
     return f"{PREFIX}_{check_cluster(cluster)}_ledger"
 
 
+def events_stream(cluster: str) -> str:
+    """`jobtree_C_events`: the stream of domain events (bus.Event, CloudEvents) of the cluster."""
+    return f"{PREFIX}_{check_cluster(cluster)}_events"
+
+
 def bucket(cluster: str, name: str) -> str:
     """`jobtree_C_<name>`: a KV bucket of the cluster (names in BUCKETS)."""
     if name not in BUCKETS:
@@ -219,6 +227,7 @@ def catalogue(cluster: str) -> list[Subject]:
     out.append(Subject("ledger", "facts", ledger_subject(cluster)))
     out.append(Subject("ledger-filter", "ledger", ledger_filter(cluster)))
     out.append(Subject("stream", "ledger", ledger_stream(cluster)))
+    out.append(Subject("stream", "events", events_stream(cluster)))
     out += [Subject("bucket", name, bucket(cluster, name)) for name in BUCKETS]
     out += [Subject("inbox", service, inbox_prefix(cluster, service)) for service in SERVICE_VERBS]
     return out

@@ -8,7 +8,8 @@ stop, 1 when the service failed). Credentials come from `--user/--password` or, 
 (argv is visible to every local user), from JOBTREE_NATS_USER / JOBTREE_NATS_PASSWORD; the URL
 from `--nats` or JOBTREE_NATS_URL. `--config FILE` is a YAML mapping with the keys of a
 scenario's `config:` (cluster, period, reservationLead, preemptionHoldDown, capAllowances).
-`--grpc-port` is handed to the gateway as JOBTREE_GRPC_PORT. An unknown NAME, or one whose
+`--grpc-port` is handed to the gateway as JOBTREE_GRPC_PORT. For the notifier, `--config FILE` is
+its receivers and routes (checked first: exit 2 with one line naming the field). An unknown NAME, or one whose
 package has no `main` yet, exits 2 with one line listing the services that can be served.
 Not: the services themselves, not process supervision (see `jobtree.bus.supervisor`).
 """
@@ -33,6 +34,7 @@ ENV_USER = "JOBTREE_NATS_USER"
 ENV_PASSWORD = "JOBTREE_NATS_PASSWORD"
 ENV_GRPC_PORT = "JOBTREE_GRPC_PORT"
 ENV_KUBECONFIG = "JOBTREE_KUBECONFIG"
+ENV_NOTIFIER_CONFIG = "JOBTREE_NOTIFIER_CONFIG"
 ENV_NODE_GRACE = "JOBTREE_NODE_GRACE"
 ENV_POD_GRACE = "JOBTREE_POD_GRACE"
 DEFAULT_URL = "nats://127.0.0.1:4222"
@@ -144,8 +146,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             subjects.check_cluster(cluster)
         except ValueError as e:
             raise CliError(f"--cluster: {e}") from None
-    config = read_config(Path(args.config), cluster) if args.config else ClusterConfig(
-        cluster=cluster or DEFAULT_CLUSTER)
+    if args.name == "notifier":  # its --config is the notifier's: receivers and routes
+        if not args.config:
+            raise CliError("notifier: --config FILE (receivers and routes) is required")
+        from jobtree.services.notifier.config import ConfigError, load
+
+        try:
+            load(args.config)
+        except ConfigError as e:
+            raise CliError(f"--config {args.config}: {e}") from None
+        os.environ[ENV_NOTIFIER_CONFIG] = str(Path(args.config).resolve())
+        config = ClusterConfig(cluster=cluster or DEFAULT_CLUSTER)
+    else:
+        config = read_config(Path(args.config), cluster) if args.config else ClusterConfig(
+            cluster=cluster or DEFAULT_CLUSTER)
     cluster = config.cluster
     user = args.user if args.user is not None else os.environ.get(ENV_USER) or None
     password = args.password if args.password is not None else os.environ.get(ENV_PASSWORD)

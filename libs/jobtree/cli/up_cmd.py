@@ -2,7 +2,9 @@
 
 Contract: `jobtree up [--data-dir D] [--no-demo] [--cluster C] [--grpc-port P] [--clock K]
 [--admission-replicas N] [--metrics-port-base M] [--config FILE]
-[--kubeconfig FILE [--node-grace S] [--pod-grace S]]`
+[--kubeconfig FILE [--node-grace S] [--pod-grace S]] [--notify FILE]`
+With `--notify FILE` (the notifier's receivers and routes, checked first: one line, status 2)
+the notifier runs too.
 `--config FILE` (a YAML mapping of a scenario's `config:` keys: period, reservationLead, ...)
 is checked at once (one line, status 2) and handed to every service.
 With `--kubeconfig`, the kube-bridge runs too (against that API server, as every other process
@@ -109,6 +111,8 @@ def add_up_parser(subparsers: Any) -> None:
     p.add_argument("--config", metavar="FILE",
                    help="YAML mapping of cluster config keys (period, reservationLead, preemptionHoldDown, ...) "
                         "for every service")
+    p.add_argument("--notify", metavar="FILE",
+                   help="also run the notifier with these receivers and routes (docs/user-guide/notifications.md)")
     p.add_argument("--kubeconfig", metavar="FILE",
                    help="also run the kube-bridge against this API server; nodes come from its Nodes "
                         "(no demo)")
@@ -172,14 +176,16 @@ def service_of(process: str) -> str:
 
 
 KUBE_BRIDGE = "kube-bridge"
+NOTIFIER = "notifier"
 
 
-def process_names(replicas: int, kube: bool = False) -> list[str]:
+def process_names(replicas: int, kube: bool = False, notify: bool = False) -> list[str]:
     """Every process `up` starts, in start order (the order of the metrics ports); the
-    kube-bridge only with a kubeconfig."""
+    kube-bridge only with a kubeconfig, the notifier only with a notifier config."""
     from jobtree.bus.security import SERVICES
 
-    rest = [s for s in SERVICES if s not in START_ORDER and (kube or s != KUBE_BRIDGE)]
+    wanted = {KUBE_BRIDGE: kube, NOTIFIER: notify}
+    rest = [s for s in SERVICES if s not in START_ORDER and wanted.get(s, True)]
     return [*START_ORDER, *rest, *standby_names(replicas)]
 
 
@@ -274,6 +280,7 @@ class Options:
     kubeconfig: Path | None = None
     bridge_args: tuple[str, ...] = ()
     config_args: tuple[str, ...] = ()
+    notify: Path | None = None
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -295,6 +302,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 
         read_config(Path(args.config), args.cluster)  # CliError (one line) if it is not valid
         config_args = ("--config", str(Path(args.config).resolve()))
+    notify = Path(args.notify).resolve() if args.notify else None
+    if notify is not None:
+        from jobtree.services.notifier.config import ConfigError, load
+
+        try:
+            load(notify)
+        except ConfigError as e:
+            raise CliError(f"--notify {args.notify}: {e}") from None
     missing = missing_services(list(SERVICES))
     if missing:
         raise CliError(
@@ -308,7 +323,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     replicas = args.admission_replicas
     if replicas < 1:
         raise CliError(f"--admission-replicas: must be at least 1 (one leader, the rest standbys), got {replicas}")
-    check_metrics_base(args.metrics_port_base, len(process_names(replicas, kubeconfig is not None)), port)
+    check_metrics_base(args.metrics_port_base,
+                       len(process_names(replicas, kubeconfig is not None, args.notify is not None)), port)
     data_dir = Path(args.data_dir).resolve()
     try:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -319,7 +335,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                    args.metrics_port_base, kubeconfig=kubeconfig,
                    bridge_args=("--kubeconfig", str(kubeconfig), "--node-grace", f"{args.node_grace:g}",
                                 "--pod-grace", str(args.pod_grace)) if kubeconfig else (),
-                   config_args=config_args)
+                   config_args=config_args, notify=notify)
     with data_dir_lock(data_dir):
         try:
             return asyncio.run(_up(opts))
@@ -371,7 +387,7 @@ async def _up(opts: Options) -> int:
         supervisor = _supervisor(opts.data_dir, opts.cluster, server.url, opts.clock)
         with contextlib.suppress(FileNotFoundError):
             _port_file(supervisor).unlink()  # left by a crash: the gateway writes it once bound
-        names = process_names(opts.admission_replicas, opts.kubeconfig is not None)
+        names = process_names(opts.admission_replicas, opts.kubeconfig is not None, opts.notify is not None)
         ports = (range(opts.metrics_base, opts.metrics_base + len(names)) if opts.metrics_base
                  else free_ports(len(names), avoid=opts.grpc_port))
         opts.metrics = dict(zip(names, ports, strict=True))
@@ -382,9 +398,9 @@ async def _up(opts: Options) -> int:
             if name == "gateway":
                 env[ENV_GRPC_PORT] = str(opts.grpc_port)  # once bound: the port it first took
             extra = opts.bridge_args if name == KUBE_BRIDGE else ()
+            config = ("--config", str(opts.notify)) if name == NOTIFIER else opts.config_args
             try:
-                supervisor.start(name, env=env,
-                                 args=("--metrics-port", str(opts.metrics[name]), *opts.config_args, *extra))
+                supervisor.start(name, env=env, args=("--metrics-port", str(opts.metrics[name]), *config, *extra))
             except SupervisorError as e:
                 raise UpError(str(e)) from None
 

@@ -893,3 +893,103 @@ class StateReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StateReply: _TypeAlias = StateReply  # noqa: Y015
+
+@_typing.final
+class Event(_message.Message):
+    """---- Domain events -----------------------------------------------------------------------
+
+    Something people want to hear about, derived from the ledger (jobtree.api.events): a replay of
+    the ledger yields the same events with the same ids. A CloudEvent 1.0: `id`, `source`, `type`,
+    `subject` and `time` are its context attributes; the rest is its data. Published on
+    `jobtree.C.evt.<kind>.<names>` into the cluster's events stream.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    LEDGER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
+    ENVELOPE_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """"<ledger sequence>-<index>": unique in the cluster, the same on every replay."""
+    source: _builtins.str
+    """"/jobtree/<cluster>"."""
+    type: _builtins.str
+    """"io.davidlangworthy.rq.<kind>", e.g. io.davidlangworthy.rq.RunPreempted."""
+    subject: _builtins.str
+    """What it is about: "runs/<namespace>/<name>", "budgets/<name>/<envelope>", "nodes/<name>"."""
+    kind: _builtins.str
+    """RunRunning, RunReserved, RunPreempted, ... (jobtree.api.events.KINDS)."""
+    ledger_sequence: _builtins.int
+    """The ledger message that caused it."""
+    owner: _builtins.str
+    namespace: _builtins.str
+    run: _builtins.str
+    budget: _builtins.str
+    envelope: _builtins.str
+    node: _builtins.str
+    message: _builtins.str
+    """One sentence: what happened, why, and what happens next."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def data(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Details by name (seed, reason, eta, percent, exhaustsAt, checkpointDeadline, lender, ...)."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        source: _builtins.str = ...,
+        type: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        kind: _builtins.str = ...,
+        ledger_sequence: _builtins.int = ...,
+        owner: _builtins.str = ...,
+        namespace: _builtins.str = ...,
+        run: _builtins.str = ...,
+        budget: _builtins.str = ...,
+        envelope: _builtins.str = ...,
+        node: _builtins.str = ...,
+        message: _builtins.str = ...,
+        data: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "data", b"data", "envelope", b"envelope", "id", b"id", "kind", b"kind", "ledger_sequence", b"ledger_sequence", "message", b"message", "namespace", b"namespace", "node", b"node", "owner", b"owner", "run", b"run", "source", b"source", "subject", b"subject", "time", b"time", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Event: _TypeAlias = Event  # noqa: Y015

@@ -257,6 +257,44 @@ class RunEvent(_message.Message):
 Global___RunEvent: _TypeAlias = RunEvent  # noqa: Y015
 
 @_typing.final
+class WatchEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_PREFIX_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
+    AFTER_LEDGER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    NO_FOLLOW_FIELD_NUMBER: _builtins.int
+    owner_prefix: _builtins.str
+    """Only events of owners with this prefix ("org:ml" matches org:ml and org:ml:vision)."""
+    namespace: _builtins.str
+    """Only events of runs of this namespace."""
+    after_ledger_sequence: _builtins.int
+    """Events caused by ledger messages after this sequence (0: every event kept)."""
+    no_follow: _builtins.bool
+    """Stop after sending the events kept so far instead of following new ones."""
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these kinds (RunPreempted, ...); empty: every kind."""
+
+    def __init__(
+        self,
+        *,
+        owner_prefix: _builtins.str = ...,
+        namespace: _builtins.str = ...,
+        kinds: _abc.Iterable[_builtins.str] | None = ...,
+        after_ledger_sequence: _builtins.int = ...,
+        no_follow: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_ledger_sequence", b"after_ledger_sequence", "kinds", b"kinds", "namespace", b"namespace", "no_follow", b"no_follow", "owner_prefix", b"owner_prefix"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchEventsRequest: _TypeAlias = WatchEventsRequest  # noqa: Y015
+
+@_typing.final
 class DeleteRunRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from jobtree.api.jobtree.v1 import bus_pb2 as jobtree_dot_v1_dot_bus__pb2
 from jobtree.api.jobtree.v1 import service_pb2 as jobtree_dot_v1_dot_service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -53,6 +54,11 @@ class JobtreeStub:
                 '/jobtree.v1.Jobtree/WatchRuns',
                 request_serializer=jobtree_dot_v1_dot_service__pb2.WatchRunsRequest.SerializeToString,
                 response_deserializer=jobtree_dot_v1_dot_service__pb2.RunEvent.FromString,
+                _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/jobtree.v1.Jobtree/WatchEvents',
+                request_serializer=jobtree_dot_v1_dot_service__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=jobtree_dot_v1_dot_bus__pb2.Event.FromString,
                 _registered_method=True)
         self.DeleteRun = channel.unary_unary(
                 '/jobtree.v1.Jobtree/DeleteRun',
@@ -155,6 +161,13 @@ class JobtreeServicer:
 
     def WatchRuns(self, request, context):
         """The matching runs as they are now (unless !send_initial), then every change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchEvents(self, request, context):
+        """Domain events (CloudEvents) from the cluster's events stream, filtered.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -277,6 +290,11 @@ def add_JobtreeServicer_to_server(servicer, server):
                     servicer.WatchRuns,
                     request_deserializer=jobtree_dot_v1_dot_service__pb2.WatchRunsRequest.FromString,
                     response_serializer=jobtree_dot_v1_dot_service__pb2.RunEvent.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=jobtree_dot_v1_dot_service__pb2.WatchEventsRequest.FromString,
+                    response_serializer=jobtree_dot_v1_dot_bus__pb2.Event.SerializeToString,
             ),
             'DeleteRun': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteRun,
@@ -462,6 +480,33 @@ class Jobtree:
             '/jobtree.v1.Jobtree/WatchRuns',
             jobtree_dot_v1_dot_service__pb2.WatchRunsRequest.SerializeToString,
             jobtree_dot_v1_dot_service__pb2.RunEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/jobtree.v1.Jobtree/WatchEvents',
+            jobtree_dot_v1_dot_service__pb2.WatchEventsRequest.SerializeToString,
+            jobtree_dot_v1_dot_bus__pb2.Event.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,6 +11,7 @@ NOT_FOUND. Writes answer with the ledger sequence that reflects them; a read may
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from jobtree.api.jobtree.v1 import bus_pb2 as _bus_pb2
 from jobtree.api.jobtree.v1 import service_pb2 as _service_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -43,6 +44,8 @@ class JobtreeStub:
     ListRuns: _grpc.UnaryUnaryMultiCallable[_service_pb2.ListRunsRequest, _service_pb2.ListRunsResponse]
     WatchRuns: _grpc.UnaryStreamMultiCallable[_service_pb2.WatchRunsRequest, _service_pb2.RunEvent]
     """The matching runs as they are now (unless !send_initial), then every change."""
+    WatchEvents: _grpc.UnaryStreamMultiCallable[_service_pb2.WatchEventsRequest, _bus_pb2.Event]
+    """Domain events (CloudEvents) from the cluster's events stream, filtered."""
     DeleteRun: _grpc.UnaryUnaryMultiCallable[_service_pb2.DeleteRunRequest, _service_pb2.DeleteRunResponse]
     ShrinkRun: _grpc.UnaryUnaryMultiCallable[_service_pb2.ShrinkRunRequest, _service_pb2.ShrinkRunResponse]
     ExplainRun: _grpc.UnaryUnaryMultiCallable[_service_pb2.ExplainRunRequest, _service_pb2.ExplainRunResponse]
@@ -74,6 +77,8 @@ class JobtreeAsyncStub(JobtreeStub):
     ListRuns: _aio.UnaryUnaryMultiCallable[_service_pb2.ListRunsRequest, _service_pb2.ListRunsResponse]  # type: ignore[assignment]
     WatchRuns: _aio.UnaryStreamMultiCallable[_service_pb2.WatchRunsRequest, _service_pb2.RunEvent]  # type: ignore[assignment]
     """The matching runs as they are now (unless !send_initial), then every change."""
+    WatchEvents: _aio.UnaryStreamMultiCallable[_service_pb2.WatchEventsRequest, _bus_pb2.Event]  # type: ignore[assignment]
+    """Domain events (CloudEvents) from the cluster's events stream, filtered."""
     DeleteRun: _aio.UnaryUnaryMultiCallable[_service_pb2.DeleteRunRequest, _service_pb2.DeleteRunResponse]  # type: ignore[assignment]
     ShrinkRun: _aio.UnaryUnaryMultiCallable[_service_pb2.ShrinkRunRequest, _service_pb2.ShrinkRunResponse]  # type: ignore[assignment]
     ExplainRun: _aio.UnaryUnaryMultiCallable[_service_pb2.ExplainRunRequest, _service_pb2.ExplainRunResponse]  # type: ignore[assignment]
@@ -126,6 +131,14 @@ class JobtreeServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_service_pb2.RunEvent], _abc.AsyncIterator[_service_pb2.RunEvent]]:
         """The matching runs as they are now (unless !send_initial), then every change."""
+
+    @_abc_1.abstractmethod
+    def WatchEvents(
+        self,
+        request: _service_pb2.WatchEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_bus_pb2.Event], _abc.AsyncIterator[_bus_pb2.Event]]:
+        """Domain events (CloudEvents) from the cluster's events stream, filtered."""
 
     @_abc_1.abstractmethod
     def DeleteRun(

@@ -1,0 +1,242 @@
+"""Domain events: what people want to hear about, derived from the ledger (issue 10).
+
+Contract: `Deriver(cluster)` folds the ledger: `derive(cl, sequence, entries)` is called with the
+view *after* it applied one ledger message (its `entries`, core journal entries) and answers the
+events that message caused, as `bus.Event` (a CloudEvent: `id` "<sequence>-<index>", `source`
+"/jobtree/<cluster>", `type` "io.davidlangworthy.rq.<kind>", `subject`, `time`). Its only memory
+is what it derived before (phases, node states, GPU-hours thresholds crossed, open windows,
+borrowed runs), so a replay of the same ledger yields the same events with the same ids.
+Kinds (`KINDS`): a run's RunRunning, RunReserved (with the ETA), RunPreempted / RunReclaimed
+(the cut's reason with its seed), RunShrunk, RunGrown, RunSwapped, RunRequeued, RunCompleted,
+RunFailed, LendingRecalled (borrowed or shared GPUs turned unfunded by the lender's own claim);
+an envelope's BudgetGPUHoursThreshold (50, 80, 100 % of maxGPUHours, with the projected
+exhaustion instant), WindowOpened, WindowClosed; NodeFenced. `cloudevent(e)` is the JSON
+structured mode (for webhooks and people); `bus_subject(cluster, e)` the NATS subject.
+Not: publishing (the budget service), delivery (the notifier).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobtree.api.jobtree.v1 import bus_pb2 as bus
+from jobtree.bus import subjects
+from jobtree.core.engine import Cluster
+from jobtree.core.facts import (
+    JournalEntry,
+    LeaseClosed,
+    LeaseMinted,
+    NodeStatePut,
+    ReservationPut,
+    RunStatusPut,
+)
+from jobtree.core.funding import env_bound
+from jobtree.core.model import FundingClass, MintReason, NodeState, Phase, Role
+from jobtree.core.timefmt import format_time
+
+TYPE_PREFIX = "io.davidlangworthy.rq."
+THRESHOLDS = (50, 80, 100)
+"""Percentages of an envelope's maxGPUHours whose crossing is an event."""
+
+KINDS: dict[str, str] = {
+    "RunRunning": "a run holds its GPUs (admitted, or running again)",
+    "RunReserved": "capacity is reserved for a run from an instant (its ETA)",
+    "RunPreempted": "a run lost GPUs to the lottery of a cut (the seed says which draw)",
+    "RunReclaimed": "a run's unfunded GPUs were reclaimed for funded work (with the seed)",
+    "RunShrunk": "an elastic run gave GPUs back",
+    "RunGrown": "an elastic run took more GPUs",
+    "RunSwapped": "a spare replaced GPUs lost on a failed node",
+    "RunRequeued": "a run went back to the queue after a node failure (its checkpoint deadline)",
+    "RunCompleted": "a run ended well",
+    "RunFailed": "a run failed (the workload, a node, or its upstream)",
+    "LendingRecalled": "GPUs a run borrowed or shared turned unfunded: the lender claimed its own",
+    "BudgetGPUHoursThreshold": "an envelope spent 50, 80 or 100 % of its GPU-hours",
+    "WindowOpened": "an envelope's window opened",
+    "WindowClosed": "an envelope's window closed",
+    "NodeFenced": "a node failed or was taken out of service",
+}
+
+_CUT = {"RandomPreempt": "RunPreempted", "ReclaimUnfunded": "RunReclaimed"}
+
+
+def _split(key: str) -> tuple[str, str]:
+    namespace, _, name = key.partition("/")
+    return namespace, name
+
+
+@dataclass
+class Deriver:
+    cluster: str
+    phases: dict[str, str] = field(default_factory=dict)
+    fenced: set[str] = field(default_factory=set)
+    crossed: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(budget, envelope) -> the highest threshold crossed in its current window."""
+    windows: dict[tuple[str, str], bool] = field(default_factory=dict)
+    borrowing: dict[str, int] = field(default_factory=dict)
+    """Run key -> its GPUs funded by another's envelope (shared or borrowed) after the last message."""
+
+    def derive(self, cl: Cluster, sequence: int, entries: Sequence[JournalEntry]) -> list[bus.Event]:
+        out: list[bus.Event] = []
+        t = max((when for when, _ in entries), default=cl.now)
+
+        def emit(kind: str, message: str, *, run: str = "", owner: str = "", budget: str = "",
+                 envelope: str = "", node: str = "", **data: Any) -> None:
+            e = bus.Event(id=f"{sequence}-{len(out)}", source=f"/jobtree/{self.cluster}", type=TYPE_PREFIX + kind,
+                          kind=kind, ledger_sequence=sequence, owner=owner, budget=budget, envelope=envelope,
+                          node=node, message=message)
+            e.time.seconds = t
+            if run:
+                e.namespace, e.run = _split(run)
+                e.subject = f"runs/{run}"
+                if not owner and run in cl.runs:
+                    e.owner = cl.runs[run].spec.owner
+            elif budget:
+                e.subject = f"budgets/{budget}/{envelope}" if envelope else f"budgets/{budget}"
+            elif node:
+                e.subject = f"nodes/{node}"
+            for k, v in data.items():
+                if v is not None:
+                    e.data[k] = str(v)
+            out.append(e)
+
+        cut: dict[tuple[str, str], list[str]] = {}
+        closed: dict[tuple[str, str], list[str]] = {}
+        minted: dict[tuple[str, str], list[str]] = {}
+        for _, item in entries:
+            if isinstance(item, LeaseClosed):
+                lease = cl.leases.get(item.name)
+                if lease is None:
+                    continue
+                reason = item.reason.split("(", 1)[0]
+                if reason in _CUT:
+                    cut.setdefault((lease.run, item.reason), []).append(item.name)
+                elif reason == "Shrink":
+                    closed.setdefault((lease.run, "Shrink"), []).append(item.name)
+            elif (isinstance(item, LeaseMinted) and item.lease.role is Role.ACTIVE
+                  and item.lease.mint_reason in (MintReason.GROW, MintReason.SWAP)):
+                minted.setdefault((item.lease.run, item.lease.mint_reason.value), []).append(item.lease.name)
+        for (run, reason), names in sorted(cut.items()):
+            kind = _CUT[reason.split("(", 1)[0]]
+            seed = reason.split("(", 1)[1].rstrip(")") if "(" in reason else ""
+            gpus = sum(cl.leases[n].gpus for n in names)
+            verb = "preempted by the lottery" if kind == "RunPreempted" else "reclaimed (it ran unfunded)"
+            emit(kind, f"{run}: {gpus} GPUs {verb} to make room for funded work; seed {seed}",
+                 run=run, reason=reason, seed=seed, gpus=gpus, leases=",".join(names))
+        for (run, reason), names in sorted(minted.items()):
+            gpus = sum(cl.leases[n].gpus for n in names)
+            if reason == MintReason.GROW.value:
+                emit("RunGrown", f"{run} grew by {gpus} GPUs", run=run, gpus=gpus)
+            else:
+                emit("RunSwapped", f"{run}: a spare took over {gpus} GPUs lost on a failed node", run=run, gpus=gpus)
+        for (run, _), names in sorted(closed.items()):
+            gpus = sum(cl.leases[n].gpus for n in names)
+            emit("RunShrunk", f"{run} shrank by {gpus} GPUs", run=run, gpus=gpus)
+        for _, item in entries:
+            if isinstance(item, ReservationPut) and item.reservation.state.value == "Pending":
+                r = item.reservation
+                eta = format_time(r.earliest_start)
+                emit("RunReserved", f"{r.run}: {r.deficit_gpus} GPUs reserved from {eta}", run=r.run,
+                     eta=eta, reservation=r.name, deficit=r.deficit_gpus, seed=r.seed)
+            elif isinstance(item, RunStatusPut):
+                self._status(item, emit)
+            elif isinstance(item, NodeStatePut):
+                name = item.node.name
+                if item.node.state is NodeState.FENCED and name not in self.fenced:
+                    self.fenced.add(name)
+                    emit("NodeFenced", f"node {name} is fenced: its leases closed (failure)", node=name)
+                elif item.node.state is not NodeState.FENCED:
+                    self.fenced.discard(name)
+        self._envelopes(cl, emit)
+        self._recall(cl, emit)
+        return out
+
+    def _status(self, item: RunStatusPut, emit: Any) -> None:
+        st, run = item.status, item.run
+        before = self.phases.get(run)
+        phase = st.phase.value
+        self.phases[run] = phase
+        if phase == before and phase != Phase.PENDING.value:
+            return
+        if phase == "Running" and before != "Running":
+            emit("RunRunning", f"{run} is running: {st.message}" if st.message else f"{run} is running", run=run,
+                 reason=st.reason)
+        elif phase == "Completed":
+            emit("RunCompleted", f"{run} completed", run=run, reason=st.reason)
+        elif phase == "Failed":
+            emit("RunFailed", f"{run} failed ({st.reason}): {st.message}", run=run, reason=st.reason)
+        elif phase == "Pending" and before == "Running" and st.reason == "CheckpointRequeue":
+            deadline = format_time(st.checkpoint_deadline) if st.checkpoint_deadline is not None else None
+            emit("RunRequeued", f"{run} is back in the queue after a node failure; it must run again by "
+                 f"{deadline}", run=run, reason=st.reason, checkpointDeadline=deadline)
+
+    def _envelopes(self, cl: Cluster, emit: Any) -> None:
+        for (budget, name), env in sorted(cl.rules.envelopes.items()):
+            ref = (budget, name)
+            if env.start is not None or env.end is not None:
+                open_ = env.window_open(cl.now)
+                was = self.windows.get(ref)
+                self.windows[ref] = open_
+                if was is not None and was != open_:
+                    kind = "WindowOpened" if open_ else "WindowClosed"
+                    emit(kind, f"envelope {budget}/{name}: window {'opened' if open_ else 'closed'}",
+                         budget=budget, envelope=name, owner=cl.budgets[budget].owner if budget in cl.budgets else "")
+                    if open_:
+                        self.crossed.pop(ref, None)
+            if not env.max_gpu_hours:
+                continue
+            used = cl.meter.hours(env_bound(ref))
+            percent = 100.0 * used / env.max_gpu_hours
+            reached = max((p for p in THRESHOLDS if percent >= p), default=0)
+            if reached > self.crossed.get(ref, 0):
+                self.crossed[ref] = reached
+                rate = cl.funding.used_now(env_bound(ref))
+                left = max(0.0, env.max_gpu_hours - used)
+                exhausts = format_time(cl.now + int(left * 3600 / rate)) if rate and left > 0 else None
+                owner = cl.budgets[budget].owner if budget in cl.budgets else ""
+                tail = (f"; at {rate} GPUs it runs out at {exhausts}" if exhausts else
+                        "; it funds nothing more this window" if reached >= 100 else "")
+                emit("BudgetGPUHoursThreshold",
+                     f"envelope {budget}/{name} has spent {percent:.0f} % of its {env.max_gpu_hours:g} GPU-hours{tail}",
+                     budget=budget, envelope=name, owner=owner, threshold=reached, percent=f"{percent:.1f}",
+                     usedGPUHours=f"{used:.2f}", maxGPUHours=f"{env.max_gpu_hours:g}", exhaustsAt=exhausts)
+
+    def _recall(self, cl: Cluster, emit: Any) -> None:
+        now: dict[str, int] = {}
+        unfunded: dict[str, int] = {}
+        candidates = set(self.borrowing)
+        for key, leases in cl.open_by_run.items():
+            for lease in leases.values():
+                cls = cl.funding.class_of(lease.name)
+                if cls in (FundingClass.SHARED, FundingClass.BORROWED):
+                    now[key] = now.get(key, 0) + lease.gpus
+                elif cls is FundingClass.UNFUNDED and key in candidates:
+                    unfunded[key] = unfunded.get(key, 0) + lease.gpus
+        for key in sorted(candidates):
+            lost = self.borrowing[key] - now.get(key, 0)
+            if lost > 0 and unfunded.get(key, 0) > 0:
+                emit("LendingRecalled", f"{key}: {min(lost, unfunded[key])} GPUs it borrowed now run unfunded: "
+                     "the lender claimed its own", run=key, gpus=min(lost, unfunded[key]))
+        self.borrowing = now
+
+
+def bus_subject(cluster: str, e: bus.Event) -> str:
+    """`jobtree.C.evt.<run|budget|node>.<names>` of an event (jobtree.bus.subjects builds it)."""
+    if e.run:
+        return subjects.event(cluster, "run", e.namespace, e.run)
+    if e.budget:
+        return subjects.event(cluster, "budget", e.budget)
+    return subjects.event(cluster, "node", e.node or "-")
+
+
+def cloudevent(e: bus.Event) -> dict[str, Any]:
+    """The CloudEvents 1.0 JSON structured mode of an event."""
+    data: dict[str, Any] = {"kind": e.kind, "message": e.message, "ledgerSequence": e.ledger_sequence}
+    for name in ("owner", "namespace", "run", "budget", "envelope", "node"):
+        value = getattr(e, name)
+        if value:
+            data[name] = value
+    data.update(dict(sorted(e.data.items())))
+    return {"specversion": "1.0", "id": e.id, "source": e.source, "type": e.type, "subject": e.subject,
+            "time": format_time(e.time.seconds), "datacontenttype": "application/json", "data": data}
