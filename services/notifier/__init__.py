@@ -64,9 +64,12 @@ DEAD = Counter("jobtree_notifier_dead_letters_total", "Events given up on, by re
 
 
 class TokenBucket:
+    """Messages spaced by 60/per_minute seconds (a bucket of one token: Slack's webhooks take
+    about one message a second, and a burst is what grouping is for)."""
+
     def __init__(self, per_minute: int) -> None:
-        self.capacity = float(per_minute)
-        self.tokens = float(per_minute)
+        self.capacity = 1.0
+        self.tokens = 1.0
         self.rate = per_minute / 60.0
         self.at = time.monotonic()
 
@@ -239,11 +242,12 @@ async def _setup(ctx: ServiceContext) -> tuple[Any, Any]:
             delay = min(2.0, delay * 2)
 
 
-async def main(ctx: ServiceContext) -> None:
-    from jobtree.services.notifier.config import load
-
-    config = load(os.environ[ENV_CONFIG])
-    kv, sub = await _setup(ctx)
+async def serve(ctx: ServiceContext, config: Config) -> Notifier | None:
+    """Deliver until the service stops (the notifier, for the tests to look at after)."""
+    try:
+        kv, sub = await _setup(ctx)
+    except (nats.errors.Error, TimeoutError):
+        return None
     async with aiohttp.ClientSession() as session:
         notifier = Notifier(ctx, config, kv, session)
         alive = asyncio.ensure_future(notifier.keep_alive())
@@ -252,7 +256,7 @@ async def main(ctx: ServiceContext) -> None:
         try:
             while not ctx.stopping.is_set():
                 try:
-                    msgs = await sub.fetch(256, timeout=1.0)
+                    msgs = await sub.fetch(256, timeout=0.5)
                 except (nats.errors.TimeoutError, TimeoutError):
                     continue
                 except nats.errors.Error as exc:
@@ -266,3 +270,12 @@ async def main(ctx: ServiceContext) -> None:
             for group in notifier.groups.values():
                 if group.task is not None:
                     group.task.cancel()
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        return notifier
+
+
+async def main(ctx: ServiceContext) -> None:
+    from jobtree.services.notifier.config import load
+
+    await serve(ctx, load(os.environ[ENV_CONFIG]))

@@ -60,7 +60,7 @@ class Route:
     kinds: frozenset[str] = frozenset()
     group_by: tuple[str, ...] = ()
     group_wait: float = 30.0
-    repeat_interval: float = 4 * 3600.0
+    repeat_interval: float = 0.0
     cont: bool = False
 
     def matches(self, owner: str, namespace: str, kind: str) -> bool:
@@ -206,7 +206,7 @@ def _route(raw: Any, path: str, receivers: dict[str, Receiver]) -> Route:
     return Route(receiver, owner=str(match.get("owner", "*")), namespace=str(match.get("namespace", "*")),
                  kinds=frozenset(kinds), group_by=tuple(group_by),
                  group_wait=_duration(m, "groupWait", path, 30.0),
-                 repeat_interval=_duration(m, "repeatInterval", path, 4 * 3600.0), cont=cont)
+                 repeat_interval=_duration(m, "repeatInterval", path, 0.0), cont=cont)
 
 
 def parse(doc: Any) -> Config:
