@@ -60,11 +60,18 @@ def _stream(method: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[[Any, 
     return call
 
 
+def _message_class(desc: Any) -> type[Message]:
+    """The generated class of a message of service.proto or of a file it imports (bus.proto)."""
+    from google.protobuf import message_factory
+
+    return message_factory.GetMessageClass(desc)
+
+
 def add_servicer(servicer: Any, server: Any) -> None:
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for m in SERVICE.methods:
-        request_cls: type[Message] = getattr(api, m.input_type.name)
-        response_cls: type[Message] = getattr(api, m.output_type.name)
+        request_cls: type[Message] = _message_class(m.input_type)
+        response_cls: type[Message] = _message_class(m.output_type)
         method = getattr(servicer, m.name)
         if m.server_streaming:
             handlers[m.name] = grpc.unary_stream_rpc_method_handler(

@@ -9,11 +9,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import nats.errors
+import nats.js.errors
 from google.protobuf import struct_pb2
 
 from jobtree.api import convert
+from jobtree.api.events import KINDS
+from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.api.jobtree.v1 import objects_pb2 as pb
 from jobtree.api.jobtree.v1 import service_pb2 as api
+from jobtree.bus.eventstream import EventStream
 from jobtree.core import views
 from jobtree.core.engine import Cluster
 from jobtree.core.explain import Details, explain_lines
@@ -82,6 +87,31 @@ class Reads(GatewayBase):
             return api.ListRunsResponse(runs=out, ledger_sequence=self.follower.sequence)
 
         return await self._guard(context, handle)
+
+    async def WatchEvents(self, request: api.WatchEventsRequest, context: Context) -> AsyncIterator[bus.Event]:
+        """Domain events from the cluster's events stream (the budget service publishes them),
+        filtered by owner prefix, namespace and kinds, from a ledger sequence."""
+        unknown = [k for k in request.kinds if k not in KINDS]
+        if unknown:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"kinds: unknown kind {unknown[0]!r}; kinds: {', '.join(KINDS)}")
+        kinds = set(request.kinds)
+        stream = EventStream(self.ctx.js, self.ctx.cluster)
+        try:
+            async for e in stream.read(request.after_ledger_sequence, follow=not request.no_follow):
+                if kinds and e.kind not in kinds:
+                    continue
+                if request.namespace and e.namespace != request.namespace:
+                    continue
+                if request.owner_prefix and not (e.owner == request.owner_prefix
+                                                 or e.owner.startswith(request.owner_prefix.rstrip(":") + ":")):
+                    continue
+                yield e
+        except nats.js.errors.NotFoundError:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "no events stream yet: the budget service makes it when it starts")
+        except nats.errors.Error as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the events stream cannot be read: {exc}")
 
     async def WatchRuns(self, request: api.WatchRunsRequest, context: Context) -> AsyncIterator[api.RunEvent]:
         try:

@@ -24,6 +24,7 @@ from google.protobuf import json_format
 
 from jobtree.api import convert
 from jobtree.api.crds import GROUP, VERSION, pod_name
+from jobtree.api.events import funding_words
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.core import views
 from jobtree.core.engine import Cluster
@@ -227,12 +228,6 @@ def owner_ref(cr: Json, controller: bool = True) -> Json:
     meta = cr["metadata"]
     return {"apiVersion": cr.get("apiVersion", API_VERSION), "kind": cr.get("kind", "Run"), "name": meta["name"],
             "uid": meta["uid"], "controller": controller, "blockOwnerDeletion": True}
-
-
-def funding_words(funding: Json) -> str:
-    """A run's funding split as status.funding words, e.g. "16 owned, 8 unfunded"."""
-    parts = [f"{funding[k]} {k}" for k in ("owned", "shared", "borrowed", "unfunded") if funding.get(k)]
-    return ", ".join(parts)
 
 
 def condition(kind: str, ok: bool, reason: str, message: str, old: list[Json], now: str) -> Json:

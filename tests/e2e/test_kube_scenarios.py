@@ -17,7 +17,7 @@ import pytest
 import yaml
 from kubeenv import REPO, KubeUp, StandIn, gpu_node, namespace, poll_until
 
-from jobtree.services.kube_bridge.objects import funding_words
+from jobtree.api.events import funding_words
 from jobtree.sim.runner import run_scenario
 from jobtree.sim.scenario import load_scenario
 

@@ -63,7 +63,7 @@ def test_scenario_audit(path: Path) -> None:
     cl = Cluster(scenario.config, scenario.nodes, scenario.start)
     for step in scenario.steps:
         cl.advance(step.at)
-        cmds = runner._commands(step.action)
+        cmds = runner.commands_of(step.action)
         if cmds:
             cl.submit(*cmds)
     cl.advance(cl.now + 6 * 3600)

@@ -484,7 +484,7 @@ def test_a_played_journal_survives_the_wire_and_replays_to_the_same_state(path: 
     cl = Cluster(scenario.config, scenario.nodes, scenario.start)
     for step in scenario.steps:
         cl.advance(step.at)
-        cmds = runner._commands(step.action)
+        cmds = runner.commands_of(step.action)
         if cmds:
             cl.submit(*cmds)
     batch = bus.LedgerBatch(entries=[convert.entry_to_proto(e) for e in cl.journal])

@@ -23,6 +23,7 @@ from typing import Any
 
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.bus import subjects
+from jobtree.core import views
 from jobtree.core.engine import Cluster
 from jobtree.core.facts import (
     JournalEntry,
@@ -74,6 +75,8 @@ class Deriver:
     crossed: dict[tuple[str, str], int] = field(default_factory=dict)
     """(budget, envelope) -> the highest threshold crossed in its current window."""
     windows: dict[tuple[str, str], bool] = field(default_factory=dict)
+    reserved: dict[str, int] = field(default_factory=dict)
+    """Reservation name -> the earliest start last told."""
     borrowing: dict[str, int] = field(default_factory=dict)
     """Run key -> its GPUs funded by another's envelope (shared or borrowed) after the last message."""
 
@@ -134,13 +137,17 @@ class Deriver:
             gpus = sum(cl.leases[n].gpus for n in names)
             emit("RunShrunk", f"{run} shrank by {gpus} GPUs", run=run, gpus=gpus)
         for _, item in entries:
-            if isinstance(item, ReservationPut) and item.reservation.state.value == "Pending":
+            if isinstance(item, ReservationPut):
                 r = item.reservation
-                eta = format_time(r.earliest_start)
-                emit("RunReserved", f"{r.run}: {r.deficit_gpus} GPUs reserved from {eta}", run=r.run,
-                     eta=eta, reservation=r.name, deficit=r.deficit_gpus, seed=r.seed)
+                if r.state.value != "Pending":
+                    self.reserved.pop(r.name, None)
+                elif self.reserved.get(r.name) != r.earliest_start:  # new, or its ETA moved
+                    self.reserved[r.name] = r.earliest_start
+                    eta = format_time(r.earliest_start)
+                    emit("RunReserved", f"{r.run}: {r.deficit_gpus} GPUs reserved from {eta}", run=r.run,
+                         eta=eta, reservation=r.name, deficit=r.deficit_gpus, seed=r.seed)
             elif isinstance(item, RunStatusPut):
-                self._status(item, emit)
+                self._status(cl, item, emit)
             elif isinstance(item, NodeStatePut):
                 name = item.node.name
                 if item.node.state is NodeState.FENCED and name not in self.fenced:
@@ -152,7 +159,7 @@ class Deriver:
         self._recall(cl, emit)
         return out
 
-    def _status(self, item: RunStatusPut, emit: Any) -> None:
+    def _status(self, cl: Cluster, item: RunStatusPut, emit: Any) -> None:
         st, run = item.status, item.run
         before = self.phases.get(run)
         phase = st.phase.value
@@ -160,8 +167,11 @@ class Deriver:
         if phase == before and phase != Phase.PENDING.value:
             return
         if phase == "Running" and before != "Running":
-            emit("RunRunning", f"{run} is running: {st.message}" if st.message else f"{run} is running", run=run,
-                 reason=st.reason)
+            view = views.run_json(cl, run) if run in cl.runs and run in cl.status else None
+            held = f" on {view['width']['allocated']} GPUs ({funding_words(view['funding'])})" if view else ""
+            again = " again" if before is not None and before != "Waiting" and st.reason != "Running" else ""
+            emit("RunRunning", f"{run} is running{again}{held}", run=run, reason=st.reason,
+                 funding=funding_words(view["funding"]) if view else None)
         elif phase == "Completed":
             emit("RunCompleted", f"{run} completed", run=run, reason=st.reason)
         elif phase == "Failed":
@@ -219,6 +229,11 @@ class Deriver:
                 emit("LendingRecalled", f"{key}: {min(lost, unfunded[key])} GPUs it borrowed now run unfunded: "
                      "the lender claimed its own", run=key, gpus=min(lost, unfunded[key]))
         self.borrowing = now
+
+
+def funding_words(funding: dict[str, int]) -> str:
+    """A funding split in words, e.g. "16 owned, 8 unfunded" (Run.status.funding)."""
+    return ", ".join(f"{funding[k]} {k}" for k in ("owned", "shared", "borrowed", "unfunded") if funding.get(k))
 
 
 def bus_subject(cluster: str, e: bus.Event) -> str:

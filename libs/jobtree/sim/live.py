@@ -58,7 +58,7 @@ from jobtree.bus.natsserver import NatsServer, orphan_safe
 from jobtree.core import facts as F
 from jobtree.core.model import ClusterConfig
 from jobtree.sim import scenario as S
-from jobtree.sim.runner import _commands
+from jobtree.sim.runner import commands_of
 
 __all__ = [
     "SERVICES",
@@ -303,7 +303,7 @@ async def _play(player: _Player, scenario: S.Scenario, apply_mode: str) -> dict[
             if isinstance(action, S.SnapshotAction):
                 snapshots[action.label] = await player.state()
             continue
-        cmds = _commands(action)
+        cmds = commands_of(action)
         if isinstance(action, S.ApplyAction):
             if apply_mode == "batch" and len(cmds) > 1:
                 msg = convert.batch_to_proto(cmds, command_id=f"sim:{where}", instant=step.at)

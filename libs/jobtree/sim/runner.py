@@ -23,7 +23,8 @@ from jobtree.core.views import state_json
 from jobtree.sim import scenario as S
 
 
-def _commands(action: S.Action) -> list[F.Command]:
+def commands_of(action: S.Action) -> list[F.Command]:
+    """The core commands of one scenario action (none for a snapshot)."""
     if isinstance(action, S.ApplyAction):
         return [F.ApplyBudget(o) if isinstance(o, Budget) else F.ApplyRun(o) for o in action.objects]
     simple: dict[type, Any] = {
@@ -52,7 +53,7 @@ def run_scenario(scenario: S.Scenario, check_invariants: bool = False) -> dict[s
         if isinstance(step.action, S.SnapshotAction):
             snapshots[step.action.label] = state_json(cl)
             continue
-        cmds = _commands(step.action)
+        cmds = commands_of(step.action)
         if not cmds:
             continue
         try:

@@ -31,7 +31,9 @@ from jobtree.cli.runs.output import (
     _split_key,
     _table,
     _to_dict,
+    kinds_of,
     pods_of,
+    print_events,
 )
 
 # ================================================================================================
@@ -384,6 +386,22 @@ def local_write(st: LocalState, args: argparse.Namespace, namespace: str, out: T
     return EXIT_OK
 
 
+def local_events(st: LocalState, args: argparse.Namespace, out: TextIO) -> int:
+    """The scenario's events as the live system would publish them (`jobtree.sim.events`)."""
+    from jobtree.sim.events import scenario_events
+    from jobtree.sim.scenario import scenario_from_doc
+
+    kinds = set(kinds_of(args.kinds))
+    namespace = getattr(args, "namespace", "")
+    doc = st._with({"at": st.at}) if st.at is not None else st.doc
+    chosen = [e for e in scenario_events(scenario_from_doc(doc))
+              if (not kinds or e.kind in kinds) and (not namespace or e.namespace == namespace)
+              and e.ledger_sequence > args.after
+              and (not args.owner or e.owner == args.owner or e.owner.startswith(args.owner.rstrip(":") + ":"))]
+    print_events(chosen, st.output, out)
+    return EXIT_OK
+
+
 def run_local(args: argparse.Namespace, opts: Options, out: TextIO) -> int:
     assert opts.state is not None
     cmd = args.command
@@ -405,6 +423,8 @@ def run_local(args: argparse.Namespace, opts: Options, out: TextIO) -> int:
         return EXIT_OK
     if cmd == "watch":
         return local_watch(st, args.names, opts.namespace, not args.no_initial, out)
+    if cmd == "events":
+        return local_events(st, args, out)
     if cmd == "explain":
         return local_explain(st, _run_key(args.name, opts.namespace), out)
     if cmd == "budgets":

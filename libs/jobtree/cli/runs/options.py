@@ -74,6 +74,7 @@ COMMANDS: dict[str, str] = {
     "sponsors": "owners that may lend to an owner; add a sponsor to a run",
     "shrink": "set the desired width of an elastic run",
     "leases": "GPU leases (open ones; --all for the closed too)",
+    "events": "what happened: run, budget and node events (-w to follow)",
     "pods": "the pods a run's open leases materialise",
     "complete": "report that a run's workload succeeded",
     "fail": "report that a run's workload failed",
@@ -140,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("leases")
     p.add_argument("name", nargs="?", metavar="NAME", help="one run's leases (default: the namespace's)")
     p.add_argument("--all", action="store_true", help="closed leases too")
+    p = command("events")
+    p.add_argument("-w", "--watch", action="store_true", help="keep printing new events")
+    p.add_argument("--kinds", metavar="K,K", default="", help="only these kinds (RunPreempted,RunFailed,...)")
+    p.add_argument("--owner", metavar="PREFIX", default="", help="only events of owners under PREFIX")
+    p.add_argument("--after", metavar="SEQ", type=int, default=0, help="only events after this ledger sequence")
     p = command("pods")
     p.add_argument("name", metavar="NAME")
     for verb in ("complete", "fail", "delete"):

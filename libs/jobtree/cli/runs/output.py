@@ -6,7 +6,7 @@ Part of `kubectl-runs` (`jobtree.cli.runs`): see the package docstring for the c
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -212,3 +212,37 @@ def _to_dict(msg: Any) -> Json:
 
     out: Json = _ints(json_format.MessageToDict(msg))
     return out
+
+
+def kinds_of(text: str) -> list[str]:
+    """`--kinds A,B` checked against the event kinds (RunsError naming the unknown one)."""
+    from jobtree.api.events import KINDS
+
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    for k in kinds:
+        if k not in KINDS:
+            raise RunsError(f"--kinds: unknown kind {k!r}; kinds: {', '.join(KINDS)}")
+    return kinds
+
+
+def print_events(events: Iterable[Any], output: str, out: TextIO) -> int:
+    """Events as CloudEvents JSON lines, or as a table printed row by row (for -w)."""
+    from jobtree.api.events import cloudevent
+    from jobtree.core.timefmt import format_time
+
+    header = False
+    count = 0
+    for e in events:
+        count += 1
+        if output == "json":
+            out.write(json.dumps(cloudevent(e)) + "\n")
+        else:
+            if not header:
+                out.write(f"{'TIME':<20}  {'SEQ':>6}  {'KIND':<24} {'SUBJECT':<32} MESSAGE\n")
+                header = True
+            out.write(f"{format_time(e.time.seconds):<20}  {e.ledger_sequence:>6}  {e.kind:<24} "
+                      f"{e.subject:<32} {e.message}\n")
+        out.flush()
+    if not count and output != "json":
+        out.write("(none)\n")
+    return count

@@ -39,7 +39,9 @@ from jobtree.cli.runs.output import (
     _split_key,
     _table,
     _to_dict,
+    kinds_of,
     pods_of,
+    print_events,
     sim_run,
 )
 
@@ -227,6 +229,23 @@ def remote_get(r: Remote, name: str | None, all_namespaces: bool, out: TextIO) -
     return EXIT_OK
 
 
+def remote_events(r: Remote, args: argparse.Namespace, out: TextIO) -> int:
+    import grpc
+
+    from jobtree.api.jobtree.v1 import service_pb2 as api
+
+    req = api.WatchEventsRequest(owner_prefix=args.owner, namespace=getattr(args, "namespace", ""),
+                                 kinds=kinds_of(args.kinds), after_ledger_sequence=args.after, no_follow=not args.watch)
+    stream = r.stub.WatchEvents(req, timeout=r.opts.watch_for if args.watch else r.opts.timeout)
+    try:
+        print_events(stream, r.opts.output, out)
+    except grpc.RpcError as err:
+        if err.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED) and args.watch:
+            return EXIT_OK  # --timeout: watched for that long
+        raise r.error(err, "events") from None
+    return EXIT_OK
+
+
 def remote_watch(r: Remote, names: Sequence[str], until: str | None, initial: bool, out: TextIO) -> int:
     import grpc
 
@@ -405,6 +424,8 @@ def run_remote(args: argparse.Namespace, opts: Options, out: TextIO) -> int:
             return remote_get(r, args.name, args.all_namespaces, out)
         if cmd == "watch":
             return remote_watch(r, args.names, args.until, not args.no_initial, out)
+        if cmd == "events":
+            return remote_events(r, args, out)
         if cmd == "explain":
             return remote_explain(r, args.name, out)
         if cmd == "budgets":

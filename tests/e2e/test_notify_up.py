@@ -1,0 +1,175 @@
+"""`jobtree up --notify FILE` end to end: real processes, a real HTTP receiver standing in for
+Slack and a webhook, a real SMTP server. A preemption reaches Slack and a GPU-hours threshold
+the mailbox within seconds; the events stream holds what a replay of the ledger derives; a
+notifier killed during a burst loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+import yaml
+from kubeenv import REPO, poll_until
+from receivers import http_receiver, smtp_server
+
+from jobtree.api import convert
+from jobtree.api.events import Deriver
+from jobtree.bus.eventstream import EventStream
+from jobtree.bus.ledger import Ledger
+from jobtree.core.engine import Cluster
+from jobtree.core.model import ClusterConfig
+
+CLUSTER = "demo"
+
+
+class NotifyUp:
+    def __init__(self, data_dir: Path, notify: dict[str, Any], config: dict[str, Any], env: dict[str, str]) -> None:
+        data_dir.mkdir(parents=True)
+        (data_dir.parent / "notify.yaml").write_text(yaml.safe_dump(notify))
+        (data_dir.parent / "cluster.yaml").write_text(yaml.safe_dump(config))
+        self.data_dir = data_dir
+        self.err = (data_dir.parent / "up.err").open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jobtree.cli.main", "up", "--data-dir", str(data_dir), "--grpc-port", "0",
+             "--admission-replicas", "1", "--notify", str(data_dir.parent / "notify.yaml"),
+             "--config", str(data_dir.parent / "cluster.yaml")],
+            cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=self.err, env={**os.environ, **env})
+        self.grpc = self.nats = ""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + 40
+        for line in self.proc.stdout:
+            key, _, value = line.strip().partition(": ")
+            if key == "grpc":
+                self.grpc = value
+            elif key == "nats":
+                self.nats = value
+            elif key == "metrics":
+                break
+            assert time.monotonic() < deadline
+        assert self.grpc, (data_dir.parent / "up.err").read_text()
+
+    def runs(self, *args: str, stdin: str | None = None) -> str:
+        env = {**os.environ, "JOBTREE_SERVER": self.grpc}
+        out = subprocess.run([sys.executable, "-m", "jobtree.cli.runs", *args], input=stdin, capture_output=True,
+                             text=True, env=env, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    def submit(self, *docs: dict[str, Any]) -> None:
+        self.runs("submit", "-f", "-", stdin=yaml.safe_dump_all(docs))
+
+    def state(self) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads((self.data_dir / "up.json").read_text())
+        return doc
+
+    def admin(self) -> str:
+        return str(json.loads((self.data_dir / "secrets.json").read_text())["users"]["admin"])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.err.close()
+
+
+def run(name: str, ns: str, owner: str, gpus: int, group: int | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"owner": owner, "resources": {"gpuType": "H100-80GB", "totalGPUs": gpus}}
+    if group:
+        spec["locality"] = {"groupGPUs": group}
+    return {"apiVersion": "rq.davidlangworthy.io/v1", "kind": "Run", "metadata": {"name": name, "namespace": ns},
+            "spec": spec}
+
+
+def test_a_preemption_reaches_slack_and_a_gpu_hours_threshold_the_mailbox(tmp_path: Path) -> None:
+    with http_receiver() as http, smtp_server() as (box, smtp):
+        notify = {
+            "receivers": [{"name": "slack", "slack": {"webhookURL": f"{http.url}/slack"}},
+                          {"name": "audit", "webhook": {"url": f"{http.url}/audit"}},
+                          {"name": "mail", "email": {"smarthost": smtp, "from": "jobtree@example.org",
+                                                     "to": ["leads@example.org"]}}],
+            "routes": [{"match": {}, "receiver": "audit", "groupWait": "0s", "continue": True},
+                       {"match": {"kinds": ["RunReclaimed", "RunPreempted"]}, "receiver": "slack", "groupWait": "0s"},
+                       {"match": {"owner": "org:t*", "kinds": ["BudgetGPUHoursThreshold"]}, "receiver": "mail",
+                        "groupWait": "0s"}]}
+        up = NotifyUp(tmp_path / "jt", notify, {"cluster": CLUSTER, "reservationLead": "2s"}, {})
+        try:
+            up.submit({"apiVersion": "rq.davidlangworthy.io/v1", "kind": "Budget", "metadata": {"name": "tiny"},
+                       "spec": {"owner": "org:t", "envelopes": [{"name": "main", "flavor": "H100-80GB",
+                                                                 "concurrency": 8, "maxGPUHours": 0.005}]}})
+            up.submit(run("spend", "t", "org:t", 8, 8))
+            up.submit(run("opp", "stray", "org:stray", 80, 8))
+            up.submit(run("main", "vision", "org:ml:vision", 16, 8))
+            started = time.monotonic()
+            slack = poll_until("a preemption on Slack", lambda: http.got.get("slack"), timeout=30)
+            body = slack[0][0]
+            assert "RunReclaimed" in body["text"] and "stray/opp" in body["text"] and "seed" in body["text"]
+            assert body["blocks"][0]["type"] == "header"
+            mail = poll_until("a GPU-hours threshold by e-mail", lambda: box.messages, timeout=30)
+            assert "BudgetGPUHoursThreshold" in mail[0]["Subject"]
+            assert "tiny/main" in mail[0].get_body(("plain",)).get_content()
+            assert time.monotonic() - started < 30
+            poll_until("main running", lambda: "Running" in up.runs("-n", "vision", "get", "main"))
+            assert_stream_is_the_ledger_replayed(up)
+        finally:
+            up.stop()
+
+
+def assert_stream_is_the_ledger_replayed(up: NotifyUp) -> None:
+    async def read() -> tuple[list[Any], list[Any]]:
+        nc = await nats.connect(up.nats, user="admin", password=up.admin())
+        js = nc.jetstream()
+        try:
+            published = [e async for e in EventStream(js, CLUSTER).read(follow=False)]
+            cl = Cluster(ClusterConfig(cluster=CLUSTER), (), 0)
+            deriver = Deriver(CLUSTER)
+            derived = []
+            for record in await Ledger(js, CLUSTER).replay():
+                entries = [convert.entry_from_proto(e) for e in record.batch.entries]
+                for t, item in entries:
+                    cl.replay_entry(t, item)
+                derived += deriver.derive(cl, record.sequence, entries)
+            return published, derived
+        finally:
+            await nc.close()
+
+    published, derived = asyncio.run(read())
+    last = max(e.ledger_sequence for e in published)
+    assert published and published == [e for e in derived if e.ledger_sequence <= last], \
+        "the stream holds exactly what a replay of the ledger derives"
+
+
+def test_a_notifier_killed_during_a_burst_delivers_every_event(tmp_path: Path) -> None:
+    with http_receiver() as http:
+        notify = {"receivers": [{"name": "audit", "webhook": {"url": f"{http.url}/audit"}}],
+                  "routes": [{"match": {"kinds": ["RunRunning"]}, "receiver": "audit", "groupWait": "0s"}]}
+        up = NotifyUp(tmp_path / "jt", notify, {"cluster": CLUSTER}, {"JOBTREE_NOTIFIER_ACK_WAIT": "3"})
+        try:
+            up.submit(*(run(f"b{i}", "burst", "org:stray", 1) for i in range(12)))
+            os.kill(int(up.state()["services"]["notifier"]), signal.SIGKILL)
+            up.submit(*(run(f"c{i}", "burst", "org:stray", 1) for i in range(12)))
+
+            def runs_told() -> set[str]:
+                return {e["data"]["run"] for b, _, _ in http.got.get("audit", [])
+                        for e in (b if isinstance(b, list) else [b])}
+
+            want = {f"b{i}" for i in range(12)} | {f"c{i}" for i in range(12)}
+            poll_until("every RunRunning delivered", lambda: runs_told() >= want, timeout=40)
+            sent = [e for b, _, _ in http.got["audit"] for e in (b if isinstance(b, list) else [b])]
+            by_run: dict[str, set[str]] = {}
+            for e in sent:
+                by_run.setdefault(e["data"]["run"], set()).add(e["id"])
+            assert all(len(ids) == 1 for ids in by_run.values()), "a duplicate carries the same event id"
+            assert up.state()["restarts"].get("notifier", 0) >= 1
+        finally:
+            up.stop()

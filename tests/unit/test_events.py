@@ -1,0 +1,88 @@
+"""Domain events (jobtree.api.events): every kind comes out of some scenario, and deriving them
+again from the ledger (replayed into a fresh view, as a follower does) gives the same events
+with the same ids."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from jobtree.api import convert
+from jobtree.api.events import KINDS, Deriver, bus_subject, cloudevent
+from jobtree.api.jobtree.v1 import bus_pb2 as bus
+from jobtree.core.engine import Cluster
+from jobtree.core.errors import ValidationError
+from jobtree.sim import scenario as S
+from jobtree.sim.events import scenario_events
+from jobtree.sim.runner import commands_of
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIOS = sorted(p for d in (ROOT / "tests" / "scenarios", ROOT.parent / "shared" / "scenarios")
+                   for p in d.glob("*.yaml") if not p.name.endswith(".expect.yaml"))
+
+
+def play(path: Path) -> tuple[S.Scenario, list[list[bus.LedgerEntry]], list[bus.Event]]:
+    """Play a scenario, one ledger message per step (its journal entries, through the wire
+    format), deriving events on the live view as the budget service does after each message."""
+    sc = S.load_scenario(path)
+    cl = Cluster(sc.config, sc.nodes, sc.start)
+    deriver = Deriver(sc.config.cluster)
+    messages: list[list[bus.LedgerEntry]] = []
+    events: list[bus.Event] = []
+    mark = 0
+    for step in sc.steps:
+        cl.advance(step.at)
+        cmds = commands_of(step.action)
+        if cmds:
+            with contextlib.suppress(ValidationError):  # scenarios of refusals: nothing committed
+                cl.submit(*cmds)
+        if len(cl.journal) > mark:
+            entries = [convert.entry_to_proto(e) for e in cl.journal[mark:]]
+            mark = len(cl.journal)
+            messages.append(entries)
+            events += deriver.derive(cl, len(messages), [convert.entry_from_proto(e) for e in entries])
+    return sc, messages, events
+
+
+def replay(sc: S.Scenario, messages: list[list[bus.LedgerEntry]]) -> list[bus.Event]:
+    cl = Cluster(sc.config, sc.nodes, sc.start)
+    deriver = Deriver(sc.config.cluster)
+    out: list[bus.Event] = []
+    for seq, entries in enumerate(messages, 1):
+        journal = [convert.entry_from_proto(e) for e in entries]
+        for t, item in journal:
+            cl.replay_entry(t, item)
+        out += deriver.derive(cl, seq, journal)
+    return out
+
+
+def test_every_kind_comes_from_some_scenario_and_a_replay_gives_the_same_events() -> None:
+    kinds: Counter[str] = Counter()
+    for path in SCENARIOS:
+        sc, messages, events = play(path)
+        again = replay(sc, messages)
+        assert [json_format.MessageToDict(e) for e in again] == [json_format.MessageToDict(e) for e in events], path
+        assert len({e.id for e in events}) == len(events), f"{path}: ids are unique"
+        kinds.update(e.kind for e in events)
+    assert set(kinds) == set(KINDS), f"never produced: {set(KINDS) - set(kinds)}"
+
+
+def test_an_event_as_a_cloudevent_and_its_subject() -> None:
+    _, _, events = play(ROOT.parent / "shared" / "scenarios" / "04-reservation-cut-order.yaml")
+    reclaimed = next(e for e in events if e.kind == "RunReclaimed")
+    ce = cloudevent(reclaimed)
+    assert ce["specversion"] == "1.0" and ce["type"] == "io.davidlangworthy.rq.RunReclaimed"
+    assert ce["source"] == "/jobtree/gpu-a" and ce["subject"] == f"runs/{reclaimed.namespace}/{reclaimed.run}"
+    assert ce["data"]["seed"] and "ReclaimUnfunded(" in ce["data"]["reason"] and ce["data"]["owner"]
+    assert bus_subject("gpu-a", reclaimed) == f"jobtree.gpu-a.evt.run.{reclaimed.namespace}.{reclaimed.run}"
+    reserved = next(e for e in events if e.kind == "RunReserved")
+    assert reserved.data["eta"].endswith("Z") and "reserved from" in reserved.message
+
+
+def test_the_simulator_gives_the_events_the_followers_derive() -> None:
+    path = ROOT.parent / "shared" / "scenarios" / "04-reservation-cut-order.yaml"
+    _, _, events = play(path)
+    assert scenario_events(S.load_scenario(path)) == events
