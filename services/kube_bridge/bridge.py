@@ -11,6 +11,7 @@ import datetime
 import hashlib
 
 import nats.errors
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from jobtree.api import convert
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
@@ -38,6 +39,7 @@ REFUSED = {bus.ERROR_CODE_INVALID_ARGUMENT: "Invalid", bus.ERROR_CODE_FAILED_PRE
            bus.ERROR_CODE_NOT_FOUND: "NotFound"}
 """Admission's refusals that no retry changes: the Run says so and waits for a new generation."""
 TERMINAL = (Phase.COMPLETED, Phase.FAILED)
+WARNINGS = ("RunPreempted", "RunReclaimed", "RunRequeued", "RunFailed", "LendingRecalled")
 
 
 class Retry(Exception):
@@ -66,7 +68,6 @@ class Bridge:
         self.reservations = Informer(kube, RESERVATIONS, self._labelled_changed, labels=o.RUN_LABEL)
         self.informers = [self.namespaces, self.budgets, self.runs, self.nodes, self.pods, self.leases,
                           self.reservations]
-        self.events: asyncio.Queue[tuple[int, int, str, str, str, str]] = asyncio.Queue(maxsize=10_000)
         self.leases_by_run: dict[str, set[str]] = {}
         self.reservations_by_run: dict[str, set[str]] = {}
         self._services_made: set[tuple[str, str]] = set()
@@ -134,9 +135,6 @@ class Bridge:
                 self.queue.add(("node", entry.node_state_put.node.name))
             elif which == "budget_put":
                 self.queue.add(("budget", entry.budget_put.budget.metadata.name))
-        for i, (key, kind, reason, message) in enumerate(o.events_of(batch)):
-            with contextlib.suppress(asyncio.QueueFull):
-                self.events.put_nowait((seq, i, key, kind, reason, message))
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -273,7 +271,8 @@ class Bridge:
             problem = f"{path}: {reply.error.problem}" if path else reply.error.problem
         assert problem is not None
         await self._write_status(RUNS, cr, o.refused_status(cr, reason, problem, _now()))
-        await self._event(cr, "Warning", reason, problem, f"refused-{cr['metadata'].get('generation', 1)}")
+        with contextlib.suppress(KubeError):
+            await self._event(cr, "Warning", reason, problem, f"refused-{cr['metadata'].get('generation', 1)}")
         return False
 
     async def _write_status(self, res: Resource, cr: Json, status: Json) -> None:
@@ -378,16 +377,45 @@ class Bridge:
                  "type": kind, "reason": reason, "message": message[:1024], "count": 1,
                  "firstTimestamp": now, "lastTimestamp": now,
                  "source": {"component": "jobtree-kube-bridge"}, "reportingComponent": "jobtree-kube-bridge"}
-        with contextlib.suppress(KubeError):
+        try:
             await self.kube.request("POST", EVENTS.path(meta["namespace"]), body=event)
+        except KubeError as err:
+            if err.code != 409:  # 409: made before (a retry)
+                raise
 
     async def _emit_events(self) -> None:
+        """Kubernetes Events on Runs from the cluster's events stream (the same events the notifier
+        delivers), through the durable consumer `kube-bridge`: an event is acknowledged once its
+        Kubernetes Event exists (named from the event id, so a redelivery creates nothing twice)."""
+        sub = None
+        while sub is None:
+            try:
+                sub = await self.ctx.js.pull_subscribe(
+                    subjects.events_filter(self.ctx.cluster, "run"), durable="kube-bridge",
+                    stream=subjects.events_stream(self.ctx.cluster),
+                    config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_ack_pending=10_000,
+                                          deliver_policy=DeliverPolicy.NEW))
+            except (nats.errors.Error, TimeoutError) as exc:
+                self.ctx.log.info("waiting for the events stream", extra={"fields": {"error": repr(exc)}})
+                await asyncio.sleep(1.0)
         while True:
-            seq, i, key, kind, reason, message = await self.events.get()
-            ns, name = key.split("/", 1)
-            cr = self.runs.cache.get((ns, name))
-            if cr is not None:
-                await self._event(cr, kind, reason, message, f"{seq}.{i}")
+            try:
+                msgs = await sub.fetch(64, timeout=1.0)
+            except (nats.errors.TimeoutError, TimeoutError):
+                continue
+            except nats.errors.Error:
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                event = codec.decode(msg.data, bus.Event, msg.headers)
+                cr = self.runs.cache.get((event.namespace, event.run))
+                try:
+                    if cr is not None:
+                        kind = "Warning" if event.kind in WARNINGS else "Normal"
+                        await self._event(cr, kind, event.kind.removeprefix("Run"), event.message, event.id)
+                    await msg.ack()
+                except KubeError:
+                    await msg.nak(delay=2.0)
 
     # --- budgets -------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ Contract (no I/O; the bridge calls these with informer caches and the follower's
   restarted bridge resends the same ids and admission decides each once.
 - Out: `run_status` (phase, width, funding words, message as `explain` words,
   observedGeneration, conditions), `lease_object`, `reservation_object`, `budget_status`,
-  `pods_for_lease`, `gang_service` and `events_of` (what a ledger batch says about a run).
+  `pods_for_lease` and `gang_service`.
 Not: the reconcile loop, the API calls.
 """
 
@@ -25,7 +25,6 @@ from google.protobuf import json_format
 from jobtree.api import convert
 from jobtree.api.crds import GROUP, VERSION, pod_name
 from jobtree.api.events import funding_words
-from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.core import views
 from jobtree.core.engine import Cluster
 from jobtree.core.explain import explain_lines
@@ -52,7 +51,6 @@ RANK_LABEL = f"{GROUP}/rank"
 MANAGED = {"app.kubernetes.io/managed-by": "jobtree-kube-bridge"}
 CONDITION_TYPES = ("Admitted", "Running", "Reserved", "Preempted", "Completed", "Failed")
 PREEMPT_REASONS = ("ReclaimUnfunded", "RandomPreempt")
-REQUEUE_REASONS = ("CheckpointRequeue", "NodeFailure")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
@@ -380,45 +378,7 @@ def json_copy(value: Any) -> Any:
     return value
 
 
-# --- events -----------------------------------------------------------------------------
-
 def lease_run_key(lease_name: str) -> str:
     """The run key of a lease name `<namespace>.<run>.<NNNNN>`."""
     namespace, _, rest = lease_name.partition(".")
     return f"{namespace}/{rest.rsplit('.', 1)[0]}" if rest else ""
-
-
-def events_of(batch: bus.LedgerBatch) -> list[tuple[str, str, str, str]]:
-    """(run key, type, reason, message) of what one ledger batch tells people about runs."""
-    out: list[tuple[str, str, str, str]] = []
-    for entry in batch.entries:
-        which = entry.WhichOneof("fact")
-        if which == "lease_minted":
-            lease = entry.lease_minted.lease
-            key = f"{lease.metadata.namespace}/{lease.spec.run_ref}"
-            reason = {"Start": "Admitted", "Grow": "Grown", "Swap": "Swapped"}.get(lease.spec.mint_reason,
-                                                                                 lease.spec.mint_reason)
-            node = lease.spec.slots[0].node if lease.spec.slots else "?"
-            out.append((key, "Normal", reason, f"lease {lease.metadata.name}: {len(lease.spec.slots)} GPUs on {node} "
-                        f"({lease.spec.role or 'Active'})"))
-        elif which == "lease_closed":
-            closed = entry.lease_closed
-            if closed.reason.startswith(PREEMPT_REASONS):
-                out.append((lease_run_key(closed.name), "Warning", "Preempted",
-                            f"lease {closed.name} closed: {closed.reason} (the lottery's seed in parentheses)"))
-        elif which == "reservation_put":
-            res = entry.reservation_put.reservation
-            if res.status.state in ("", "Pending"):
-                out.append((f"{res.metadata.namespace}/{res.spec.run_ref}", "Normal", "Reserved",
-                            f"reservation {res.metadata.name}: {res.spec.deficit_gpus} GPUs from "
-                            f"{json_format.MessageToDict(res.spec).get('earliestStart', '?')}"))
-        elif which == "run_status_put":
-            put = entry.run_status_put
-            key = convert.run_key(put.run)
-            phase, reason = put.status.phase, put.status.reason
-            if phase in ("Completed", "Failed"):
-                out.append((key, "Normal" if phase == "Completed" else "Warning", phase,
-                            put.status.message or phase))
-            elif reason in REQUEUE_REASONS:
-                out.append((key, "Warning", "Requeued", f"{reason}: {put.status.message or 'back in the queue'}"))
-    return [e for e in out if e[0]]

@@ -63,7 +63,10 @@ def test_services_run_on_the_generated_nats_config(tmp_path: Path) -> None:
             time.sleep(0.05)
         for service in SERVICES:
             creds = {"JOBTREE_NATS_USER": service, "JOBTREE_NATS_PASSWORD": passwords[service]}
-            extra = {"gateway": ("--grpc-port", "0"), "kube-bridge": ("--kubeconfig", str(kube_api.kubeconfig))}
+            notify = tmp_path / "notify.yaml"
+            notify.write_text("receivers: [{name: w, webhook: {url: 'http://127.0.0.1:9/'}}]\nroutes: [{receiver: w}]\n")
+            extra = {"gateway": ("--grpc-port", "0"), "kube-bridge": ("--kubeconfig", str(kube_api.kubeconfig)),
+                     "notifier": ("--config", str(notify))}
             sup.start(service, env=creds, args=extra.get(service, ()))
         address = f"127.0.0.1:{wait_for_port(tmp_path / 'sys', sup)}"
         wait_serving(address)

@@ -89,8 +89,9 @@ def test_apply_a_budget_and_a_run_and_kubectl_wait_for_running(env: tuple[StandI
         (p["metadata"]["name"], p["spec"]["nodeName"]) for p in pods), "kubectl runs pods lists the bridge's pods"
     table = api.kubectl("get", "runs", "-n", "one").stdout
     assert "Running" in table and "16 owned" in table
-    events = api.get_json("events", "-n", "one")["items"]
-    assert sum(e["reason"] == "Admitted" for e in events) == 2
+    running = poll_until("a Running event", lambda: [e for e in api.get_json("events", "-n", "one")["items"]
+                                                     if e["reason"] == "Running"])
+    assert len(running) == 1 and "16 GPUs (16 owned)" in running[0]["message"]
     assert "pool=0" in poll_until("the budget's headroom", lambda: api.get_json("budget", "one")
                                   .get("status", {}).get("headroom"))
 
@@ -237,11 +238,13 @@ def test_funded_work_reserves_and_the_cut_preempts_unfunded_work(env: tuple[Stan
     preempted = poll_until("opp preempted", lambda: _condition(_run(api, "eight", "opp"), "Preempted")
                            if _condition(_run(api, "eight", "opp"), "Preempted").get("status") == "True" else None)
     assert "ReclaimUnfunded(" in preempted["message"]
-    events = api.get_json("events", "-n", "eight")["items"]
+    events = poll_until("the Reserved and Reclaimed events", lambda: [
+        e for e in api.get_json("events", "-n", "eight")["items"]] if {"Reserved", "Reclaimed"} <= {
+        e["reason"] for e in api.get_json("events", "-n", "eight")["items"]} else None)
     reasons = Counter(e["reason"] for e in events)
-    assert reasons["Reserved"] >= 1 and reasons["Preempted"] >= 1, reasons
-    seeded = [e for e in events if e["reason"] == "Preempted"]
-    assert all("ReclaimUnfunded(" in e["message"] and e["involvedObject"]["name"] == "opp" for e in seeded)
+    assert reasons["Reserved"] >= 1 and reasons["Reclaimed"] >= 1, reasons
+    seeded = [e for e in events if e["reason"] == "Reclaimed"]
+    assert all("seed " in e["message"] and e["involvedObject"]["name"] == "opp" for e in seeded)
     state = poll_until("the reservation released", lambda: [
         r for r in api.get_json("reservations", "-n", "eight")["items"] if r.get("status", {}).get("state") == "Released"])
     assert state

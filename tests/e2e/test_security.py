@@ -138,7 +138,14 @@ def test_the_permission_table_comes_from_the_subjects_module() -> None:
             assert ledger in perms.publish and not perms.publish_deny
         else:
             assert ledger not in perms.publish and perms.publish_deny == (ledger,)
-            assert not any(p.startswith("$JS.API.STREAM.CREATE.jobtree_") for p in perms.publish)
+            assert f"$JS.API.STREAM.CREATE.{subjects.ledger_stream(C)}" not in perms.publish
+    creators = {s: sorted(p.removeprefix("$JS.API.STREAM.CREATE.") for p in security.permissions(C, s).publish
+                          if p.startswith("$JS.API.STREAM.CREATE."))
+                for s in SERVICES}
+    assert creators["budget"] == [subjects.events_stream(C)], "the budget service publishes the events"
+    assert creators["notifier"] == [f"KV_{subjects.bucket(C, 'notified')}"]
+    publishers = [s for s in SERVICES if subjects.events_filter(C) in security.permissions(C, s).publish]
+    assert publishers == ["budget"], "one publisher of events"
     senders = [s for s in SERVICES if subjects.request(C, "admission", "command") in security.permissions(C, s).publish]
     assert senders == ["gateway", "resolver", "kube-bridge"]
     assert [s for s in SERVICES if any(p.startswith(f"$KV.{subjects.bucket(C, 'leader')}")
@@ -148,7 +155,7 @@ def test_the_permission_table_comes_from_the_subjects_module() -> None:
     with pytest.raises(ValueError, match="unknown grant"):
         security.expand(C, "delete ledger")
     with pytest.raises(ValueError, match="unknown service"):
-        security.permissions(C, "notifier")
+        security.permissions(C, "dashboard")
 
 
 def test_secrets_are_private_and_reused(tmp_path: Path) -> None:
@@ -307,7 +314,7 @@ def test_every_service_follows_replays_and_reads_the_ledger(session: Session) ->
             await ledger.append(entry_batch(100 + i, pad=500_000), expected_last_sequence=last + i, msg_id=f"big-{i}")
         last += 12
         await binder.close()
-        for user in SERVICES:
+        for user in (u for u in SERVICES if "follow ledger" in security.GRANTS[u]):
             nc = await s.connect(user)
             follower = Follower(nc.jetstream(), C, ClusterConfig(cluster=C))
             await follower.start()

@@ -43,13 +43,14 @@ from jobtree.cli.up_cmd import (
     DEMO_DOMAINS,
     DEMO_NODES_PER_DOMAIN,
     KUBE_BRIDGE,
+    NOTIFIER,
     demo_budgets,
     demo_commands,
     port_in_use,
 )
 
-SERVICES = tuple(s for s in ALL_SERVICES if s != KUBE_BRIDGE)
-"""What `jobtree up` runs without --kubeconfig (test_kube_bridge runs it with one)."""
+SERVICES = tuple(s for s in ALL_SERVICES if s not in (KUBE_BRIDGE, NOTIFIER))
+"""What `jobtree up` runs without --kubeconfig and --notify (test_kube_bridge, test_notify_up add them)."""
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = "demo"
 READY = 25.0
@@ -348,11 +349,11 @@ def test_up_names_the_services_it_cannot_start_in_one_line(
     from jobtree.bus import security
     from jobtree.cli.main import main
 
-    monkeypatch.setattr(security, "SERVICES", (*ALL_SERVICES, "notifier"))  # listed in subjects, not built
+    monkeypatch.setattr(security, "SERVICES", (*ALL_SERVICES, "federation"))  # listed in subjects, not built
     assert main(["up", "--data-dir", str(tmp_path / "jt"), "--grpc-port", "0"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
-    assert err.startswith("jobtree: cannot start: service(s) not available yet: notifier ")
+    assert err.startswith("jobtree: cannot start: service(s) not available yet: federation ")
     assert "jobtree demo" in err and not (tmp_path / "jt").exists()
 
 

@@ -125,3 +125,12 @@ def test_the_image_holds_every_service(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for service in SERVICES:
         assert f"jobtree/services/{service}/__init__.py" in names, service
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_the_notifier_reads_its_routes_from_a_secret(overlay: str) -> None:
+    pod = one(build(overlay), "Deployment", "jobtree-notifier")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"][-2:] == ["--config", f"/etc/jobtree/notifier/{kustomize.NOTIFIER_KEY}"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "notifier-config")
+    assert volume["secret"]["secretName"] == kustomize.NOTIFIER_SECRET

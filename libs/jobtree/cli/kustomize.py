@@ -11,7 +11,8 @@ Contract: `files(cluster)` maps a path under `deploy/kustomize/` to its text: th
   NAME`, its NATS user and password, metrics on 9090 probed over HTTP, the gateway probed over
   gRPC health, non-root, read-only root filesystem, all capabilities dropped); admission runs
   2 replicas (a leader and a hot standby); the gateway's Service; PodDisruptionBudgets for
-  admission and the gateway; the ConfigMap `jobtree-config` (stream replicas: 3);
+  admission and the gateway; the ConfigMap `jobtree-config` (stream replicas: 3); the notifier
+  reads its receivers and routes from the Secret `jobtree-notifier` (key `notifier.yaml`);
 - `overlays/dev/`: one NATS server (a standalone config), stream replicas 1;
 - `overlays/prod/`: 3 NATS servers spread over nodes (required anti-affinity), admission
   replicas spread (preferred), requests and limits on every container.
@@ -89,11 +90,18 @@ def _deployment(service: str) -> Json:
         # SERVING only once its view has caught up with the ledger (gateway/__init__.py).
         readiness = {"grpc": {"port": GRPC_PORT, "service": "jobtree.v1.Jobtree"}, "periodSeconds": 5,
                      "failureThreshold": 3}
+    args = ["serve", service, "--cluster", CLUSTER, "--nats", f"nats://nats:{CLIENT_PORT}",
+            "--metrics-port", str(METRICS_PORT), "--data-dir", "/var/lib/jobtree"]
+    mounts = [{"name": "data", "mountPath": "/var/lib/jobtree"}]
+    volumes: list[Json] = [{"name": "data", "emptyDir": {}}]
+    if service == NOTIFIER:  # its receivers and routes hold secrets: a Secret the operator writes
+        args += ["--config", f"/etc/jobtree/notifier/{NOTIFIER_KEY}"]
+        mounts.append({"name": "notifier-config", "mountPath": "/etc/jobtree/notifier", "readOnly": True})
+        volumes.append({"name": "notifier-config", "secret": {"secretName": NOTIFIER_SECRET}})
     container = {
         "name": service,
         "image": IMAGE,
-        "args": ["serve", service, "--cluster", CLUSTER, "--nats", f"nats://nats:{CLIENT_PORT}",
-                 "--metrics-port", str(METRICS_PORT), "--data-dir", "/var/lib/jobtree"],
+        "args": args,
         "env": env,
         "ports": ports,
         # A restarted service replays the ledger before it serves: give it time, then probe.
@@ -102,7 +110,7 @@ def _deployment(service: str) -> Json:
         "readinessProbe": readiness,
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
         "securityContext": _CONTAINER_SECURITY,
-        "volumeMounts": [{"name": "data", "mountPath": "/var/lib/jobtree"}],
+        "volumeMounts": mounts,
     }
     labels = _labels(name, service)
     return {
@@ -119,7 +127,7 @@ def _deployment(service: str) -> Json:
                     "securityContext": _POD_SECURITY,
                     "terminationGracePeriodSeconds": 30,
                     "containers": [container],
-                    "volumes": [{"name": "data", "emptyDir": {}}],
+                    "volumes": volumes,
                 },
             },
         },
@@ -127,6 +135,10 @@ def _deployment(service: str) -> Json:
 
 
 KUBE_BRIDGE = "kube-bridge"
+NOTIFIER = "notifier"
+NOTIFIER_SECRET = "jobtree-notifier"
+NOTIFIER_KEY = "notifier.yaml"
+"""The notifier reads its receivers and routes from this key of this Secret (install.md)."""
 
 BRIDGE_RULES: list[Json] = [
     {"apiGroups": [crds.GROUP], "resources": ["runs", "budgets"], "verbs": ["get", "list", "watch"]},
