@@ -4,6 +4,9 @@ Contract: `jobtree serve notifier --config FILE` (the receivers and routes of `c
 invalid file exits 2 with one line naming the field) reads the cluster's events stream through
 the durable consumer `notifier` and delivers each event along its routes (first match, then the
 next while `continue: true`):
+- **a run's own request**: a Run annotated `rq.davidlangworthy.io/notify: RECEIVER[,...]` (and
+  optionally `...notify-kinds: KIND[,...]`) is told through those receivers too, as far as the
+  config's `runRequests` allows them (receivers and kinds), grouped by run;
 - **grouping**: events of one route, receiver and `groupBy` values wait `groupWait` after the
   first, then go as one message (a preemption storm is one message listing the runs); the next
   message of the same group waits until `repeatInterval` after the previous one, collecting
@@ -137,7 +140,13 @@ class Notifier:
             self.held[seq] = msg  # a redelivery of a message we hold: keep the newest handle
             return
         holds = 0
-        for index, route in enumerate(self.config.routes_for(event.owner, event.namespace, event.kind)):
+        routes: list[tuple[Any, Route]] = list(enumerate(self.config.routes_for(event.owner, event.namespace,
+                                                                                event.kind)))
+        for name in (n for n in event.data.get("notify", "").split(",") if n):  # the run's own request
+            asked = self.config.run_requests.route(name, event.kind)
+            if asked is not None and all(r.receiver != name for _, r in routes):
+                routes.append((f"run:{name}", asked))
+        for index, route in routes:
             if await self.recorded(route.receiver, event.id):
                 continue
             key = (index, route.receiver, group_values(route, event))

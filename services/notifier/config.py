@@ -69,10 +69,25 @@ class Route:
 
 
 @dataclass(frozen=True)
+class RunRequests:
+    """What a Run may ask for with its notify annotations: these receivers, these kinds."""
+
+    receivers: frozenset[str] = frozenset()
+    kinds: frozenset[str] = frozenset()
+    group_wait: float = 0.0
+
+    def route(self, receiver: str, kind: str) -> Route | None:
+        if receiver not in self.receivers or (self.kinds and kind not in self.kinds):
+            return None
+        return Route(receiver, group_by=("run",), group_wait=self.group_wait)
+
+
+@dataclass(frozen=True)
 class Config:
     receivers: dict[str, Receiver]
     routes: tuple[Route, ...]
     retry: Retry = field(default_factory=Retry)
+    run_requests: RunRequests = field(default_factory=RunRequests)
 
     def routes_for(self, owner: str, namespace: str, kind: str) -> list[Route]:
         """The routes an event takes: the first match, and after it every match while the
@@ -211,7 +226,7 @@ def _route(raw: Any, path: str, receivers: dict[str, Receiver]) -> Route:
 
 def parse(doc: Any) -> Config:
     m = _map(doc, "")
-    _only(m, ("receivers", "routes", "retry"), "")
+    _only(m, ("receivers", "routes", "retry", "runRequests"), "")
     raw_receivers = m.get("receivers")
     if not isinstance(raw_receivers, list) or not raw_receivers:
         raise ConfigError("receivers", "required: a list of at least one receiver")
@@ -229,7 +244,19 @@ def parse(doc: Any) -> Config:
     _only(retry_raw, ("initial", "max", "attempts"), "retry")
     retry = Retry(_duration(retry_raw, "initial", "retry", 1.0) or 0.1, _duration(retry_raw, "max", "retry", 300.0),
                   _positive(retry_raw, "attempts", "retry", 8))
-    return Config(receivers, routes, retry)
+    rr = _map(m.get("runRequests", {}), "runRequests")
+    _only(rr, ("receivers", "kinds", "groupWait"), "runRequests")
+    allowed = rr.get("receivers", [])
+    if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
+        raise ConfigError("runRequests.receivers", "must be a list of receiver names")
+    for i, name in enumerate(allowed):
+        if name not in receivers:
+            raise ConfigError(f"runRequests.receivers[{i}]", f"no receiver named {name!r}")
+    kinds = rr.get("kinds", [])
+    if not isinstance(kinds, list) or not all(k in KINDS for k in kinds):
+        raise ConfigError("runRequests.kinds", f"must be a list of event kinds: {', '.join(KINDS)}")
+    requests = RunRequests(frozenset(allowed), frozenset(kinds), _duration(rr, "groupWait", "runRequests", 0.0))
+    return Config(receivers, routes, retry, requests)
 
 
 def load(path: str | Path) -> Config:

@@ -174,6 +174,23 @@ def test_an_smtp_server_that_refuses_then_accepts(nats_server: NatsServer, clust
         assert "GPU-hours run out at 2027-01-01T00:00:00Z" in body, "what happens next"
 
 
+def test_a_run_asks_for_its_own_receivers_within_what_the_config_allows(nats_server: NatsServer,
+                                                                        cluster: str) -> None:
+    with http_receiver() as http:
+        config = {"receivers": [{"name": "team", "webhook": {"url": f"{http.url}/team"}},
+                                {"name": "leads", "webhook": {"url": f"{http.url}/leads"}}],
+                  "runRequests": {"receivers": ["team"], "kinds": ["RunFailed", "RunCompleted"]},
+                  "routes": [{"match": {"kinds": ["RunCompleted"]}, "receiver": "leads", "groupWait": "0s"}]}
+        asked = event(1, "RunFailed", "o", "n/a", notify="team,leads")  # leads: not the run's to ask
+        also = event(2, "RunCompleted", "o", "n/b", notify="team")
+        unasked = event(3, "RunFailed", "o", "n/c")
+        asyncio.run(_run(nats_server.url, cluster, config, [asked, also, unasked],
+                         lambda: len(http.got.get("team", [])) == 2 and http.got.get("leads")))
+        team = sorted(b["id"] for b, _, _ in http.got["team"])
+        assert team == ["1-0", "2-0"], "the run's own receiver, for the kinds the config allows"
+        assert [b["id"] for b, _, _ in http.got["leads"]] == ["2-0"], "a run cannot add a receiver it may not"
+
+
 @pytest.mark.parametrize(("doc", "path"), [
     ({}, "receivers"),
     ({"receivers": [{"name": "a"}], "routes": []}, "receivers[0]"),
@@ -191,6 +208,8 @@ def test_an_smtp_server_that_refuses_then_accepts(nats_server: NatsServer, clust
       "routes": [{"receiver": "a"}]}, "receivers[0].slack.webhookURLEnv"),
     ({"receivers": [{"name": "a", "webhook": {"url": "http://x"}}], "routes": [{"receiver": "a"}], "extra": 1},
      "extra"),
+    ({"receivers": [{"name": "a", "webhook": {"url": "http://x"}}], "routes": [{"receiver": "a"}],
+      "runRequests": {"receivers": ["b"]}}, "runRequests.receivers[0]"),
 ])
 def test_an_invalid_config_names_the_field(doc: dict[str, Any], path: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -86,3 +86,42 @@ def test_the_simulator_gives_the_events_the_followers_derive() -> None:
     path = ROOT.parent / "shared" / "scenarios" / "04-reservation-cut-order.yaml"
     _, _, events = play(path)
     assert scenario_events(S.load_scenario(path)) == events
+
+
+def test_a_run_may_ask_for_its_own_notifications() -> None:
+    import pytest
+
+    from jobtree.api.jobtree.v1 import objects_pb2 as pb
+    from jobtree.core.errors import ValidationError
+    from jobtree.core.manifest import NOTIFY_ANNOTATION, NOTIFY_KINDS_ANNOTATION
+
+    doc = {"apiVersion": "rq.davidlangworthy.io/v1", "kind": "Run",
+           "metadata": {"name": "r", "namespace": "n", "annotations": {
+               NOTIFY_ANNOTATION: "ml-slack, audit", NOTIFY_KINDS_ANNOTATION: "RunFailed,RunPreempted"}},
+           "spec": {"owner": "org:a", "resources": {"gpuType": "H100-80GB", "totalGPUs": 8}}}
+    msg = convert.manifest_to_proto(doc)
+    assert isinstance(msg, pb.Run)
+    run = convert.run_from_proto(msg)
+    assert run.notify == ("ml-slack", "audit") and run.notify_kinds == ("RunFailed", "RunPreempted")
+    assert convert.run_from_ledger(convert.run_to_proto(run)) == run, "the ledger keeps the request"
+    doc["metadata"]["annotations"][NOTIFY_KINDS_ANNOTATION] = "RunExploded"  # type: ignore[index]
+    with pytest.raises(ValidationError) as err:
+        convert.run_from_proto(convert.manifest_to_proto(doc))  # type: ignore[arg-type]
+    assert err.value.path == f"metadata.annotations.{NOTIFY_KINDS_ANNOTATION}"
+    doc["metadata"]["annotations"] = {NOTIFY_ANNOTATION: "not a name!"}  # type: ignore[index]
+    with pytest.raises(ValidationError) as err:
+        convert.manifest_to_proto(doc)
+    assert err.value.path == f"metadata.annotations.{NOTIFY_ANNOTATION}"
+
+
+def test_the_events_of_a_run_name_the_receivers_it_asked_for() -> None:
+    import yaml
+
+    text = (ROOT.parent / "shared" / "scenarios" / "01-fit-unfunded-refund.yaml").read_text()
+    doc = yaml.safe_load(text)
+    big = next(d for d in doc["steps"][0]["apply"] if d["metadata"]["name"] == "big")
+    big["metadata"]["annotations"] = {"rq.davidlangworthy.io/notify": "team-chat",
+                                      "rq.davidlangworthy.io/notify-kinds": "RunCompleted"}
+    events = scenario_events(S.scenario_from_doc(doc))
+    told = {(e.run, e.kind) for e in events if e.data.get("notify") == "team-chat"}
+    assert told == {("big", "RunCompleted")}, "only the kinds it asked for"

@@ -44,7 +44,7 @@ from jobtree.core.errors import field_path as _at
 from jobtree.core.errors import item_path as _item
 from jobtree.core.errors import show_value as _show
 from jobtree.core.facts import Command, Fact, JournalEntry, SpecChange
-from jobtree.core.manifest import API_VERSION, RUNTIME_ANNOTATION
+from jobtree.core.manifest import API_VERSION, NOTIFY_ANNOTATION, NOTIFY_KINDS_ANNOTATION, RUNTIME_ANNOTATION
 from jobtree.core.model import (
     Budget,
     EnvelopeRef,
@@ -271,6 +271,10 @@ def run_to_proto(run: Run, status: RunStatus | None = None) -> pb.Run:
     s = run.spec
     if s.runtime is not None:
         msg.metadata.annotations[RUNTIME_ANNOTATION] = format_duration(s.runtime)
+    if run.notify:
+        msg.metadata.annotations[NOTIFY_ANNOTATION] = ",".join(run.notify)
+    if run.notify_kinds:
+        msg.metadata.annotations[NOTIFY_KINDS_ANNOTATION] = ",".join(run.notify_kinds)
     spec = msg.spec
     spec.owner = s.owner
     spec.resources.gpu_type = s.gpu_type
@@ -325,7 +329,18 @@ def run_from_proto(msg: pb.Run, path: str = "") -> Run:
     doc.setdefault("kind", "Run")
     run = core_manifest.parse_run(doc, path)  # the list limits first: they name the field
     check_size(msg, path)
+    _check_notify_kinds(run, path)
     return run
+
+
+def _check_notify_kinds(run: Run, path: str) -> None:
+    """A Run's notify-kinds name run event kinds (the core checks only that they are names)."""
+    from jobtree.api.events import RUN_KINDS
+
+    for kind in run.notify_kinds:
+        if kind not in RUN_KINDS:
+            raise ValidationError(_at(path, f"metadata.annotations.{NOTIFY_KINDS_ANNOTATION}"),
+                                  f"unknown kind {kind!r}; kinds about a run: {', '.join(RUN_KINDS)}")
 
 
 def run_from_ledger(msg: pb.Run) -> Run:
@@ -362,7 +377,10 @@ def run_from_ledger(msg: pb.Run) -> Run:
         checkpoint=parse_duration(s.runtime.checkpoint) if s.runtime.HasField("checkpoint") else None,
         runtime=parse_duration(runtime) if runtime is not None else None,
     )
-    return Run(msg.metadata.namespace, msg.metadata.name, spec)
+    notes = msg.metadata.annotations
+    return Run(msg.metadata.namespace, msg.metadata.name, spec,
+               tuple(n for n in notes.get(NOTIFY_ANNOTATION, "").split(",") if n),
+               tuple(n for n in notes.get(NOTIFY_KINDS_ANNOTATION, "").split(",") if n))
 
 
 _STATUS_INSTANTS = (

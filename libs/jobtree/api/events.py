@@ -12,6 +12,8 @@ RunFailed, LendingRecalled (borrowed or shared GPUs turned unfunded by the lende
 an envelope's BudgetGPUHoursThreshold (50, 80, 100 % of maxGPUHours, with the projected
 exhaustion instant), WindowOpened, WindowClosed; NodeFenced. `cloudevent(e)` is the JSON
 structured mode (for webhooks and people); `bus_subject(cluster, e)` the NATS subject.
+A run that asks for its own notifications (annotations `rq.davidlangworthy.io/notify` and
+`...notify-kinds`) has its receivers in the `notify` data of its events of those kinds.
 Not: publishing (the budget service), delivery (the notifier).
 """
 
@@ -59,6 +61,9 @@ KINDS: dict[str, str] = {
     "NodeFenced": "a node failed or was taken out of service",
 }
 
+RUN_KINDS = tuple(k for k in KINDS if k.startswith("Run") or k == "LendingRecalled")
+"""The kinds about one run (what a Run's `rq.davidlangworthy.io/notify-kinds` may name)."""
+
 _CUT = {"RandomPreempt": "RunPreempted", "ReclaimUnfunded": "RunReclaimed"}
 
 
@@ -93,8 +98,11 @@ class Deriver:
             if run:
                 e.namespace, e.run = _split(run)
                 e.subject = f"runs/{run}"
-                if not owner and run in cl.runs:
-                    e.owner = cl.runs[run].spec.owner
+                spec = cl.runs.get(run)
+                if not owner and spec is not None:
+                    e.owner = spec.spec.owner
+                if spec is not None and spec.notify and (not spec.notify_kinds or kind in spec.notify_kinds):
+                    e.data["notify"] = ",".join(spec.notify)  # the run asks for these receivers
             elif budget:
                 e.subject = f"budgets/{budget}/{envelope}" if envelope else f"budgets/{budget}"
             elif node:

@@ -50,6 +50,8 @@ from jobtree.core.timefmt import HOUR, format_time, parse_duration, parse_time
 
 __all__ = [
     "API_VERSION",
+    "NOTIFY_ANNOTATION",
+    "NOTIFY_KINDS_ANNOTATION",
     "RUNTIME_ANNOTATION",
     "generate_nodes",
     "parse_budget",
@@ -60,6 +62,10 @@ __all__ = [
 
 API_VERSION = "rq.davidlangworthy.io/v1"
 RUNTIME_ANNOTATION = "jobtree.sim/runtime"
+NOTIFY_ANNOTATION = "rq.davidlangworthy.io/notify"
+"""A Run's own notifications: receiver names, comma-separated (the notifier's config allows them)."""
+NOTIFY_KINDS_ANNOTATION = "rq.davidlangworthy.io/notify-kinds"
+"""... and the event kinds it wants (comma-separated; absent: every kind about the run)."""
 _SIM_ANNOTATION_PREFIX = "jobtree.sim/"
 
 _TOP_LEVEL = ("apiVersion", "kind", "metadata", "spec")
@@ -606,11 +612,30 @@ def _run(fields: dict[str, object], path: str) -> Run:
     runtime = _optional(
         meta.annotations, RUNTIME_ANNOTATION, _at(meta_path, "annotations"), _positive_duration
     )
+    notes_path = _at(meta_path, "annotations")
     return Run(
         namespace=meta.namespace or "default",
         name=meta.name,
         spec=_run_spec(fields["spec"], _at(path, "spec"), meta.name, runtime),
+        notify=_names(meta.annotations.get(NOTIFY_ANNOTATION), _at(notes_path, NOTIFY_ANNOTATION)),
+        notify_kinds=_names(meta.annotations.get(NOTIFY_KINDS_ANNOTATION), _at(notes_path, NOTIFY_KINDS_ANNOTATION)),
     )
+
+
+_NOTIFY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def _names(value: str | None, path: str) -> tuple[str, ...]:
+    """A comma-separated list of names (receivers, event kinds), each at most 63 characters."""
+    if value is None:
+        return ()
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    for n in names:
+        if not _NOTIFY_NAME.fullmatch(n):
+            raise ValidationError(path, f"{n!r} is not a name: letters, digits, '-', '_', '.', at most 63")
+    if len(names) > 16:
+        raise ValidationError(path, f"at most 16 names, got {len(names)}")
+    return tuple(dict.fromkeys(names))
 
 
 # --- Public API ----------------------------------------------------------------------------

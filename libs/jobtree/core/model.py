@@ -221,6 +221,11 @@ class Run:
     namespace: str
     name: str
     spec: RunSpec
+    notify: tuple[str, ...] = ()
+    """Receivers the run asks the notifier to tell (annotation `rq.davidlangworthy.io/notify`);
+    not part of the calculus, carried so that the events of the run can name them."""
+    notify_kinds: tuple[str, ...] = ()
+    """... of these event kinds only (`rq.davidlangworthy.io/notify-kinds`; empty: every kind)."""
 
     @property
     def key(self) -> str:
