@@ -223,3 +223,18 @@ def test_secrets_come_from_files(tmp_path: Path) -> None:
                  "routes": [{"receiver": "s"}]})
     assert cfg.receivers["s"].url == "https://hooks.example.org/secret"
 
+
+
+def test_an_invalid_config_stops_serve_and_up_with_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "notify.yaml"
+    bad.write_text("receivers: [{name: a, webhook: {url: 'http://x'}}]\nroutes: [{receiver: a, groupWait: soon}]\n")
+    for argv in (["serve", "notifier", "--config", str(bad)],
+                 ["up", "--data-dir", str(tmp_path / "jt"), "--grpc-port", "0", "--notify", str(bad)]):
+        out = subprocess.run([sys.executable, "-m", "jobtree.cli.main", *argv], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, (argv, out.stderr)
+        assert "routes[0].groupWait" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "jt").exists(), "nothing started"

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -171,5 +172,9 @@ def test_a_notifier_killed_during_a_burst_delivers_every_event(tmp_path: Path) -
                 by_run.setdefault(e["data"]["run"], set()).add(e["id"])
             assert all(len(ids) == 1 for ids in by_run.values()), "a duplicate carries the same event id"
             assert up.state()["restarts"].get("notifier", 0) >= 1
+            metrics = urllib.request.urlopen(f"http://{up.state()['metrics']['notifier']}/metrics", timeout=10).read()
+            delivered = [line for line in metrics.decode().splitlines()
+                         if line.startswith('jobtree_notifier_delivered_total{kind="RunRunning",receiver="audit"}')]
+            assert delivered and float(delivered[0].split()[-1]) >= 1, "the restarted notifier counts what it sent"
         finally:
             up.stop()
