@@ -161,17 +161,19 @@ def run(name: str, ns: str, gpus: int, *, group: int | None = None, owner: str |
             "spec": body}
 
 
-class KubeUp:
-    """`jobtree up --kubeconfig` against a stand-in; stdout lines read by a thread."""
+class UpProcess:
+    """`jobtree up` as a process (a free gRPC port, one admission, `args` added); its stdout
+    lines read by a thread, stderr to a file beside the data directory."""
 
-    def __init__(self, data_dir: Path, standin: StandIn, cluster: str, *args: str) -> None:
+    def __init__(self, data_dir: Path, cluster: str, *args: str, env: dict[str, str] | None = None) -> None:
         self.data_dir, self.cluster = data_dir, cluster
         self.err_path = data_dir.parent / f"{data_dir.name}-up.err"
         self._err: IO[str] = self.err_path.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jobtree.cli.main", "up", "--data-dir", str(data_dir), "--grpc-port", "0",
-             "--cluster", cluster, "--admission-replicas", "1", "--kubeconfig", str(standin.kubeconfig), *args],
-            cwd=REPO, text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._err)
+             "--cluster", cluster, "--admission-replicas", "1", *args],
+            cwd=REPO, text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._err,
+            env={**os.environ, **(env or {})})
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.nats = ""
@@ -182,7 +184,7 @@ class KubeUp:
         for line in self.proc.stdout:
             self.lines.put(line.rstrip("\n"))
 
-    def wait_ready(self, timeout: float = 30.0) -> KubeUp:
+    def wait_ready(self, timeout: float = 40.0) -> UpProcess:
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -204,8 +206,11 @@ class KubeUp:
         doc: Json = json.loads((self.data_dir / "up.json").read_text())
         return doc
 
-    def bridge_log(self) -> str:
-        return "".join(p.read_text() for p in sorted((self.data_dir / "logs").glob("kube-bridge*.log")))
+    def log(self, service: str) -> str:
+        return "".join(p.read_text() for p in sorted((self.data_dir / "logs").glob(f"{service}*.log")))
+
+    def admin(self) -> str:
+        return str(json.loads((self.data_dir / "secrets.json").read_text())["users"]["admin"])
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -223,10 +228,8 @@ class KubeUp:
 
         from jobtree.bus.ledger import Ledger
 
-        password = json.loads((self.data_dir / "secrets.json").read_text())["users"]["admin"]
-
         async def read() -> list[Any]:
-            nc = await nats_client.connect(self.nats, user="admin", password=password)
+            nc = await nats_client.connect(self.nats, user="admin", password=self.admin())
             try:
                 records = await Ledger(nc.jetstream(), self.cluster).replay()
                 return [e for r in records for e in r.batch.entries]
@@ -245,3 +248,8 @@ def poll_until(what: str, probe: Any, timeout: float = 20.0, every: float = 0.2)
         if time.monotonic() > deadline:
             pytest.fail(f"{what} within {timeout:g} s (last: {got!r})")
         time.sleep(every)
+
+
+def KubeUp(data_dir: Path, standin: StandIn, cluster: str, *args: str) -> UpProcess:
+    """`jobtree up --kubeconfig` against a stand-in API server."""
+    return UpProcess(data_dir, cluster, "--kubeconfig", str(standin.kubeconfig), *args)

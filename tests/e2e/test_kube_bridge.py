@@ -11,13 +11,13 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from kubeenv import WORKER, KubeUp, StandIn, budget, gpu_node, namespace, poll_until, run
+from kubeenv import WORKER, KubeUp, StandIn, UpProcess, budget, gpu_node, namespace, poll_until, run
 
 CLUSTER = "kube"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StandIn, KubeUp]]:
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StandIn, UpProcess]]:
     work = tmp_path_factory.mktemp("kube")
     api = StandIn(work)
     api.apply_crds()
@@ -54,7 +54,7 @@ def _run_specs(up: KubeUp) -> Counter[str]:
                    for e in up.ledger_entries() if e.WhichOneof("fact") == "spec_put")
 
 
-def test_apply_a_budget_and_a_run_and_kubectl_wait_for_running(env: tuple[StandIn, KubeUp]) -> None:
+def test_apply_a_budget_and_a_run_and_kubectl_wait_for_running(env: tuple[StandIn, UpProcess]) -> None:
     api, up = env
     _flavored(api, "F1", {"f1-a": "d1", "f1-b": "d1"})
     api.apply(budget("one", "org:one", [{"name": "pool", "flavor": "F1", "concurrency": 16}]),
@@ -105,7 +105,7 @@ def test_apply_a_budget_and_a_run_and_kubectl_wait_for_running(env: tuple[StandI
     assert _run_specs(up)["one/train"] == 1
 
 
-def test_owners_can_not_be_forged(env: tuple[StandIn, KubeUp]) -> None:
+def test_owners_can_not_be_forged(env: tuple[StandIn, UpProcess]) -> None:
     api, up = env
     _flavored(api, "F2", {"f2-a": "d2"})
     api.apply(budget("two", "org:two", [{"name": "pool", "flavor": "F2", "concurrency": 8}]),
@@ -132,7 +132,7 @@ def test_owners_can_not_be_forged(env: tuple[StandIn, KubeUp]) -> None:
 
 
 def test_a_node_not_ready_past_its_grace_is_fenced_and_the_gang_swaps_to_its_spare(
-        env: tuple[StandIn, KubeUp]) -> None:
+        env: tuple[StandIn, UpProcess]) -> None:
     api, up = env
     _flavored(api, "F3", {"f3-a": "d3", "f3-b": "d3"})
     api.apply(budget("three", "org:three", [{"name": "pool", "flavor": "F3", "concurrency": 16}]),
@@ -153,10 +153,10 @@ def test_a_node_not_ready_past_its_grace_is_fenced_and_the_gang_swaps_to_its_spa
     assert _run(api, "three", "swap")["status"]["phase"] == "Running"
     assert "Swapped" in poll_until("a Swapped event", lambda: {
         e["reason"] for e in api.get_json("events", "-n", "three")["items"]} & {"Swapped"})
-    assert "fencing node" in up.bridge_log()
+    assert "fencing node" in up.log("kube-bridge")
 
 
-def test_a_node_lost_without_a_spare_requeues_a_checkpointed_run(env: tuple[StandIn, KubeUp]) -> None:
+def test_a_node_lost_without_a_spare_requeues_a_checkpointed_run(env: tuple[StandIn, UpProcess]) -> None:
     api, _ = env
     _flavored(api, "F7", {"f7-a": "d7", "f7-b": "d7"})
     api.apply(budget("seven", "org:seven", [{"name": "pool", "flavor": "F7", "concurrency": 8}]),
@@ -172,7 +172,7 @@ def test_a_node_lost_without_a_spare_requeues_a_checkpointed_run(env: tuple[Stan
     assert len(open_) == 1 and open_[0]["spec"]["slots"][0]["node"] != node
 
 
-def test_a_killed_bridge_converges_and_decides_nothing_twice(env: tuple[StandIn, KubeUp]) -> None:
+def test_a_killed_bridge_converges_and_decides_nothing_twice(env: tuple[StandIn, UpProcess]) -> None:
     api, up = env
     _flavored(api, "F4", {f"f4-{i}": "d4" for i in range(4)})
     api.apply(budget("four", "org:four", [{"name": "pool", "flavor": "F4", "concurrency": 32}]),
@@ -194,7 +194,7 @@ def test_a_killed_bridge_converges_and_decides_nothing_twice(env: tuple[StandIn,
     assert json.loads((up.data_dir / "up.json").read_text())["restarts"].get("kube-bridge", 0) >= 1
 
 
-def test_deleting_a_run_object_deletes_the_run_and_its_pods(env: tuple[StandIn, KubeUp]) -> None:
+def test_deleting_a_run_object_deletes_the_run_and_its_pods(env: tuple[StandIn, UpProcess]) -> None:
     api, up = env
     _flavored(api, "F5", {"f5-a": "d5"})
     spec = run("gone", "five", 8, roles=WORKER, flavor="F5")
@@ -208,7 +208,7 @@ def test_deleting_a_run_object_deletes_the_run_and_its_pods(env: tuple[StandIn, 
     poll_until("its pods gone", lambda: not _pods(api, "five"))
 
 
-def test_an_invalid_run_is_refused_with_the_field_path(env: tuple[StandIn, KubeUp]) -> None:
+def test_an_invalid_run_is_refused_with_the_field_path(env: tuple[StandIn, UpProcess]) -> None:
     api, _ = env
     api.apply(namespace("six", "org:six"))
     bad = run("bad", "six", 0)
@@ -219,7 +219,7 @@ def test_an_invalid_run_is_refused_with_the_field_path(env: tuple[StandIn, KubeU
     assert "spec.roles[0].name" in roles["message"]
 
 
-def test_funded_work_reserves_and_the_cut_preempts_unfunded_work(env: tuple[StandIn, KubeUp]) -> None:
+def test_funded_work_reserves_and_the_cut_preempts_unfunded_work(env: tuple[StandIn, UpProcess]) -> None:
     api, _ = env
     _flavored(api, "F8", {"f8-a": "d8", "f8-b": "d8"})
     api.apply(budget("eight", "org:eight", [{"name": "pool", "flavor": "F8", "concurrency": 16}]),

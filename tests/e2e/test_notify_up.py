@@ -6,7 +6,6 @@ notifier killed during a burst loses nothing."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from typing import Any
 
 import nats
 import yaml
-from kubeenv import REPO, poll_until
+from kubeenv import UpProcess, poll_until
 from receivers import http_receiver, smtp_server
 
 from jobtree.api import convert
@@ -31,57 +30,24 @@ from jobtree.core.model import ClusterConfig
 CLUSTER = "demo"
 
 
-class NotifyUp:
-    def __init__(self, data_dir: Path, notify: dict[str, Any], config: dict[str, Any], env: dict[str, str]) -> None:
-        data_dir.mkdir(parents=True)
-        (data_dir.parent / "notify.yaml").write_text(yaml.safe_dump(notify))
-        (data_dir.parent / "cluster.yaml").write_text(yaml.safe_dump(config))
-        self.data_dir = data_dir
-        self.err = (data_dir.parent / "up.err").open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jobtree.cli.main", "up", "--data-dir", str(data_dir), "--grpc-port", "0",
-             "--admission-replicas", "1", "--notify", str(data_dir.parent / "notify.yaml"),
-             "--config", str(data_dir.parent / "cluster.yaml")],
-            cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=self.err, env={**os.environ, **env})
-        self.grpc = self.nats = ""
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + 40
-        for line in self.proc.stdout:
-            key, _, value = line.strip().partition(": ")
-            if key == "grpc":
-                self.grpc = value
-            elif key == "nats":
-                self.nats = value
-            elif key == "metrics":
-                break
-            assert time.monotonic() < deadline
-        assert self.grpc, (data_dir.parent / "up.err").read_text()
+def notify_up(work: Path, notify: dict[str, Any], config: dict[str, Any], env: dict[str, str] | None = None
+              ) -> UpProcess:
+    """`jobtree up --notify --config` on the demo cluster."""
+    (work / "notify.yaml").write_text(yaml.safe_dump(notify))
+    (work / "cluster.yaml").write_text(yaml.safe_dump(config))
+    return UpProcess(work / "jt", CLUSTER, "--notify", str(work / "notify.yaml"), "--config",
+                     str(work / "cluster.yaml"), env=env).wait_ready()
 
-    def runs(self, *args: str, stdin: str | None = None) -> str:
-        env = {**os.environ, "JOBTREE_SERVER": self.grpc}
-        out = subprocess.run([sys.executable, "-m", "jobtree.cli.runs", *args], input=stdin, capture_output=True,
-                             text=True, env=env, timeout=60)
-        assert out.returncode == 0, out.stderr
-        return out.stdout
 
-    def submit(self, *docs: dict[str, Any]) -> None:
-        self.runs("submit", "-f", "-", stdin=yaml.safe_dump_all(docs))
+def submit(up: UpProcess, *docs: dict[str, Any]) -> None:
+    runs(up, "submit", "-f", "-", stdin=yaml.safe_dump_all(docs))
 
-    def state(self) -> dict[str, Any]:
-        doc: dict[str, Any] = json.loads((self.data_dir / "up.json").read_text())
-        return doc
 
-    def admin(self) -> str:
-        return str(json.loads((self.data_dir / "secrets.json").read_text())["users"]["admin"])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.err.close()
+def runs(up: UpProcess, *args: str, stdin: str | None = None) -> str:
+    out = subprocess.run([sys.executable, "-m", "jobtree.cli.runs", *args], input=stdin, capture_output=True,
+                         text=True, env={**os.environ, "JOBTREE_SERVER": up.grpc}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 def run(name: str, ns: str, owner: str, gpus: int, group: int | None = None) -> dict[str, Any]:
@@ -103,14 +69,14 @@ def test_a_preemption_reaches_slack_and_a_gpu_hours_threshold_the_mailbox(tmp_pa
                        {"match": {"kinds": ["RunReclaimed", "RunPreempted"]}, "receiver": "slack", "groupWait": "0s"},
                        {"match": {"owner": "org:t*", "kinds": ["BudgetGPUHoursThreshold"]}, "receiver": "mail",
                         "groupWait": "0s"}]}
-        up = NotifyUp(tmp_path / "jt", notify, {"cluster": CLUSTER, "reservationLead": "2s"}, {})
+        up = notify_up(tmp_path, notify, {"cluster": CLUSTER, "reservationLead": "2s"})
         try:
-            up.submit({"apiVersion": "rq.davidlangworthy.io/v1", "kind": "Budget", "metadata": {"name": "tiny"},
+            submit(up, {"apiVersion": "rq.davidlangworthy.io/v1", "kind": "Budget", "metadata": {"name": "tiny"},
                        "spec": {"owner": "org:t", "envelopes": [{"name": "main", "flavor": "H100-80GB",
                                                                  "concurrency": 8, "maxGPUHours": 0.005}]}})
-            up.submit(run("spend", "t", "org:t", 8, 8))
-            up.submit(run("opp", "stray", "org:stray", 80, 8))
-            up.submit(run("main", "vision", "org:ml:vision", 16, 8))
+            submit(up, run("spend", "t", "org:t", 8, 8))
+            submit(up, run("opp", "stray", "org:stray", 80, 8))
+            submit(up, run("main", "vision", "org:ml:vision", 16, 8))
             started = time.monotonic()
             slack = poll_until("a preemption on Slack", lambda: http.got.get("slack"), timeout=30)
             body = slack[0][0]
@@ -120,13 +86,13 @@ def test_a_preemption_reaches_slack_and_a_gpu_hours_threshold_the_mailbox(tmp_pa
             assert "BudgetGPUHoursThreshold" in mail[0]["Subject"]
             assert "tiny/main" in mail[0].get_body(("plain",)).get_content()
             assert time.monotonic() - started < 30
-            poll_until("main running", lambda: "Running" in up.runs("-n", "vision", "get", "main"))
+            poll_until("main running", lambda: "Running" in runs(up, "-n", "vision", "get", "main"))
             assert_stream_is_the_ledger_replayed(up)
         finally:
             up.stop()
 
 
-def assert_stream_is_the_ledger_replayed(up: NotifyUp) -> None:
+def assert_stream_is_the_ledger_replayed(up: UpProcess) -> None:
     async def read() -> tuple[list[Any], list[Any]]:
         nc = await nats.connect(up.nats, user="admin", password=up.admin())
         js = nc.jetstream()
@@ -154,11 +120,11 @@ def test_a_notifier_killed_during_a_burst_delivers_every_event(tmp_path: Path) -
     with http_receiver() as http:
         notify = {"receivers": [{"name": "audit", "webhook": {"url": f"{http.url}/audit"}}],
                   "routes": [{"match": {"kinds": ["RunRunning"]}, "receiver": "audit", "groupWait": "0s"}]}
-        up = NotifyUp(tmp_path / "jt", notify, {"cluster": CLUSTER}, {"JOBTREE_NOTIFIER_ACK_WAIT": "3"})
+        up = notify_up(tmp_path, notify, {"cluster": CLUSTER}, {"JOBTREE_NOTIFIER_ACK_WAIT": "3"})
         try:
-            up.submit(*(run(f"b{i}", "burst", "org:stray", 1) for i in range(12)))
+            submit(up, *(run(f"b{i}", "burst", "org:stray", 1) for i in range(12)))
             os.kill(int(up.state()["services"]["notifier"]), signal.SIGKILL)
-            up.submit(*(run(f"c{i}", "burst", "org:stray", 1) for i in range(12)))
+            submit(up, *(run(f"c{i}", "burst", "org:stray", 1) for i in range(12)))
 
             def runs_told() -> set[str]:
                 return {e["data"]["run"] for b, _, _ in http.got.get("audit", [])

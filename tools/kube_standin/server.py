@@ -101,6 +101,10 @@ class StandIn(kmock.KubernetesScaffold):  # type: ignore[misc]
         except (ConnectionResetError, asyncio.CancelledError):
             raise
         except Exception as exc:  # a bug of the stand-in: say so as an apiserver would
+            if TRACE:
+                import traceback
+
+                traceback.print_exc(file=sys.stderr)
             err = ApiError(500, "InternalError", f"stand-in failure: {exc!r}")
             return aiohttp.web.json_response(err.status(), status=500)
 
@@ -201,13 +205,14 @@ class StandIn(kmock.KubernetesScaffold):  # type: ignore[misc]
                 last = await self._relay(send, event, kind, selected, matching, last)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        changed = asyncio.Event()
+        store.waiters.add(changed)
         try:
             while loop.time() < deadline:
-                async with store.changed:
-                    if store.rv <= last:
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(store.changed.wait(),
-                                                   min(BOOKMARK_EVERY, max(0.0, deadline - loop.time())))
+                changed.clear()
+                if store.rv <= last:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), min(BOOKMARK_EVERY, max(0.0, deadline - loop.time())))
                 try:
                     events = list(store.events_since(last))
                 except ApiError as err:  # this watcher fell behind the history
@@ -220,6 +225,8 @@ class StandIn(kmock.KubernetesScaffold):  # type: ignore[misc]
                     last = max(last, store.rv)
         except (ConnectionResetError, asyncio.CancelledError):
             return resp
+        finally:
+            store.waiters.discard(changed)
         await resp.write_eof()
         return resp
 

@@ -277,7 +277,8 @@ class Store:
         self.kinds: dict[tuple[str, str, str], Kind] = {k.key: k for k in copy.deepcopy(BUILTIN)}
         self.rv = 1
         self.history: deque[Event] = deque(maxlen=HISTORY)
-        self.changed = asyncio.Condition()
+        self.waiters: set[asyncio.Event] = set()
+        """One event per watch, set at every change (no lock: a watch never blocks a writer)."""
         for name in ("default", "kube-system", "kube-public"):  # as every cluster has them
             self.create(self.kinds[("", "v1", "namespaces")], None, {"metadata": {"name": name}})
 
@@ -345,8 +346,8 @@ class Store:
         self.history.append(Event(int(obj["metadata"]["resourceVersion"]), kind, type_, copy.deepcopy(obj)))
 
     async def notify(self) -> None:
-        async with self.changed:
-            self.changed.notify_all()
+        for waiter in list(self.waiters):
+            waiter.set()
 
     def _check_namespace(self, kind: Kind, namespace: str | None) -> str:
         if not kind.namespaced:
