@@ -6,6 +6,7 @@ notifier killed during a burst loses nothing."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -88,6 +89,14 @@ def test_a_preemption_reaches_slack_and_a_gpu_hours_threshold_the_mailbox(tmp_pa
             assert time.monotonic() - started < 30
             poll_until("main running", lambda: "Running" in runs(up, "-n", "vision", "get", "main"))
             assert_stream_is_the_ledger_replayed(up)
+            told = [json.loads(line) for line in runs(up, "-o", "json", "events", "--kinds", "RunReclaimed").splitlines()]
+            assert told and all(e["type"] == "io.davidlangworthy.rq.RunReclaimed" for e in told)
+            assert {e["data"]["run"] for e in told} == {"opp"} and told[0]["data"]["seed"]
+            mine = runs(up, "-n", "vision", "events", "--owner", "org:ml")
+            assert "RunRunning" in mine and "runs/vision/main" in mine and "stray" not in mine
+            assert "(none)" in runs(up, "events", "--owner", "org:nobody")
+            followed = runs(up, "--timeout", "2", "events", "-w", "--kinds", "RunReserved")
+            assert "runs/vision/main" in followed, "-w prints what is kept, then follows until --timeout"
         finally:
             up.stop()
 
