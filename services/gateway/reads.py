@@ -207,7 +207,9 @@ class Reads(GatewayBase):
                 if request.namespace and _split(lease.run)[0] != request.namespace:
                     continue
                 out.append(convert.lease_to_proto(lease))
-            return api.ListLeasesResponse(leases=out, ledger_sequence=self.follower.sequence)
+            classes = {m.metadata.name: self.view.funding.class_of(m.metadata.name).value
+                       for m in out if self.view.leases[m.metadata.name].open}
+            return api.ListLeasesResponse(leases=out, ledger_sequence=self.follower.sequence, classes=classes)
 
         return await self._guard(context, handle)
 

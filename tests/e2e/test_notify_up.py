@@ -95,7 +95,13 @@ def test_a_preemption_reaches_slack_and_a_gpu_hours_threshold_the_mailbox(tmp_pa
             mine = runs(up, "-n", "vision", "events", "--owner", "org:ml")
             assert "RunRunning" in mine and "runs/vision/main" in mine and "stray" not in mine
             assert "(none)" in runs(up, "events", "--owner", "org:nobody")
-            followed = runs(up, "--timeout", "2", "events", "-w", "--kinds", "RunReserved")
+            top = runs(up, "top")
+            spent = next(line for line in top.splitlines() if "t/spend (org:t)" in line)
+            assert "░" * 8 in spent, "GPU-hours spent: it runs on, unfunded"
+            assert "vision/main (org:ml:vision)" in top, top
+            assert "us-west/demo/" in runs(up, "top", "--summary") or "/demo/" in runs(up, "top", "--summary")
+            assert "tiny/main: [" in runs(up, "budgets", "burn", "org:t")
+            followed = runs(up, "--timeout", "6", "events", "-w", "--kinds", "RunReserved")
             assert "runs/vision/main" in followed, "-w prints what is kept, then follows until --timeout"
         finally:
             up.stop()

@@ -12,6 +12,7 @@ Not: a parser (see `scenario`), not a renderer (see `table`).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from jobtree.core import facts as F
@@ -39,6 +40,18 @@ def commands_of(action: S.Action) -> list[F.Command]:
     }
     make = simple.get(type(action))
     return [make(action)] if make else []
+
+
+def final_cluster(scenario: S.Scenario) -> Cluster:
+    """The core's view after every step of a scenario (refused steps commit nothing)."""
+    cl = Cluster(scenario.config, scenario.nodes, scenario.start)
+    for step in scenario.steps:
+        cl.advance(step.at)
+        cmds = commands_of(step.action)
+        if cmds:
+            with contextlib.suppress(ValidationError):
+                cl.submit(*cmds)
+    return cl
 
 
 def run_scenario(scenario: S.Scenario, check_invariants: bool = False) -> dict[str, Any]:

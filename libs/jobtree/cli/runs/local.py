@@ -33,7 +33,9 @@ from jobtree.cli.runs.output import (
     _to_dict,
     kinds_of,
     pods_of,
+    print_burn,
     print_events,
+    print_top,
 )
 
 # ================================================================================================
@@ -321,6 +323,8 @@ def local_budgets(st: LocalState, args: argparse.Namespace, out: TextIO) -> int:
                               for b in chosen]) + "\n")
         return EXIT_OK
     state = st.state()
+    if args.budgets_command == "burn":
+        args.owner, args.budget, args.flavor = args.owner, None, None
     envelopes = []
     for row in state["budgets"]:
         b = budgets[row["name"]]
@@ -333,8 +337,27 @@ def local_budgets(st: LocalState, args: argparse.Namespace, out: TextIO) -> int:
                               "concurrency": env.concurrency, "funded": env_row["funded"],
                               "headroom": env_row["headroom"], "consumedGPUHours": env_row["consumedGPUHours"],
                               "maxGPUHours": env.max_gpu_hours})
+    if args.budgets_command == "burn":
+        print_burn(args.owner, envelopes, state["time"], output, out)
+        return EXIT_OK
     unfunded = {o: h for o, h in state["unfundedGPUHours"].items() if not args.owner or o == args.owner}
     _print_usage(envelopes, unfunded, output, out)
+    return EXIT_OK
+
+
+def local_top(st: LocalState, args: argparse.Namespace, out: TextIO) -> int:
+    from jobtree.cli.runs.pictures import NodeRow, SlotRow
+    from jobtree.core.model import Role
+    from jobtree.sim.runner import final_cluster
+    from jobtree.sim.scenario import scenario_from_doc
+
+    doc = st._with({"at": st.at}) if st.at is not None else st.doc
+    cl = final_cluster(scenario_from_doc(doc))
+    nodes = [NodeRow(n.name, n.gpus, n.domain, n.state.value) for n in cl.topo.nodes.values()]
+    slots = [SlotRow(node, index, "spare" if lease.role is Role.SPARE else cl.funding.class_of(lease.name).value,
+                     lease.owner, lease.run)
+             for leases in cl.open_by_run.values() for lease in leases.values() for node, index in lease.slots]
+    print_top(nodes, slots, args, st.output, out)
     return EXIT_OK
 
 
@@ -425,6 +448,8 @@ def run_local(args: argparse.Namespace, opts: Options, out: TextIO) -> int:
         return local_watch(st, args.names, opts.namespace, not args.no_initial, out)
     if cmd == "events":
         return local_events(st, args, out)
+    if cmd == "top":
+        return local_top(st, args, out)
     if cmd == "explain":
         return local_explain(st, _run_key(args.name, opts.namespace), out)
     if cmd == "budgets":

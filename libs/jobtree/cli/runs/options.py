@@ -75,6 +75,7 @@ COMMANDS: dict[str, str] = {
     "shrink": "set the desired width of an elastic run",
     "leases": "GPU leases (open ones; --all for the closed too)",
     "events": "what happened: run, budget and node events (-w to follow)",
+    "top": "the fleet as a picture: every node's GPUs by domain, who holds them, how they are funded",
     "pods": "the pods a run's open leases materialise",
     "complete": "report that a run's workload succeeded",
     "fail": "report that a run's workload failed",
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--owner")
     u.add_argument("--budget")
     u.add_argument("--flavor")
+    burn = bsub.add_parser("burn", help="an owner's GPU-hours against their caps, and when they run out")
+    _global_options(burn)
+    burn.add_argument("owner", metavar="OWNER")
     b = bsub.add_parser("list", help="the budgets as applied")
     _global_options(b)
     b.add_argument("--owner")
@@ -141,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("leases")
     p.add_argument("name", nargs="?", metavar="NAME", help="one run's leases (default: the namespace's)")
     p.add_argument("--all", action="store_true", help="closed leases too")
+    p = command("top")
+    p.add_argument("--summary", action="store_true", help="one line per fabric domain")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="colour by owner (auto: when printing to a terminal)")
     p = command("events")
     p.add_argument("-w", "--watch", action="store_true", help="keep printing new events")
     p.add_argument("--kinds", metavar="K,K", default="", help="only these kinds (RunPreempted,RunFailed,...)")

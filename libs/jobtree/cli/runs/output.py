@@ -246,3 +246,37 @@ def print_events(events: Iterable[Any], output: str, out: TextIO) -> int:
     if not count and output != "json":
         out.write("(none)\n")
     return count
+
+
+def print_burn(owner: str, envelopes: Sequence[Json], at: str, output: str, out: TextIO) -> int:
+    """`budgets burn OWNER`: each of the owner's envelopes as `pictures.burn` (JSON: the numbers)."""
+    from jobtree.cli.runs.pictures import burn
+    from jobtree.core.timefmt import format_time, parse_time
+
+    mine = [e for e in envelopes if e["owner"] == owner]
+    if not mine:
+        raise RunsError(f"owner {owner!r} has no envelope (see `budgets list`)")
+    rows = []
+    for e in mine:
+        funded = sum(e["funded"].get(k, 0) for k in ("owned", "shared", "borrowed"))
+        cap, used = e.get("maxGPUHours"), float(e["consumedGPUHours"])
+        exhausts = None
+        if cap and funded and used < cap:
+            exhausts = format_time(parse_time(at) + int((cap - used) * 3600 / funded))
+        rows.append({**e, "fundedNow": funded, "at": at, "exhaustsAt": exhausts})
+    if output == "json":
+        _dump(rows, out)
+    else:
+        out.write("\n".join(burn(f"{r['budget']}/{r['envelope']}", float(r["consumedGPUHours"]), r.get("maxGPUHours"),
+                                  r["fundedNow"], at, r["exhaustsAt"]) for r in rows) + "\n")
+    return len(rows)
+
+
+def print_top(nodes: Sequence[Any], slots: Sequence[Any], args: Any, output: str, out: TextIO) -> None:
+    from jobtree.cli.runs.pictures import fleet
+
+    if output == "json":
+        _dump({"nodes": [n.__dict__ for n in nodes], "slots": [s.__dict__ for s in slots]}, out)
+        return
+    color = args.color == "always" or (args.color == "auto" and out.isatty())
+    out.write(fleet(nodes, slots, color=color, summary=args.summary) + "\n")

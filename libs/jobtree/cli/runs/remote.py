@@ -41,7 +41,9 @@ from jobtree.cli.runs.output import (
     _to_dict,
     kinds_of,
     pods_of,
+    print_burn,
     print_events,
+    print_top,
     sim_run,
 )
 
@@ -317,9 +319,43 @@ def remote_explain(r: Remote, name: str, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _usage_row(e: Any) -> Json:
+    return {"budget": e.budget, "envelope": e.envelope, "owner": e.owner, "flavor": e.flavor,
+            "concurrency": e.concurrency,
+            "funded": {"owned": e.funded.owned, "shared": e.funded.shared, "borrowed": e.funded.borrowed,
+                       "spare": e.funded.spare},
+            "headroom": e.headroom, "consumedGPUHours": e.consumed_gpu_hours,
+            "maxGPUHours": e.max_gpu_hours if e.HasField("max_gpu_hours") else None}
+
+
+def remote_top(r: Remote, args: argparse.Namespace, out: TextIO) -> int:
+    from jobtree.api.jobtree.v1 import service_pb2 as api
+    from jobtree.cli.runs.pictures import NodeRow, SlotRow
+
+    nodes = r.call("ListNodes", api.ListNodesRequest()).nodes
+    leases = r.call("ListLeases", api.ListLeasesRequest(open_only=True))
+    rows = []
+    for n in nodes:
+        labels = dict(n.labels)
+        domain = f"{labels.get('region', '')}/{labels.get('cluster', '')}/{labels.get('fabric.domain', '')}"
+        rows.append(NodeRow(n.name, n.gpus, domain, n.state or "Ready"))
+    slots = [SlotRow(s.node, s.index, "spare" if m.spec.role == "Spare" else leases.classes.get(m.metadata.name, "?"),
+                     m.spec.owner, f"{m.metadata.namespace}/{m.spec.run_ref}")
+             for m in leases.leases for s in m.spec.slots]
+    print_top(rows, slots, args, r.opts.output, out)
+    return EXIT_OK
+
+
 def remote_budgets(r: Remote, args: argparse.Namespace, out: TextIO) -> int:
     from jobtree.api.jobtree.v1 import service_pb2 as api
 
+    if args.budgets_command == "burn":
+        resp = r.call("Usage", api.UsageRequest(owner=args.owner))
+        from jobtree.core.timefmt import format_time
+
+        print_burn(args.owner, [_usage_row(e) for e in resp.envelopes], format_time(resp.at.seconds),
+                   r.opts.output, out)
+        return EXIT_OK
     if args.budgets_command == "list":
         budgets = r.call("ListBudgets", api.ListBudgetsRequest(owner=args.owner or "")).budgets
         if r.opts.output == "json":
@@ -332,14 +368,7 @@ def remote_budgets(r: Remote, args: argparse.Namespace, out: TextIO) -> int:
         return EXIT_OK
     resp = r.call("Usage", api.UsageRequest(owner=args.owner or "", budget=args.budget or "",
                                             flavor=args.flavor or ""))
-    envelopes = []
-    for e in resp.envelopes:
-        envelopes.append({"budget": e.budget, "envelope": e.envelope, "owner": e.owner, "flavor": e.flavor,
-                          "concurrency": e.concurrency,
-                          "funded": {"owned": e.funded.owned, "shared": e.funded.shared,
-                                     "borrowed": e.funded.borrowed, "spare": e.funded.spare},
-                          "headroom": e.headroom, "consumedGPUHours": e.consumed_gpu_hours,
-                          "maxGPUHours": e.max_gpu_hours if e.HasField("max_gpu_hours") else None})
+    envelopes = [_usage_row(e) for e in resp.envelopes]
     unfunded = dict(sorted(resp.unfunded_gpu_hours.items()))
     _print_usage(envelopes, unfunded, r.opts.output, out)
     return EXIT_OK
@@ -426,6 +455,8 @@ def run_remote(args: argparse.Namespace, opts: Options, out: TextIO) -> int:
             return remote_watch(r, args.names, args.until, not args.no_initial, out)
         if cmd == "events":
             return remote_events(r, args, out)
+        if cmd == "top":
+            return remote_top(r, args, out)
         if cmd == "explain":
             return remote_explain(r, args.name, out)
         if cmd == "budgets":
