@@ -264,7 +264,7 @@ def test_bash_completion_completes_commands_and_nested_words() -> None:
 
     assert {"submit", "watch", "explain"} <= set(complete(""))
     assert complete("sp") == ["sponsors"]
-    assert sorted(complete("budgets", "")) == ["list", "usage"]
+    assert sorted(complete("budgets", "")) == ["burn", "list", "usage"]
     assert complete("completions", "f") == ["fish"]
     assert "--to" in complete("shrink", "x", "--")
     assert sorted(complete("get", "-o", "")) == ["json", "table"]
