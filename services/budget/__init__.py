@@ -18,7 +18,9 @@ the service decides nothing. It answers:
   envelope hours caps (absent when neither is capped).
 All three are request/reply handlers in the `budget` queue group (replicas share the load).
 It also derives the domain events from the ledger (`jobtree.api.events`) and publishes them
-into the cluster's events stream (`publisher`): the one publisher, so run one replica.
+into the cluster's events stream (`publisher`): the one publisher, so run one replica; and it
+exports the fleet's metrics (`metrics`: GPUs by owner, class and domain, envelopes, the queue,
+cuts, submit-to-bound latency).
 Not: a decision maker (admission is), not a writer.
 """
 
@@ -115,6 +117,7 @@ async def main(ctx: ServiceContext) -> None:
     if follower is None:
         return
     publishing = asyncio.ensure_future(publisher.run())
+    gauges = asyncio.ensure_future(publisher.refresh_forever())
 
     async def on_state(data: bytes) -> bytes:
         req = bus.StateRequest.FromString(data)
@@ -138,5 +141,6 @@ async def main(ctx: ServiceContext) -> None:
         await ctx.stopping.wait()
     finally:
         publishing.cancel()
+        gauges.cancel()
         await follower.stop()
 

@@ -21,6 +21,7 @@ from jobtree.api.events import Deriver
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.bus.eventstream import EventStream
 from jobtree.bus.runtime import ServiceContext
+from jobtree.services.budget.metrics import EVERY, Fleet
 
 
 class Publisher:
@@ -32,6 +33,7 @@ class Publisher:
         self.deriver = Deriver(ctx.cluster)
         self.follower: Any = None
         self.published = 0
+        self.fleet = Fleet()
 
     def reset(self, follower: Any) -> None:
         self.follower = follower
@@ -45,6 +47,17 @@ class Publisher:
         if sequence > self.published_up_to:
             for event in events:
                 self.queue.put_nowait(event)
+                self.fleet.on_event(self.follower.cluster, event)
+
+    async def refresh_forever(self) -> None:
+        """The fleet gauges from the view, every EVERY seconds."""
+        while True:
+            if self.follower is not None:
+                try:
+                    self.fleet.refresh(self.follower.cluster)
+                except Exception:  # a metric must never take the service down
+                    self.ctx.log.warning("fleet metrics failed", exc_info=True)
+            await asyncio.sleep(EVERY)
 
     async def run(self) -> None:
         while True:

@@ -101,10 +101,58 @@ def test_a_preemption_reaches_slack_and_a_gpu_hours_threshold_the_mailbox(tmp_pa
             assert "vision/main (org:ml:vision)" in top, top
             assert "us-west/demo/" in runs(up, "top", "--summary") or "/demo/" in runs(up, "top", "--summary")
             assert "tiny/main: [" in runs(up, "budgets", "burn", "org:t")
-            followed = runs(up, "--timeout", "6", "events", "-w", "--kinds", "RunReserved")
-            assert "runs/vision/main" in followed, "-w prints what is kept, then follows until --timeout"
+            assert_every_dashboard_metric_exists(up)
+            assert_events_w_follows(up)
         finally:
             up.stop()
+
+
+def assert_events_w_follows(up: UpProcess) -> None:
+    """`events -w` prints what is kept, then what happens after it started."""
+    watcher = subprocess.Popen([sys.executable, "-m", "jobtree.cli.runs", "--timeout", "60", "events", "-w",
+                                "--kinds", "RunReserved,RunRunning"], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "JOBTREE_SERVER": up.grpc})
+    seen: list[str] = []
+
+    def until(text: str) -> bool:
+        assert watcher.stdout is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = watcher.stdout.readline()
+            seen.append(line)
+            if text in line:
+                return True
+        return False
+
+    try:
+        assert until("runs/vision/main"), seen
+        submit(up, run("late", "vision", "org:ml:vision", 0 + 8, 8))
+        assert until("runs/vision/late"), seen
+    finally:
+        watcher.terminate()
+        watcher.wait(10)
+
+
+def assert_every_dashboard_metric_exists(up: UpProcess) -> None:
+    """Scrape every process of the system: each metric a Grafana dashboard queries exists, and
+    the fleet gauges say what the system holds."""
+    from jobtree.cli.grafana import metric_names
+
+    names: set[str] = set()
+    samples: list[str] = []
+
+    def scrape() -> bool:
+        names.clear()
+        samples.clear()
+        for address in up.state()["metrics"].values():
+            text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+            names.update(line.split()[2] for line in text.splitlines() if line.startswith("# TYPE "))
+            samples.extend(line for line in text.splitlines() if line.startswith("jobtree_gpus{"))
+        return any('owner="org:ml:vision"' in s and 'class="owned"' in s and s.endswith(" 16.0") for s in samples)
+
+    poll_until("the fleet gauges (refreshed every 5 s)", scrape, timeout=20)
+    assert metric_names() - names == set(), f"dashboards query metrics nobody exports: {metric_names() - names}"
+    assert any('class="unfunded"' in s and 'owner="org:t"' in s for s in samples), samples
 
 
 def assert_stream_is_the_ledger_replayed(up: UpProcess) -> None:
