@@ -22,7 +22,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StandIn, UpP
     api = StandIn(work)
     api.apply_crds()
     config = work / "config.yaml"
-    config.write_text(f"cluster: {CLUSTER}\nreservationLead: 6s\n")  # reservations activate in seconds
+    config.write_text(f"cluster: {CLUSTER}\nreservationLead: 10s\n")  # reservations activate in seconds
     up = KubeUp(work / "up", api, CLUSTER, "--node-grace", "1", "--pod-grace", "0",
                 "--config", str(config)).wait_ready()
     try:
@@ -220,7 +220,7 @@ def test_an_invalid_run_is_refused_with_the_field_path(env: tuple[StandIn, UpPro
 
 
 def test_funded_work_reserves_and_the_cut_preempts_unfunded_work(env: tuple[StandIn, UpProcess]) -> None:
-    api, _ = env
+    api, up = env
     _flavored(api, "F8", {"f8-a": "d8", "f8-b": "d8"})
     api.apply(budget("eight", "org:eight", [{"name": "pool", "flavor": "F8", "concurrency": 16}]),
               namespace("eight", "org:eight,org:stray"),
@@ -228,7 +228,11 @@ def test_funded_work_reserves_and_the_cut_preempts_unfunded_work(env: tuple[Stan
     api.kubectl("wait", "-n", "eight", "--for=condition=Running", "run/opp", "--timeout=30s", timeout=40)
     assert _run(api, "eight", "opp")["status"]["funding"] == "16 unfunded"
     api.apply(run("main", "eight", 16, group=8, owner="org:eight", flavor="F8"))
-    api.kubectl("wait", "-n", "eight", "--for=condition=Reserved", "run/main", "--timeout=30s", timeout=40)
+    waited = api.kubectl("wait", "-n", "eight", "--for=condition=Reserved", "run/main", "--timeout=30s", timeout=40,
+                         check=False)
+    if waited.returncode != 0:  # say what the run and the bridge were doing
+        pytest.fail(f"main never Reserved: {waited.stderr}\nstatus: {_run(api, 'eight', 'main').get('status')}\n"
+                    f"bridge: {up.log('kube-bridge')[-3000:]}")
     reserved = _run(api, "eight", "main")["status"]
     res = poll_until("its Reservation object", lambda: api.get_json("reservations", "-n", "eight")["items"])
     assert res[0]["spec"]["runRef"] == "main" and res[0]["spec"]["deficitGPUs"] == 16

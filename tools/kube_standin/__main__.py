@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import signal
 import sys
 from pathlib import Path
@@ -41,6 +42,7 @@ async def serve(port: int, config: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where is it stuck?
     p = argparse.ArgumentParser(prog="kube_standin", description=__doc__)
     p.add_argument("--kubeconfig", type=Path, required=True, help="where to write the kubeconfig")
     p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free port)")
