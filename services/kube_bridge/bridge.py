@@ -71,6 +71,8 @@ class Bridge:
         self.leases_by_run: dict[str, set[str]] = {}
         self.reservations_by_run: dict[str, set[str]] = {}
         self._services_made: set[tuple[str, str]] = set()
+        self.funding_seen: dict[str, tuple[tuple[str, int], ...]] = {}
+        """Run key -> its funding split (class, GPUs) after the last ledger message."""
 
     # --- triggers ------------------------------------------------------------------------
 
@@ -135,6 +137,23 @@ class Bridge:
                 self.queue.add(("node", entry.node_state_put.node.name))
             elif which == "budget_put":
                 self.queue.add(("budget", entry.budget_put.budget.metadata.name))
+        self._funding_moved()
+
+    def _funding_moved(self) -> None:
+        """Enqueue the runs whose funding split changed with no fact of their own (a lender's
+        claim recalls what they borrowed; a window or a GPU-hours cap turns them unfunded)."""
+        cl = self.follower.cluster
+        now: dict[str, tuple[tuple[str, int], ...]] = {}
+        for key, leases in cl.open_by_run.items():
+            split: dict[str, int] = {}
+            for lease in leases.values():
+                cls = cl.funding.class_of(lease.name).value
+                split[cls] = split.get(cls, 0) + lease.gpus
+            now[key] = tuple(sorted(split.items()))
+        for key in set(now) | set(self.funding_seen):
+            if now.get(key) != self.funding_seen.get(key) and key in self.owned:
+                self.queue.add(("run", key))
+        self.funding_seen = now
 
     # --- the loop ------------------------------------------------------------------------
 

@@ -252,3 +252,22 @@ def test_funded_work_reserves_and_the_cut_preempts_unfunded_work(env: tuple[Stan
     state = poll_until("the reservation released", lambda: [
         r for r in api.get_json("reservations", "-n", "eight")["items"] if r.get("status", {}).get("state") == "Released"])
     assert state
+
+
+def test_a_recall_shows_in_the_borrowers_status(env: tuple[StandIn, UpProcess]) -> None:
+    """A lender's own claim turns what a run borrowed unfunded with no fact about that run: its
+    status must follow anyway."""
+    api, _ = env
+    _flavored(api, "F9", {"f9-a": "d9", "f9-b": "d9", "f9-c": "d9"})
+    api.apply(budget("nine", "org:nine", [{"name": "pool", "flavor": "F9", "concurrency": 8}]),
+              budget("nine-team", "org:nine:team", [{"name": "main", "flavor": "F9", "concurrency": 8}],
+                     parents=["org:nine"]),
+              namespace("nine", "org:nine:team"), namespace("nine-lead", "org:nine"),
+              run("r1", "nine", 16, group=8, flavor="F9"))
+    api.kubectl("wait", "-n", "nine", "--for=condition=Running", "run/r1", "--timeout=30s", timeout=40)
+    assert poll_until("r1 funded by the family", lambda: _run(api, "nine", "r1")["status"]["funding"]
+                      if _run(api, "nine", "r1")["status"].get("funding") == "8 owned, 8 shared" else None)
+    api.apply(run("p1", "nine-lead", 8, group=8, flavor="F9"))
+    api.kubectl("wait", "-n", "nine-lead", "--for=condition=Running", "run/p1", "--timeout=30s", timeout=40)
+    poll_until("r1's status shows the recall", lambda: _run(api, "nine", "r1")["status"].get("funding")
+               == "8 owned, 8 unfunded")
