@@ -125,3 +125,12 @@ def test_the_events_of_a_run_name_the_receivers_it_asked_for() -> None:
     events = scenario_events(S.scenario_from_doc(doc))
     told = {(e.run, e.kind) for e in events if e.data.get("notify") == "team-chat"}
     assert told == {("big", "RunCompleted")}, "only the kinds it asked for"
+
+
+def test_every_kind_of_gpu_hours_cap_is_watched() -> None:
+    caps: Counter[str] = Counter()
+    for path in SCENARIOS:
+        _, _, events = play(path)
+        caps.update(e.data["cap"] for e in events if e.kind == "BudgetGPUHoursThreshold")
+    assert caps["env"] > 0 and caps["cap"] > 0, caps  # scenario 24 spends an aggregate cap's hours
+    assert set(caps) <= {"env", "lend", "cap"}

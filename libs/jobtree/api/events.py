@@ -9,8 +9,9 @@ borrowed runs), so a replay of the same ledger yields the same events with the s
 Kinds (`KINDS`): a run's RunRunning, RunReserved (with the ETA), RunPreempted / RunReclaimed
 (the cut's reason with its seed), RunShrunk, RunGrown, RunSwapped, RunRequeued, RunCompleted,
 RunFailed, LendingRecalled (borrowed or shared GPUs turned unfunded by the lender's own claim);
-an envelope's BudgetGPUHoursThreshold (50, 80, 100 % of maxGPUHours, with the projected
-exhaustion instant), WindowOpened, WindowClosed; NodeFenced. `cloudevent(e)` is the JSON
+a budget's BudgetGPUHoursThreshold (50, 80, 100 % of a GPU-hours cap — an envelope's
+`maxGPUHours`, its lending's, or an aggregate cap's — with the projected exhaustion instant);
+an envelope's WindowOpened, WindowClosed; NodeFenced. `cloudevent(e)` is the JSON
 structured mode (for webhooks and people); `bus_subject(cluster, e)` the NATS subject.
 A run that asks for its own notifications (annotations `rq.davidlangworthy.io/notify` and
 `...notify-kinds`) has its receivers in the `notify` data of its events of those kinds.
@@ -35,7 +36,6 @@ from jobtree.core.facts import (
     ReservationPut,
     RunStatusPut,
 )
-from jobtree.core.funding import env_bound
 from jobtree.core.model import FundingClass, MintReason, NodeState, Phase, Role
 from jobtree.core.timefmt import format_time
 
@@ -200,25 +200,29 @@ class Deriver:
                     kind = "WindowOpened" if open_ else "WindowClosed"
                     emit(kind, f"envelope {budget}/{name}: window {'opened' if open_ else 'closed'}",
                          budget=budget, envelope=name, owner=cl.budgets[budget].owner if budget in cl.budgets else "")
-                    if open_:
-                        self.crossed.pop(ref, None)
-            if not env.max_gpu_hours:
-                continue
-            used = cl.meter.hours(env_bound(ref))
-            percent = 100.0 * used / env.max_gpu_hours
+                    if open_:  # a new window: its GPU-hours start again
+                        for key in [k for k in self.crossed if k[0].endswith(f":{budget}")]:
+                            self.crossed.pop(key, None)
+        for bound, cap in sorted(cl.rules.hour_caps.items()):
+            what, budget, name = bound  # env | lend | cap, budget, envelope or aggregate cap
+            ref = (f"{what}:{budget}", name)
+            used = cl.meter.hours(bound)
+            percent = 100.0 * used / cap if cap else 100.0
             reached = max((p for p in THRESHOLDS if percent >= p), default=0)
             if reached > self.crossed.get(ref, 0):
                 self.crossed[ref] = reached
-                rate = cl.funding.used_now(env_bound(ref))
-                left = max(0.0, env.max_gpu_hours - used)
+                rate = cl.funding.used_now(bound)
+                left = max(0.0, cap - used)
                 exhausts = format_time(cl.now + int(left * 3600 / rate)) if rate and left > 0 else None
                 owner = cl.budgets[budget].owner if budget in cl.budgets else ""
+                label = {"env": "envelope", "lend": "lending of envelope", "cap": "aggregate cap"}[what]
                 tail = (f"; at {rate} GPUs it runs out at {exhausts}" if exhausts else
                         "; it funds nothing more this window" if reached >= 100 else "")
                 emit("BudgetGPUHoursThreshold",
-                     f"envelope {budget}/{name} has spent {percent:.0f} % of its {env.max_gpu_hours:g} GPU-hours{tail}",
-                     budget=budget, envelope=name, owner=owner, threshold=reached, percent=f"{percent:.1f}",
-                     usedGPUHours=f"{used:.2f}", maxGPUHours=f"{env.max_gpu_hours:g}", exhaustsAt=exhausts)
+                     f"{label} {budget}/{name} has spent {int(percent)} % of its {cap:g} GPU-hours{tail}",
+                     budget=budget, envelope=name, owner=owner, cap=what, threshold=reached,
+                     percent=f"{percent:.1f}", usedGPUHours=f"{used:.2f}", maxGPUHours=f"{cap:g}",
+                     exhaustsAt=exhausts)
 
     def _recall(self, cl: Cluster, emit: Any) -> None:
         now: dict[str, int] = {}
