@@ -271,3 +271,19 @@ def test_a_recall_shows_in_the_borrowers_status(env: tuple[StandIn, UpProcess]) 
     api.kubectl("wait", "-n", "nine-lead", "--for=condition=Running", "run/p1", "--timeout=30s", timeout=40)
     poll_until("r1's status shows the recall", lambda: _run(api, "nine", "r1")["status"].get("funding")
                == "8 owned, 8 unfunded")
+
+
+def test_a_failed_pod_fails_the_run_and_its_other_pods_stop(env: tuple[StandIn, UpProcess]) -> None:
+    api, _ = env
+    _flavored(api, "F10", {"f10-a": "d10", "f10-b": "d10"})
+    api.apply(budget("ten", "org:ten", [{"name": "pool", "flavor": "F10", "concurrency": 16}]),
+              namespace("ten", "org:ten"), run("crash", "ten", 16, group=8, roles=WORKER, flavor="F10"))
+    api.kubectl("wait", "-n", "ten", "--for=condition=Running", "run/crash", "--timeout=30s", timeout=40)
+    pods = poll_until("two pods", lambda: _pods(api, "ten") if len(_pods(api, "ten")) == 2 else None)
+    api.set_pod_phase("ten", pods[0]["metadata"]["name"], "Failed")
+    api.kubectl("wait", "-n", "ten", "--for=condition=Failed", "run/crash", "--timeout=30s", timeout=40)
+    left = poll_until("the running pod deleted, the failed one kept", lambda: [p["metadata"]["name"] for p in _pods(api, "ten")]
+                      if len(_pods(api, "ten")) == 1 else None)
+    assert left == [pods[0]["metadata"]["name"]], "a finished pod stays for its logs; a running one is stopped"
+    closed = Counter(x.get("status", {}).get("closureReason") for x in api.get_json("gl", "-n", "ten")["items"])
+    assert closed["RunFailed"] == 2
