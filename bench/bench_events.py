@@ -21,12 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _world import T0, emit_json, machine, make_budgets, make_nodes, make_runs, progress, table  # noqa: E402
-
-from jobtree.api.events import Deriver  # noqa: E402
-from jobtree.core import facts as F  # noqa: E402
-from jobtree.core.engine import Cluster  # noqa: E402
-from jobtree.core.model import ClusterConfig  # noqa: E402
+from _world import T0, emit_json, machine, make_budgets, make_nodes, make_runs, progress, table
+from jobtree.api.events import Deriver
+from jobtree.core import facts as F
+from jobtree.core.engine import Cluster
+from jobtree.core.model import ClusterConfig
 
 
 def generate(nodes: int, runs: int) -> tuple[list, list[list]]:
