@@ -4,7 +4,6 @@ with the same ids."""
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from jobtree.core.engine import Cluster
 from jobtree.core.errors import ValidationError
 from jobtree.sim import scenario as S
 from jobtree.sim.events import scenario_events
-from jobtree.sim.runner import commands_of
+from jobtree.sim.runner import played
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = sorted(p for d in (ROOT / "tests" / "scenarios", ROOT.parent / "shared" / "scenarios")
@@ -28,22 +27,13 @@ def play(path: Path) -> tuple[S.Scenario, list[list[bus.LedgerEntry]], list[bus.
     """Play a scenario, one ledger message per step (its journal entries, through the wire
     format), deriving events on the live view as the budget service does after each message."""
     sc = S.load_scenario(path)
-    cl = Cluster(sc.config, sc.nodes, sc.start)
     deriver = Deriver(sc.config.cluster)
     messages: list[list[bus.LedgerEntry]] = []
     events: list[bus.Event] = []
-    mark = 0
-    for step in sc.steps:
-        cl.advance(step.at)
-        cmds = commands_of(step.action)
-        if cmds:
-            with contextlib.suppress(ValidationError):  # scenarios of refusals: nothing committed
-                cl.submit(*cmds)
-        if len(cl.journal) > mark:
-            entries = [convert.entry_to_proto(e) for e in cl.journal[mark:]]
-            mark = len(cl.journal)
-            messages.append(entries)
-            events += deriver.derive(cl, len(messages), [convert.entry_from_proto(e) for e in entries])
+    for cl, journal in played(sc):
+        entries = [convert.entry_to_proto(e) for e in journal]
+        messages.append(entries)
+        events += deriver.derive(cl, len(messages), [convert.entry_from_proto(e) for e in entries])
     return sc, messages, events
 
 
@@ -92,7 +82,6 @@ def test_a_run_may_ask_for_its_own_notifications() -> None:
     import pytest
 
     from jobtree.api.jobtree.v1 import objects_pb2 as pb
-    from jobtree.core.errors import ValidationError
     from jobtree.core.manifest import NOTIFY_ANNOTATION, NOTIFY_KINDS_ANNOTATION
 
     doc = {"apiVersion": "rq.davidlangworthy.io/v1", "kind": "Run",

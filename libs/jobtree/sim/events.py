@@ -9,29 +9,15 @@ words are the same. Used by `kubectl runs --local events` and the tests.
 
 from __future__ import annotations
 
-import contextlib
-
 from jobtree.api.events import Deriver
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
-from jobtree.core.engine import Cluster
-from jobtree.core.errors import ValidationError
 from jobtree.sim import scenario as S
-from jobtree.sim.runner import commands_of
+from jobtree.sim.runner import played
 
 
 def scenario_events(scenario: S.Scenario) -> list[bus.Event]:
-    cl = Cluster(scenario.config, scenario.nodes, scenario.start)
     deriver = Deriver(scenario.config.cluster)
     out: list[bus.Event] = []
-    mark = sequence = 0
-    for step in scenario.steps:
-        cl.advance(step.at)
-        cmds = commands_of(step.action)
-        if cmds:
-            with contextlib.suppress(ValidationError):  # a refused step commits nothing
-                cl.submit(*cmds)
-        if len(cl.journal) > mark:
-            sequence += 1
-            out += deriver.derive(cl, sequence, cl.journal[mark:])
-            mark = len(cl.journal)
+    for sequence, (cl, entries) in enumerate(played(scenario), 1):
+        out += deriver.derive(cl, sequence, entries)
     return out

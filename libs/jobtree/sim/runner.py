@@ -13,11 +13,13 @@ Not: a parser (see `scenario`), not a renderer (see `table`).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from jobtree.core import facts as F
 from jobtree.core.engine import Cluster
 from jobtree.core.errors import ValidationError
+from jobtree.core.facts import JournalEntry
 from jobtree.core.invariants import check_all
 from jobtree.core.model import Budget
 from jobtree.core.views import state_json
@@ -42,15 +44,28 @@ def commands_of(action: S.Action) -> list[F.Command]:
     return [make(action)] if make else []
 
 
-def final_cluster(scenario: S.Scenario) -> Cluster:
-    """The core's view after every step of a scenario (refused steps commit nothing)."""
-    cl = Cluster(scenario.config, scenario.nodes, scenario.start)
+def played(scenario: S.Scenario, cl: Cluster | None = None) -> Iterator[tuple[Cluster, list[JournalEntry]]]:
+    """Play a scenario leniently (a refused step commits nothing) into `cl` (a new view by
+    default): after each step that wrote to the journal, the view and that step's journal
+    entries (one ledger message, as it were)."""
+    cl = cl if cl is not None else Cluster(scenario.config, scenario.nodes, scenario.start)
+    mark = len(cl.journal)
     for step in scenario.steps:
         cl.advance(step.at)
         cmds = commands_of(step.action)
         if cmds:
             with contextlib.suppress(ValidationError):
                 cl.submit(*cmds)
+        if len(cl.journal) > mark:
+            entries, mark = cl.journal[mark:], len(cl.journal)
+            yield cl, entries
+
+
+def final_cluster(scenario: S.Scenario) -> Cluster:
+    """The core's view after every step of a scenario (refused steps commit nothing)."""
+    cl = Cluster(scenario.config, scenario.nodes, scenario.start)
+    for _ in played(scenario, cl):
+        pass
     return cl
 
 
