@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv proto proto-check crds crds-check test lint types contracts unit up bench clean
+.PHONY: all venv browser proto proto-check crds crds-check test lint types contracts unit up bench clean
 
 all: venv
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: venv
-	$(BIN)/ruff check libs tests bench
+	$(BIN)/ruff check libs services tests bench
 
 types: venv
 	$(BIN)/mypy --strict libs/jobtree/core
@@ -37,7 +37,11 @@ crds: venv
 crds-check: venv
 	$(BIN)/python tools/gen_crds.py --check
 
-unit: venv
+# Debian's chromium for the dashboard's browser tests (a system package: installed here, not by hand).
+browser:
+	bash tools/install_browser.sh
+
+unit: venv browser
 	$(BIN)/pytest -q
 
 test: lint types contracts proto-check crds-check unit

@@ -351,7 +351,6 @@ class Bridge:
         cl = self.follower.cluster
         ns, run = key.split("/", 1)
         leases = o.open_active(cl, key)
-        roles = (cr.get("spec") or {}).get("roles") or []
         rank0 = o.pod_name(leases[0].name, leases[0].group) if leases else ""
         want: dict[str, Json] = {}
         for rank, lease in enumerate(leases):

@@ -178,6 +178,7 @@ class UpProcess:
         threading.Thread(target=self._read, daemon=True).start()
         self.nats = ""
         self.grpc = ""
+        self.dashboard = ""
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -199,6 +200,8 @@ class UpProcess:
                 self.nats = value
             if key == "grpc":
                 self.grpc = value
+            if key == "dashboard":
+                self.dashboard = value
             if key == "metrics":
                 return self
 
@@ -253,3 +256,24 @@ def poll_until(what: str, probe: Any, timeout: float = 20.0, every: float = 0.2)
 def KubeUp(data_dir: Path, standin: StandIn, cluster: str, *args: str) -> UpProcess:
     """`jobtree up --kubeconfig` against a stand-in API server."""
     return UpProcess(data_dir, cluster, "--kubeconfig", str(standin.kubeconfig), *args)
+
+
+def runs(up: UpProcess, *args: str, stdin: str | None = None) -> str:
+    """`kubectl-runs ARGS` against the system's gateway; its stdout (a failure fails the test)."""
+    out = subprocess.run([sys.executable, "-m", "jobtree.cli.runs", *args], input=stdin, capture_output=True,
+                         text=True, env={**os.environ, "JOBTREE_SERVER": up.grpc}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def submit(up: UpProcess, *docs: Json) -> None:
+    runs(up, "submit", "-f", "-", stdin=yaml.safe_dump_all(docs))
+
+
+def run_manifest(name: str, ns: str, owner: str, gpus: int, group: int | None = None, **spec: Any) -> Json:
+    """A Run manifest for `kubectl runs submit` (H100-80GB, the demo's flavor)."""
+    body: Json = {"owner": owner, "resources": {"gpuType": "H100-80GB", "totalGPUs": gpus}, **spec}
+    if group:
+        body["locality"] = {"groupGPUs": group}
+    return {"apiVersion": "rq.davidlangworthy.io/v1", "kind": "Run", "metadata": {"name": name, "namespace": ns},
+            "spec": body}

@@ -65,7 +65,8 @@ def test_services_run_on_the_generated_nats_config(tmp_path: Path) -> None:
             creds = {"JOBTREE_NATS_USER": service, "JOBTREE_NATS_PASSWORD": passwords[service]}
             notify = tmp_path / "notify.yaml"
             notify.write_text("receivers: [{name: w, webhook: {url: 'http://127.0.0.1:9/'}}]\nroutes: [{receiver: w}]\n")
-            extra = {"gateway": ("--grpc-port", "0"), "kube-bridge": ("--kubeconfig", str(kube_api.kubeconfig)),
+            extra = {"gateway": ("--grpc-port", "0"), "dashboard": ("--http-port", "0"),
+                     "kube-bridge": ("--kubeconfig", str(kube_api.kubeconfig)),
                      "notifier": ("--config", str(notify))}
             sup.start(service, env=creds, args=extra.get(service, ()))
         address = f"127.0.0.1:{wait_for_port(tmp_path / 'sys', sup)}"

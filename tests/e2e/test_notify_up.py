@@ -18,7 +18,8 @@ from typing import Any
 
 import nats
 import yaml
-from kubeenv import UpProcess, poll_until
+from kubeenv import UpProcess, poll_until, runs, submit
+from kubeenv import run_manifest as run
 from receivers import http_receiver, smtp_server
 
 from jobtree.api import convert
@@ -38,25 +39,6 @@ def notify_up(work: Path, notify: dict[str, Any], config: dict[str, Any], env: d
     (work / "cluster.yaml").write_text(yaml.safe_dump(config))
     return UpProcess(work / "jt", CLUSTER, "--notify", str(work / "notify.yaml"), "--config",
                      str(work / "cluster.yaml"), env=env).wait_ready()
-
-
-def submit(up: UpProcess, *docs: dict[str, Any]) -> None:
-    runs(up, "submit", "-f", "-", stdin=yaml.safe_dump_all(docs))
-
-
-def runs(up: UpProcess, *args: str, stdin: str | None = None) -> str:
-    out = subprocess.run([sys.executable, "-m", "jobtree.cli.runs", *args], input=stdin, capture_output=True,
-                         text=True, env={**os.environ, "JOBTREE_SERVER": up.grpc}, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
-
-
-def run(name: str, ns: str, owner: str, gpus: int, group: int | None = None) -> dict[str, Any]:
-    spec: dict[str, Any] = {"owner": owner, "resources": {"gpuType": "H100-80GB", "totalGPUs": gpus}}
-    if group:
-        spec["locality"] = {"groupGPUs": group}
-    return {"apiVersion": "rq.davidlangworthy.io/v1", "kind": "Run", "metadata": {"name": name, "namespace": ns},
-            "spec": spec}
 
 
 def test_a_preemption_reaches_slack_and_a_gpu_hours_threshold_the_mailbox(tmp_path: Path) -> None:

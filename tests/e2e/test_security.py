@@ -155,7 +155,7 @@ def test_the_permission_table_comes_from_the_subjects_module() -> None:
     with pytest.raises(ValueError, match="unknown grant"):
         security.expand(C, "delete ledger")
     with pytest.raises(ValueError, match="unknown service"):
-        security.permissions(C, "dashboard")
+        security.permissions(C, "nosuch")
 
 
 def test_secrets_are_private_and_reused(tmp_path: Path) -> None:

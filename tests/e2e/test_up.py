@@ -361,10 +361,10 @@ def test_up_names_the_services_it_cannot_start_in_one_line(
     (["--admission-replicas", "0"], "jobtree: --admission-replicas: must be at least 1"),
     (["--admission-replicas", "-2"], "jobtree: --admission-replicas: must be at least 1"),
     (["--admission-replicas", "two"], "jobtree: argument --admission-replicas: invalid int value"),
-    (["--metrics-port-base", "-1"], "jobtree: --metrics-port-base: 7 ports from -1 must be port numbers"),
-    (["--metrics-port-base", "65530"], "jobtree: --metrics-port-base: 7 ports from 65530 must be port numbers"),
+    (["--metrics-port-base", "-1"], "jobtree: --metrics-port-base: 8 ports from -1 must be port numbers"),
+    (["--metrics-port-base", "65530"], "jobtree: --metrics-port-base: 8 ports from 65530 must be port numbers"),
     (["--admission-replicas", "3", "--metrics-port-base", "65529"],
-     "jobtree: --metrics-port-base: 8 ports from 65529 must be port numbers"),
+     "jobtree: --metrics-port-base: 9 ports from 65529 must be port numbers"),
     (["--metrics-port-base", "x"], "jobtree: argument --metrics-port-base: invalid int value"),
 ])
 def test_up_refuses_bad_replicas_and_metrics_ports_in_one_line(
@@ -404,7 +404,7 @@ def test_up_serves_the_metrics_of_every_process(tmp_path: Path) -> None:
     """`--metrics-port-base M`: ports M.. in start order, printed and in up.json; each process's
     /metrics counts its own service's requests, admission's leader its commands."""
     data = tmp_path / "jt"
-    names = ["binder", "admission", "budget", "packer", "resolver", "gateway", "admission-2", "admission-3"]
+    names = ["binder", "admission", "budget", "packer", "resolver", "gateway", "dashboard", "admission-2", "admission-3"]
     assert sorted(set(names) - {"admission-2", "admission-3"}) == sorted(SERVICES)
     base = free_port_block(len(names))
     up = Up(data, "--admission-replicas", "3", "--metrics-port-base", str(base)).wait_ready()

@@ -81,6 +81,8 @@ GRANTS: dict[str, tuple[str, ...]] = {
     "kube-bridge": ("follow ledger", "call admission.command", "follow events"),
     # The notifier delivers events (a durable consumer) and records what it delivered.
     "notifier": ("follow events", "kv notified"),
+    # The dashboard draws a follower's view; it decides and writes nothing.
+    "dashboard": ("follow ledger",),
 }
 """The permission table: what each service may do besides answering its own requests."""
 

@@ -72,6 +72,8 @@ SERVICE_VERBS: dict[str, tuple[str, ...]] = {
     # Per-cluster allowances of global aggregate caps.
     "federation": ("health", "allowances"),
     "kube-bridge": ("health",),
+    # The web dashboard (its pages are HTTP; on the bus it only follows the ledger).
+    "dashboard": ("health",),
 }
 """Each service and the request/reply verbs it answers."""
 

@@ -1,14 +1,16 @@
 """`jobtree serve NAME`: run one service (`jobtree.services.<NAME>.main`) under the bus runtime.
 
 Contract: `jobtree serve NAME [--cluster C] [--nats URL] [--user U --password P] [--data-dir D]
-[--metrics-port N] [--clock system|virtual] [--config FILE] [--grpc-port P]` imports
+[--metrics-port N] [--clock system|virtual] [--config FILE] [--grpc-port P] [--http-port P
+--http-host H]` imports
 `jobtree.services.<NAME>` (a `-` in NAME is `_` in the package) and runs its `main(ctx)` with
 `jobtree.bus.runtime.run` until SIGINT/SIGTERM; the exit status is the runtime's (0 on a clean
 stop, 1 when the service failed). Credentials come from `--user/--password` or, preferably
 (argv is visible to every local user), from JOBTREE_NATS_USER / JOBTREE_NATS_PASSWORD; the URL
 from `--nats` or JOBTREE_NATS_URL. `--config FILE` is a YAML mapping with the keys of a
 scenario's `config:` (cluster, period, reservationLead, preemptionHoldDown, capAllowances).
-`--grpc-port` is handed to the gateway as JOBTREE_GRPC_PORT. For the notifier, `--config FILE` is
+`--grpc-port` is handed to the gateway as JOBTREE_GRPC_PORT; `--http-port`/`--http-host` to the
+dashboard as JOBTREE_HTTP_PORT/JOBTREE_HTTP_HOST. For the notifier, `--config FILE` is
 its receivers and routes (checked first: exit 2 with one line naming the field). An unknown NAME, or one whose
 package has no `main` yet, exits 2 with one line listing the services that can be served.
 Not: the services themselves, not process supervision (see `jobtree.bus.supervisor`).
@@ -33,6 +35,8 @@ ENV_URL = "JOBTREE_NATS_URL"
 ENV_USER = "JOBTREE_NATS_USER"
 ENV_PASSWORD = "JOBTREE_NATS_PASSWORD"
 ENV_GRPC_PORT = "JOBTREE_GRPC_PORT"
+ENV_HTTP_PORT = "JOBTREE_HTTP_PORT"
+ENV_HTTP_HOST = "JOBTREE_HTTP_HOST"
 ENV_KUBECONFIG = "JOBTREE_KUBECONFIG"
 ENV_NOTIFIER_CONFIG = "JOBTREE_NOTIFIER_CONFIG"
 ENV_NODE_GRACE = "JOBTREE_NODE_GRACE"
@@ -126,6 +130,10 @@ def add_serve_parser(subparsers: Any) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML mapping of cluster config keys (period, ...)")
     p.add_argument("--grpc-port", metavar="P", type=int,
                    help=f"gateway only: the gRPC port (passed as ${ENV_GRPC_PORT})")
+    p.add_argument("--http-port", metavar="P", type=int,
+                   help=f"dashboard only: the HTTP port (0: a free one; passed as ${ENV_HTTP_PORT}; default 8080)")
+    p.add_argument("--http-host", metavar="H",
+                   help=f"dashboard only: the address to listen on (passed as ${ENV_HTTP_HOST}; default 127.0.0.1)")
     p.add_argument("--kubeconfig", metavar="FILE",
                    help=f"kube-bridge only: the API server's kubeconfig (default: in-cluster; ${ENV_KUBECONFIG})")
     p.add_argument("--node-grace", metavar="S", type=float,
@@ -171,6 +179,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not 0 <= args.grpc_port <= 65535:
             raise CliError(f"--grpc-port: must be a port number, got {args.grpc_port}")
         os.environ[ENV_GRPC_PORT] = str(args.grpc_port)
+    if args.http_port is not None:
+        if not 0 <= args.http_port <= 65535:
+            raise CliError(f"--http-port: must be a port number, got {args.http_port}")
+        os.environ[ENV_HTTP_PORT] = str(args.http_port)
+    if args.http_host is not None:
+        os.environ[ENV_HTTP_HOST] = args.http_host
     if args.kubeconfig is not None:
         if not Path(args.kubeconfig).is_file():
             raise CliError(f"--kubeconfig: {args.kubeconfig}: no such file")

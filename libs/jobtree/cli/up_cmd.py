@@ -1,7 +1,7 @@
 """`jobtree up`: the whole system on this machine — nats-server, every service, a demo cluster.
 
 Contract: `jobtree up [--data-dir D] [--no-demo] [--cluster C] [--grpc-port P] [--clock K]
-[--admission-replicas N] [--metrics-port-base M] [--config FILE]
+[--admission-replicas N] [--metrics-port-base M] [--config FILE] [--dashboard-port P]
 [--kubeconfig FILE [--node-grace S] [--pod-grace S]] [--notify FILE]`
 With `--notify FILE` (the notifier's receivers and routes, checked first: one line, status 2)
 the notifier runs too.
@@ -30,8 +30,10 @@ cluster's Nodes, budgets and runs from its objects (an unreadable file: one line
    `jobtree.C.admission.command`: 3 fabric domains of 4 nodes with 8 `H100-80GB` GPUs, and an
    organisation `org:ml` funding a pool its two teams (vision, nlp) share. A ledger that
    already holds messages is resumed as it is (nothing loaded twice);
-6. prints `nats: URL`, `grpc: 127.0.0.1:PORT` and then `metrics: NAME=127.0.0.1:PORT ...` (every
-   process, in start order) on stdout, writes `D/up.json` (addresses, process ids, metrics
+6. prints `nats: URL`, `grpc: 127.0.0.1:PORT`, `dashboard: http://127.0.0.1:PORT/` (the web
+   dashboard: `--dashboard-port`, default 8080, or a free port when 8080 is taken and no port was
+   asked for; 0 picks a free one) and then `metrics: NAME=127.0.0.1:PORT ...` (every process, in
+   start order) on stdout, writes `D/up.json` (addresses, process ids, metrics
    ports, restarts), and runs until SIGINT (Ctrl-C) or SIGTERM, supervising: a process that
    dies (the nats-server included) is restarted with the same port, environment and arguments
    after a backoff (`RestartPolicy`: 0.25 s, doubling with each restart in the last 60 s, at most
@@ -67,6 +69,7 @@ from jobtree.cli.sim_cmd import CliError
 DEFAULT_DATA_DIR = Path(".jobtree")
 DEFAULT_CLUSTER = "demo"
 DEFAULT_GRPC_PORT = 50051
+DEFAULT_DASHBOARD_PORT = 8080
 DEFAULT_ADMISSION_REPLICAS = 2
 """One leader and one standby."""
 HOST = "127.0.0.1"
@@ -100,6 +103,9 @@ def add_up_parser(subparsers: Any) -> None:
     p.add_argument("--cluster", default=DEFAULT_CLUSTER, help=f"cluster name (default {DEFAULT_CLUSTER})")
     p.add_argument("--grpc-port", metavar="P", type=int, default=DEFAULT_GRPC_PORT,
                    help=f"the gateway's gRPC port on {HOST} (default {DEFAULT_GRPC_PORT}; 0 = a free port)")
+    p.add_argument("--dashboard-port", metavar="P", type=int,
+                   help=f"the web dashboard's port on {HOST} (default {DEFAULT_DASHBOARD_PORT}, or a free port "
+                        "when that is taken; 0 = a free port)")
     p.add_argument("--clock", choices=CLOCKS, default="system",
                    help="system (default) or virtual (instants come from commands; the resolver idles)")
     p.add_argument("--admission-replicas", metavar="N", type=int, default=DEFAULT_ADMISSION_REPLICAS,
@@ -177,6 +183,11 @@ def service_of(process: str) -> str:
 
 KUBE_BRIDGE = "kube-bridge"
 NOTIFIER = "notifier"
+DASHBOARD = "dashboard"
+
+
+def dashboard_url(opts: Options) -> str:
+    return f"http://{HOST}:{opts.dashboard_port}/"
 
 
 def process_names(replicas: int, kube: bool = False, notify: bool = False) -> list[str]:
@@ -281,6 +292,21 @@ class Options:
     bridge_args: tuple[str, ...] = ()
     config_args: tuple[str, ...] = ()
     notify: Path | None = None
+    dashboard_port: int = DEFAULT_DASHBOARD_PORT
+
+
+def dashboard_port(asked: int | None, avoid: int) -> int:
+    """The dashboard's port: the one asked for (CliError when taken), else the default, else a
+    free one when the default is taken (a second `up`, or another program, holds it)."""
+    if asked is not None:
+        if not 0 <= asked <= 65535:
+            raise CliError(f"--dashboard-port: must be a port number (0 for a free one), got {asked}")
+        if asked and (asked == avoid or port_in_use(asked)):
+            raise CliError(f"--dashboard-port: {HOST}:{asked} is in use; pick another port or 0 for a free one")
+        return asked or free_ports(1, avoid=avoid)[0]
+    if avoid != DEFAULT_DASHBOARD_PORT and not port_in_use(DEFAULT_DASHBOARD_PORT):
+        return DEFAULT_DASHBOARD_PORT
+    return free_ports(1, avoid=avoid)[0]
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -320,11 +346,17 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise CliError(f"--grpc-port: must be a port number (0 for a free one), got {port}")
     if port and port_in_use(port):
         raise CliError(f"--grpc-port: {HOST}:{port} is in use; pick another port or 0 for a free one")
+    board = dashboard_port(args.dashboard_port, port)
     replicas = args.admission_replicas
     if replicas < 1:
         raise CliError(f"--admission-replicas: must be at least 1 (one leader, the rest standbys), got {replicas}")
-    check_metrics_base(args.metrics_port_base,
-                       len(process_names(replicas, kubeconfig is not None, args.notify is not None)), port)
+    count = len(process_names(replicas, kubeconfig is not None, args.notify is not None))
+    check_metrics_base(args.metrics_port_base, count, port)
+    if args.metrics_port_base and args.metrics_port_base <= board < args.metrics_port_base + count:
+        if args.dashboard_port is not None:
+            raise CliError(f"--metrics-port-base: ports {args.metrics_port_base}-{args.metrics_port_base + count - 1} "
+                           f"include the --dashboard-port {board}")
+        board = free_ports(1, avoid=port)[0]
     data_dir = Path(args.data_dir).resolve()
     try:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -335,7 +367,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                    args.metrics_port_base, kubeconfig=kubeconfig,
                    bridge_args=("--kubeconfig", str(kubeconfig), "--node-grace", f"{args.node_grace:g}",
                                 "--pod-grace", str(args.pod_grace)) if kubeconfig else (),
-                   config_args=config_args, notify=notify)
+                   config_args=config_args, notify=notify, dashboard_port=board)
     with data_dir_lock(data_dir):
         try:
             return asyncio.run(_up(opts))
@@ -389,7 +421,8 @@ async def _up(opts: Options) -> int:
             _port_file(supervisor).unlink()  # left by a crash: the gateway writes it once bound
         names = process_names(opts.admission_replicas, opts.kubeconfig is not None, opts.notify is not None)
         ports = (range(opts.metrics_base, opts.metrics_base + len(names)) if opts.metrics_base
-                 else free_ports(len(names), avoid=opts.grpc_port))
+                 else [p for p in free_ports(len(names) + 1, avoid=opts.grpc_port)
+                       if p != opts.dashboard_port][:len(names)])
         opts.metrics = dict(zip(names, ports, strict=True))
         standbys = standby_names(opts.admission_replicas)
 
@@ -398,6 +431,8 @@ async def _up(opts: Options) -> int:
             if name == "gateway":
                 env[ENV_GRPC_PORT] = str(opts.grpc_port)  # once bound: the port it first took
             extra = opts.bridge_args if name == KUBE_BRIDGE else ()
+            if name == DASHBOARD:
+                extra = ("--http-port", str(opts.dashboard_port))
             config = ("--config", str(opts.notify)) if name == NOTIFIER else opts.config_args
             try:
                 supervisor.start(name, env=env, args=("--metrics-port", str(opts.metrics[name]), *config, *extra))
@@ -432,6 +467,7 @@ async def _up(opts: Options) -> int:
         _say(f"jobtree up: {note}; logs in {supervisor.logs_dir}; Ctrl-C to stop")
         _say(f"nats: {server.url}", sys.stdout)
         _say(f"grpc: {HOST}:{opts.grpc_port}", sys.stdout)
+        _say(f"dashboard: {dashboard_url(opts)}", sys.stdout)
         _say("metrics: " + " ".join(f"{name}={HOST}:{port}" for name, port in opts.metrics.items()), sys.stdout)
         ready = True
         keeper = _Keeper(server, supervisor, start, lambda: _write_state(state_path, opts, server, supervisor,
@@ -633,6 +669,11 @@ async def _wait_healthy(nc: Any, opts: Options, supervisor: Any, names: list[str
                 return False
 
             await until(name, grpc_open, f"accept gRPC connections on {HOST}")
+        if name == DASHBOARD:
+            async def http_open() -> bool:
+                return accepts(opts.dashboard_port)
+
+            await until(name, http_open, f"serve the dashboard on {HOST}:{opts.dashboard_port}")
 
         async def metrics_open() -> bool:
             return accepts(opts.metrics[name])
@@ -717,6 +758,7 @@ def _write_state(path: Path, opts: Options, server: Any, supervisor: Any, *, rea
         "clock": opts.clock,
         "nats": server.url,
         "grpc": f"{HOST}:{opts.grpc_port}",
+        "dashboard": dashboard_url(opts),
         "nats_pid": server.pid,
         "services": supervisor.pids(),
         "admission_replicas": ["admission", *standby_names(opts.admission_replicas)],

@@ -711,6 +711,12 @@ class Cluster:
         return cover(self.rules, self.funding, self.meter, run, terms, needs, at, self._period_of,
                      cands, headroom_only=headroom_only)
 
+    def admission_cover(self, key: str) -> Cover:
+        """Who would pay for the run's runnable width if it were admitted now (a read: what
+        `explain` and the dashboard say a queued run can be funded by; decides nothing)."""
+        spec = self.runs[key].spec
+        return self._cover(key, self._needs(key, 0, spec.min_width))
+
     def _period_of(self, ref: tuple[str, str]) -> int:
         """The admission look-ahead P of an envelope: its budget's `spec.period`, else the cluster's."""
         period = self.budgets[ref[0]].period

@@ -1,0 +1,73 @@
+"""dashboard: the fleet, budgets, queue and runs as a live web page, from a ledger follower.
+
+Contract: `main(ctx)` follows the cluster's ledger (`bus.follower.follow`, with a
+`views.BurnHistory` listening, so every envelope's burn curve is rebuilt from the ledger on
+start) and serves HTTP on `$JOBTREE_HTTP_HOST:$JOBTREE_HTTP_PORT` (default 127.0.0.1:8080; port 0
+picks a free one). Once bound it logs `{"msg": "http listening", "port": N}` and writes N to
+`<data_dir>/dashboard.port` (removed on a clean stop). Routes (`app`):
+- `/` the page (`static/index.html`: views `#/fleet`, `#/budgets`, `#/queue`, `#/runs/NS/NAME`);
+- `/api/fleet`, `/api/budgets` (GPU-hours carried forward to the wall clock at the funded
+  widths, on a system clock: the view only moves at ledger facts), `/api/queue`, `/api/runs` (every run: key, owner, phase),
+  `/api/runs/{namespace}/{name}`: JSON of `views`, each with the `sequence` it was read at;
+  an unknown run is 404 with `{"error": ...}` naming it;
+- `/api/stream`: server-sent events — `event: ledger` with `{"sequence", "time"}` at once and
+  whenever the view moves (at most every `PUSH_EVERY` seconds), a comment every `KEEPALIVE`
+  seconds; the page refetches the view it shows on each;
+- `/healthz`: 200 once the follower has caught up (503 before).
+It decides nothing and writes nothing: its NATS user may only follow the ledger. Identity and
+authorisation are the gateway's once it has them (issue 9); until then it listens on loopback
+by default and shows what any reader of the ledger could read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from jobtree.bus.follower import follow
+from jobtree.bus.runtime import ServiceContext
+from jobtree.services.dashboard.app import PUSH_EVERY, Board, serve_http
+from jobtree.services.dashboard.views import BurnHistory
+from jobtree.services.gateway.clock import SystemClock, VirtualClock
+
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "PORT_FILE", "PUSH_EVERY", "http_address", "main"]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+PORT_FILE = "dashboard.port"
+
+
+def http_address() -> tuple[str, int]:
+    host = os.environ.get("JOBTREE_HTTP_HOST") or DEFAULT_HOST
+    raw = os.environ.get("JOBTREE_HTTP_PORT")
+    port = DEFAULT_PORT if raw is None or raw == "" else int(raw)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"JOBTREE_HTTP_PORT must be a port number (0 = any free port), got {raw!r}")
+    return host, port
+
+
+async def main(ctx: ServiceContext) -> None:
+    host, port = http_address()
+    history = BurnHistory()
+    board = Board()
+    follower = await follow(ctx, listeners=[history, board.changed])
+    if follower is None:
+        return
+    board.follower, board.history = follower, history
+    board.clock = SystemClock() if ctx.settings.clock == "system" else VirtualClock()
+    runner, bound = await serve_http(board, host, port)
+    port_file = ctx.settings.data_dir / PORT_FILE
+    port_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = port_file.with_name(PORT_FILE + ".tmp")
+    tmp.write_text(f"{bound}\n", encoding="utf-8")
+    tmp.replace(port_file)
+    ctx.log.info("http listening", extra={"fields": {"port": bound, "host": host}})
+    try:
+        await ctx.stopping.wait()
+    finally:
+        board.close()
+        await runner.cleanup()
+        await follower.stop()
+        with contextlib.suppress(FileNotFoundError):
+            Path(port_file).unlink()
