@@ -131,7 +131,13 @@ def _in(domains: set[str] | None, d: str) -> bool:
 
 def _reclaim_units(world: CutWorld, domains: set[str] | None) -> list[Cut]:
     out: list[Cut] = []
-    for key in _youngest_first(world, [k for k in world.by_run if world.cuttable(k)]):
+    # Every reclaim unit is made of unfunded leases only: runs without one yield none, so they
+    # are left out before the ordering (which keeps the others' relative order).
+    unfunded = FundingClass.UNFUNDED
+    classes = world.classes
+    keys = [k for k, ls in world.by_run.items()
+            if any(classes.get(x.name) is unfunded for x in ls) and world.cuttable(k)]
+    for key in _youngest_first(world, keys):
         leases = world.by_run[key]
         by_dom: dict[str, list[Lease]] = {}
         for lease in leases:

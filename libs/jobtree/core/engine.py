@@ -893,10 +893,14 @@ class Cluster:
             self.funding.refresh()
             opened: dict[str, Lease] = {}
             classes: dict[str, FundingClass] = {}
-            for k, ls in self.open_by_run.items():
+            # Step 1 touches only runs with an unfunded lease: the view indexes them, so a
+            # reclaim world is built from those alone rather than by classifying every lease.
+            holders = list(self.funding.unfunded_claims if max_step == cutorder.RECLAIM else self.open_by_run)
+            for k in holders:
+                ls = self.open_by_run.get(k)
                 if not ls:
                     continue
-                cls = {n: self.funding.class_of(n) for n in ls}
+                cls = self.funding.classes_of(ls)
                 if max_step >= cutorder.LOTTERY or self._cuttable_by(k, ls, cls, max_step):
                     opened.update(ls)
                     classes.update(cls)

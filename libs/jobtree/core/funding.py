@@ -192,6 +192,9 @@ class FundingView:
         self._by_run: dict[str, set[str]] = {}
         self.class_gpus: dict[FundingClass, int] = dict.fromkeys(FundingClass, 0)
         """Open GPUs per class, kept in step with the classes (read after `refresh`)."""
+        self.unfunded_claims: dict[str, int] = {}
+        """Run -> how many of its claims are unfunded, kept in step with the classes (read after
+        `refresh`): the runs a reclaim may touch, without classifying every open claim."""
         self.disturbances = 0
         """Counts adds and removes that may have changed other claims' classes (not appends)."""
         self._build_components()
@@ -306,6 +309,8 @@ class FundingView:
         cls = self._cls.pop(name, None)
         if cls is not None:
             self.class_gpus[cls] -= c.gpus
+            if cls is FundingClass.UNFUNDED:
+                self._count_unfunded(c.run, -1)
         ranked = name in self._tier_of
         if cls is FundingClass.UNFUNDED and ranked and not comp.dirty:
             comp.starved -= 1
@@ -330,6 +335,15 @@ class FundingView:
             self.class_gpus[old] -= c.gpus
         self._cls[c.name] = cls
         self.class_gpus[cls] += c.gpus
+        if (old is FundingClass.UNFUNDED) != (cls is FundingClass.UNFUNDED):
+            self._count_unfunded(c.run, 1 if cls is FundingClass.UNFUNDED else -1)
+
+    def _count_unfunded(self, run: str, delta: int) -> None:
+        left = self.unfunded_claims.get(run, 0) + delta
+        if left:
+            self.unfunded_claims[run] = left
+        else:
+            del self.unfunded_claims[run]
 
     def claims(self) -> Iterable[Claim]:
         return self._claims.values()
@@ -339,6 +353,12 @@ class FundingView:
     def class_of(self, name: str) -> FundingClass:
         self.refresh()
         return self._cls[name]
+
+    def classes_of(self, names: Iterable[str]) -> dict[str, FundingClass]:
+        """The classes of many claims, with one refresh."""
+        self.refresh()
+        cls = self._cls
+        return {n: cls[n] for n in names}
 
     def tier_of(self, name: str) -> int | None:
         self.refresh()

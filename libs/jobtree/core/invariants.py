@@ -67,6 +67,13 @@ def check_derivation(cl: Cluster) -> None:
         a, b = cl.funding.class_of(claim.name), fresh.class_of(claim.name)
         if a is not b:
             raise InvariantViolation(f"derivation: {claim.name} is {a.value} incrementally but {b.value} from scratch")
+    unfunded: dict[str, int] = {}
+    for claim in cl.funding.claims():
+        if cl.funding.class_of(claim.name) is FundingClass.UNFUNDED:
+            unfunded[claim.run] = unfunded.get(claim.run, 0) + 1
+    if unfunded != cl.funding.unfunded_claims:
+        raise InvariantViolation(f"derivation: the unfunded-claims index {cl.funding.unfunded_claims} "
+                                 f"is not the classes' {unfunded}")
 
 
 def check_gang(cl: Cluster) -> None:
