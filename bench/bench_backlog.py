@@ -142,10 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     phases: dict[str, int] = {}
     for r in end.get("runs", []):
         phases[r["phase"]] = phases.get(r["phase"], 0) + 1
-    verdict = "MET" if wall <= TARGET_S else "MISSED"
+    target = args.nodes == 2000 and args.runs == 4000  # the target is for this size only
+    verdict = ("MET" if wall <= TARGET_S else "MISSED") if target else "-"
     print(table(["nodes", "runs", "wall s", "CPU s", "admission attempts", "cut worlds", "target", "verdict"],
                 [[args.nodes, args.runs, f"{wall:.2f}", f"{cpu:.2f}", counts.attempts, counts.cut_worlds,
-                  f"<= {TARGET_S:g} s", verdict]]))
+                  f"<= {TARGET_S:g} s" if target else "-", verdict]]))
     digest = hashlib.sha256(json.dumps(out, sort_keys=True).encode()).hexdigest()[:16]
     print("final phases: " + ", ".join(f"{k} {v}" for k, v in sorted(phases.items())))
     print(f"decisions digest: {digest} (sha256 of the scenario's JSON output: equal before and after a change)")

@@ -281,9 +281,16 @@ class DecisionLoop:
                 if item.span[1] > item.span[0]:
                     self.committed[item.command_id] = appended.sequence
                     self.digests[item.command_id] = item.digest
-                item.answer = bus.CommandReply(command_id=item.command_id,
-                                               ledger_sequence=self.committed.get(item.command_id, appended.sequence))
+                seq = self.committed.get(item.command_id, appended.sequence)
+                item.answer = bus.CommandReply(command_id=item.command_id, ledger_sequence=seq,
+                                               runs=self._runs_of(item) if seq == self.sequence else ())
             return decided
+
+    def _runs_of(self, item: Pending) -> list[Any]:
+        """The runs a command applied, as the view holds them now (at the reply's sequence)."""
+        cl = self.cluster
+        keys = dict.fromkeys(c.run.key for c in item.cmds if isinstance(c, facts.ApplyRun))
+        return [convert.run_to_proto(cl.runs[k], cl.status.get(k)) for k in keys if k in cl.runs]
 
     async def _is_ours(self, sequence: int, request: bus.AppendRequest) -> bool:
         """Whether the message the binder found at `sequence` is this very append (a resend of a

@@ -6,10 +6,12 @@ Part of the gateway's servicer (`servicer`): see its docstring for the contract.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, TypeVar
 
 import grpc
@@ -105,6 +107,10 @@ def _run_of(given: pb.Run, path: str = "") -> Run:
 
 
 _BATCH_ITEM = re.compile(r"^batch\.commands\[(\d+)\]")
+_DECIDED: contextvars.ContextVar[Mapping[str, pb.Run]] = contextvars.ContextVar(
+    "decided", default=MappingProxyType({}))
+"""Run key -> the run as admission's reply to this request's command left it (each gRPC call
+runs in its own task, so this is per request); never mutated, only replaced."""
 
 
 def _run_key_of(msg: pb.Run) -> str:
@@ -373,7 +379,8 @@ class GatewayBase(api_grpc.JobtreeServicer):
 
     async def _commit(self, cmd: facts.Command | list[facts.Command], request_id: str, context: Context) -> int:
         """Send one command (or a list as one batch: all or none) to admission; its ledger
-        sequence, or an abort with the mapped code."""
+        sequence, or an abort with the mapped code. The runs the decision returned (`CommandReply.runs`)
+        are kept for `_run_after` of this request (`decided`)."""
         command_id = self._command_id(request_id)
         instant = self._instant(context)
         if isinstance(cmd, list):
@@ -391,6 +398,8 @@ class GatewayBase(api_grpc.JobtreeServicer):
             raise _error_abort(reply.error)
         self.ctx.log.debug("committed", extra={"fields": {"command_id": command_id,
                                                            "ledger_sequence": reply.ledger_sequence}})
+        for run in reply.runs:
+            _DECIDED.set({**_DECIDED.get(), f"{run.metadata.namespace}/{run.metadata.name}": run})
         return int(reply.ledger_sequence)
 
     async def _forward(self, service: str, verb: str, request: Message, reply_cls: type[M],
@@ -417,7 +426,11 @@ class GatewayBase(api_grpc.JobtreeServicer):
         return st.phase if st is not None else None
 
     async def _run_after(self, key: str, sequence: int) -> pb.Run | None:
-        """The run as the view has it once it applied `sequence` (None if not in time)."""
+        """The run as the decision of this request left it (admission's reply), else as the view
+        has it once it applied `sequence` (None if not in time)."""
+        decided = _DECIDED.get().get(key)
+        if decided is not None:
+            return decided
         caught_up = sequence > 0 and await self.follower.wait_for(sequence, timeout=min(2.0, self.read_timeout))
         return run_message(self.view, key) if caught_up and key in self.view.runs else None
 

@@ -90,7 +90,10 @@ def test_batch_commits_as_one_ledger_message(services: Services, nats_server: Na
 
     async def scenario(nc: Client) -> None:
         await bring_up(services, nc)
-        seq = ok((await deliver(nc, cluster, cmd)).reply)
+        answered = (await deliver(nc, cluster, cmd)).reply
+        seq = ok(answered)
+        # The reply carries the run as the decision left it: what the gateway answers with.
+        assert [(r.metadata.name, r.status.phase) for r in answered.runs] == [("train", "Running")], answered
         records = await read_ledger(nc, cluster)
         assert [r.sequence for r in records] == [seq] == [1], "the batch is not one ledger message"
         batch = records[0].batch
@@ -133,8 +136,10 @@ def test_retried_command_commits_once(services: Services, nats_server: NatsServe
         assert await last_sequence(nc, cluster) == s1
         s2 = ok((await deliver(nc, cluster, second)).reply)
         assert s2 == s1 + 1
-        # a retry after the ledger moved on (its view's sequence is stale now)
-        assert ok(await send(nc, cluster, first)) == s1
+        # a retry after the ledger moved on (its view's sequence is stale now); its reply
+        # carries no runs, since the view is not the state at the sequence it names
+        again = await send(nc, cluster, first)
+        assert ok(again) == s1 and not again.runs, again
         assert ok(await send(nc, cluster, second)) == s2
         assert await last_sequence(nc, cluster) == s2
 

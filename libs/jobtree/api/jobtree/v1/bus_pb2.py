@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from jobtree.api.jobtree.v1 import objects_pb2 as jobtree_dot_v1_dot_objects__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14jobtree/v1/bus.proto\x12\njobtree.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18jobtree/v1/objects.proto\"1\n\x0b\x41pplyBudget\x12\"\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.Budget\"(\n\x08\x41pplyRun\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.jobtree.v1.Run\",\n\tDeleteRun\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\".\n\x0b\x43ompleteRun\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\"*\n\x07\x46\x61ilRun\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\"\x18\n\x08\x46\x61ilNode\x12\x0c\n\x04node\x18\x01 \x01(\t\"\x1a\n\nCordonNode\x12\x0c\n\x04node\x18\x01 \x01(\t\"\x1c\n\x0cUncordonNode\x12\x0c\n\x04node\x18\x01 \x01(\t\")\n\x07\x41\x64\x64Node\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.jobtree.v1.Node\"H\n\tShrinkRun\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\x12\x1a\n\x12\x64\x65sired_total_gpus\x18\x02 \x01(\x05\"T\n\tReportEta\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xba\x05\n\x07\x43ommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12+\n\x07instant\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13min_ledger_sequence\x18\x04 \x01(\x04\x12/\n\x0c\x61pply_budget\x18\n \x01(\x0b\x32\x17.jobtree.v1.ApplyBudgetH\x00\x12)\n\tapply_run\x18\x0b \x01(\x0b\x32\x14.jobtree.v1.ApplyRunH\x00\x12+\n\ndelete_run\x18\x0c \x01(\x0b\x32\x15.jobtree.v1.DeleteRunH\x00\x12/\n\x0c\x63omplete_run\x18\r \x01(\x0b\x32\x17.jobtree.v1.CompleteRunH\x00\x12\'\n\x08\x66\x61il_run\x18\x0e \x01(\x0b\x32\x13.jobtree.v1.FailRunH\x00\x12)\n\tfail_node\x18\x0f \x01(\x0b\x32\x14.jobtree.v1.FailNodeH\x00\x12-\n\x0b\x63ordon_node\x18\x10 \x01(\x0b\x32\x16.jobtree.v1.CordonNodeH\x00\x12\x31\n\runcordon_node\x18\x11 \x01(\x0b\x32\x18.jobtree.v1.UncordonNodeH\x00\x12\'\n\x08\x61\x64\x64_node\x18\x12 \x01(\x0b\x32\x13.jobtree.v1.AddNodeH\x00\x12+\n\nshrink_run\x18\x13 \x01(\x0b\x32\x15.jobtree.v1.ShrinkRunH\x00\x12+\n\nreport_eta\x18\x14 \x01(\x0b\x32\x15.jobtree.v1.ReportEtaH\x00\x12 \n\x04tick\x18\x15 \x01(\x0b\x32\x10.jobtree.v1.TickH\x00\x12\"\n\x05\x62\x61tch\x18\x16 \x01(\x0b\x32\x11.jobtree.v1.BatchH\x00\x42\t\n\x07\x63ommand\".\n\x05\x42\x61tch\x12%\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x13.jobtree.v1.Command\"\x06\n\x04Tick\"Q\n\x05\x45rror\x12#\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x15.jobtree.v1.ErrorCode\x12\x12\n\nfield_path\x18\x02 \x01(\t\x12\x0f\n\x07problem\x18\x03 \x01(\t\"]\n\x0c\x43ommandReply\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.jobtree.v1.Error\x12\x17\n\x0fledger_sequence\x18\x03 \x01(\x04\"2\n\x0bLeaseMinted\x12#\n\x05lease\x18\x01 \x01(\x0b\x32\x14.jobtree.v1.GPULease\"T\n\x0bLeaseClosed\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x03 \x01(\t\">\n\x0eReservationPut\x12,\n\x0breservation\x18\x01 \x01(\x0b\x32\x17.jobtree.v1.Reservation\"V\n\x0cRunStatusPut\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\x12%\n\x06status\x18\x02 \x01(\x0b\x32\x15.jobtree.v1.RunStatus\"\'\n\x07SpecPut\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.jobtree.v1.Run\".\n\x0bSpecDeleted\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\".\n\x0cNodeStatePut\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.jobtree.v1.Node\"/\n\tBudgetPut\x12\"\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.Budget\"\xba\x04\n\x0bLedgerEntry\x12+\n\x07instant\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncommand_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x16\n\x0e\x63ommand_digest\x18\x04 \x01(\x0c\x12/\n\x0clease_minted\x18\n \x01(\x0b\x32\x17.jobtree.v1.LeaseMintedH\x00\x12/\n\x0clease_closed\x18\x0b \x01(\x0b\x32\x17.jobtree.v1.LeaseClosedH\x00\x12\x35\n\x0freservation_put\x18\x0c \x01(\x0b\x32\x1a.jobtree.v1.ReservationPutH\x00\x12\x32\n\x0erun_status_put\x18\r \x01(\x0b\x32\x18.jobtree.v1.RunStatusPutH\x00\x12\'\n\x08spec_put\x18\x0e \x01(\x0b\x32\x13.jobtree.v1.SpecPutH\x00\x12/\n\x0cspec_deleted\x18\x0f \x01(\x0b\x32\x17.jobtree.v1.SpecDeletedH\x00\x12\x32\n\x0enode_state_put\x18\x10 \x01(\x0b\x32\x18.jobtree.v1.NodeStatePutH\x00\x12+\n\nbudget_put\x18\x11 \x01(\x0b\x32\x15.jobtree.v1.BudgetPutH\x00\x12\x33\n\x0e\x63lock_advanced\x18\x12 \x01(\x0b\x32\x19.jobtree.v1.ClockAdvancedH\x00\x42\x06\n\x04\x66\x61\x63t\"\x0f\n\rClockAdvanced\"7\n\x0bLedgerBatch\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.jobtree.v1.LedgerEntry\"v\n\rAppendRequest\x12&\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x17.jobtree.v1.LedgerBatch\x12\x1e\n\x16\x65xpected_last_sequence\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0e\n\x06msg_id\x18\x04 \x01(\t\"k\n\x0b\x41ppendReply\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12 \n\x05\x65rror\x18\x03 \x01(\x0b\x32\x11.jobtree.v1.Error\x12\x15\n\rlast_sequence\x18\x04 \x01(\x04\"+\n\x0cStateRequest\x12\x1b\n\x13min_ledger_sequence\x18\x01 \x01(\x04\"o\n\nStateReply\x12&\n\x05state\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fledger_sequence\x18\x02 \x01(\x04\x12 \n\x05\x65rror\x18\x03 \x01(\x0b\x32\x11.jobtree.v1.Error\"\xdb\x02\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\x17\n\x0fledger_sequence\x18\x07 \x01(\x04\x12\r\n\x05owner\x18\x08 \x01(\t\x12\x11\n\tnamespace\x18\t \x01(\t\x12\x0b\n\x03run\x18\n \x01(\t\x12\x0e\n\x06\x62udget\x18\x0b \x01(\t\x12\x10\n\x08\x65nvelope\x18\x0c \x01(\t\x12\x0c\n\x04node\x18\r \x01(\t\x12\x0f\n\x07message\x18\x0e \x01(\t\x12)\n\x04\x64\x61ta\x18\x0f \x03(\x0b\x32\x1b.jobtree.v1.Event.DataEntry\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xf0\x01\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45RROR_CODE_INVALID_ARGUMENT\x10\x01\x12\x18\n\x14\x45RROR_CODE_NOT_FOUND\x10\x02\x12\x17\n\x13\x45RROR_CODE_CONFLICT\x10\x03\x12\x1a\n\x16\x45RROR_CODE_STALE_EPOCH\x10\x04\x12\x1a\n\x16\x45RROR_CODE_UNAVAILABLE\x10\x05\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\x06\x12\"\n\x1e\x45RROR_CODE_FAILED_PRECONDITION\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14jobtree/v1/bus.proto\x12\njobtree.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18jobtree/v1/objects.proto\"1\n\x0b\x41pplyBudget\x12\"\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.Budget\"(\n\x08\x41pplyRun\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.jobtree.v1.Run\",\n\tDeleteRun\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\".\n\x0b\x43ompleteRun\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\"*\n\x07\x46\x61ilRun\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\"\x18\n\x08\x46\x61ilNode\x12\x0c\n\x04node\x18\x01 \x01(\t\"\x1a\n\nCordonNode\x12\x0c\n\x04node\x18\x01 \x01(\t\"\x1c\n\x0cUncordonNode\x12\x0c\n\x04node\x18\x01 \x01(\t\")\n\x07\x41\x64\x64Node\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.jobtree.v1.Node\"H\n\tShrinkRun\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\x12\x1a\n\x12\x64\x65sired_total_gpus\x18\x02 \x01(\x05\"T\n\tReportEta\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xba\x05\n\x07\x43ommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12+\n\x07instant\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13min_ledger_sequence\x18\x04 \x01(\x04\x12/\n\x0c\x61pply_budget\x18\n \x01(\x0b\x32\x17.jobtree.v1.ApplyBudgetH\x00\x12)\n\tapply_run\x18\x0b \x01(\x0b\x32\x14.jobtree.v1.ApplyRunH\x00\x12+\n\ndelete_run\x18\x0c \x01(\x0b\x32\x15.jobtree.v1.DeleteRunH\x00\x12/\n\x0c\x63omplete_run\x18\r \x01(\x0b\x32\x17.jobtree.v1.CompleteRunH\x00\x12\'\n\x08\x66\x61il_run\x18\x0e \x01(\x0b\x32\x13.jobtree.v1.FailRunH\x00\x12)\n\tfail_node\x18\x0f \x01(\x0b\x32\x14.jobtree.v1.FailNodeH\x00\x12-\n\x0b\x63ordon_node\x18\x10 \x01(\x0b\x32\x16.jobtree.v1.CordonNodeH\x00\x12\x31\n\runcordon_node\x18\x11 \x01(\x0b\x32\x18.jobtree.v1.UncordonNodeH\x00\x12\'\n\x08\x61\x64\x64_node\x18\x12 \x01(\x0b\x32\x13.jobtree.v1.AddNodeH\x00\x12+\n\nshrink_run\x18\x13 \x01(\x0b\x32\x15.jobtree.v1.ShrinkRunH\x00\x12+\n\nreport_eta\x18\x14 \x01(\x0b\x32\x15.jobtree.v1.ReportEtaH\x00\x12 \n\x04tick\x18\x15 \x01(\x0b\x32\x10.jobtree.v1.TickH\x00\x12\"\n\x05\x62\x61tch\x18\x16 \x01(\x0b\x32\x11.jobtree.v1.BatchH\x00\x42\t\n\x07\x63ommand\".\n\x05\x42\x61tch\x12%\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x13.jobtree.v1.Command\"\x06\n\x04Tick\"Q\n\x05\x45rror\x12#\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x15.jobtree.v1.ErrorCode\x12\x12\n\nfield_path\x18\x02 \x01(\t\x12\x0f\n\x07problem\x18\x03 \x01(\t\"|\n\x0c\x43ommandReply\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.jobtree.v1.Error\x12\x17\n\x0fledger_sequence\x18\x03 \x01(\x04\x12\x1d\n\x04runs\x18\x04 \x03(\x0b\x32\x0f.jobtree.v1.Run\"2\n\x0bLeaseMinted\x12#\n\x05lease\x18\x01 \x01(\x0b\x32\x14.jobtree.v1.GPULease\"T\n\x0bLeaseClosed\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x03 \x01(\t\">\n\x0eReservationPut\x12,\n\x0breservation\x18\x01 \x01(\x0b\x32\x17.jobtree.v1.Reservation\"V\n\x0cRunStatusPut\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\x12%\n\x06status\x18\x02 \x01(\x0b\x32\x15.jobtree.v1.RunStatus\"\'\n\x07SpecPut\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.jobtree.v1.Run\".\n\x0bSpecDeleted\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.RunRef\".\n\x0cNodeStatePut\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.jobtree.v1.Node\"/\n\tBudgetPut\x12\"\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x12.jobtree.v1.Budget\"\xba\x04\n\x0bLedgerEntry\x12+\n\x07instant\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncommand_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x16\n\x0e\x63ommand_digest\x18\x04 \x01(\x0c\x12/\n\x0clease_minted\x18\n \x01(\x0b\x32\x17.jobtree.v1.LeaseMintedH\x00\x12/\n\x0clease_closed\x18\x0b \x01(\x0b\x32\x17.jobtree.v1.LeaseClosedH\x00\x12\x35\n\x0freservation_put\x18\x0c \x01(\x0b\x32\x1a.jobtree.v1.ReservationPutH\x00\x12\x32\n\x0erun_status_put\x18\r \x01(\x0b\x32\x18.jobtree.v1.RunStatusPutH\x00\x12\'\n\x08spec_put\x18\x0e \x01(\x0b\x32\x13.jobtree.v1.SpecPutH\x00\x12/\n\x0cspec_deleted\x18\x0f \x01(\x0b\x32\x17.jobtree.v1.SpecDeletedH\x00\x12\x32\n\x0enode_state_put\x18\x10 \x01(\x0b\x32\x18.jobtree.v1.NodeStatePutH\x00\x12+\n\nbudget_put\x18\x11 \x01(\x0b\x32\x15.jobtree.v1.BudgetPutH\x00\x12\x33\n\x0e\x63lock_advanced\x18\x12 \x01(\x0b\x32\x19.jobtree.v1.ClockAdvancedH\x00\x42\x06\n\x04\x66\x61\x63t\"\x0f\n\rClockAdvanced\"7\n\x0bLedgerBatch\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.jobtree.v1.LedgerEntry\"v\n\rAppendRequest\x12&\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x17.jobtree.v1.LedgerBatch\x12\x1e\n\x16\x65xpected_last_sequence\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0e\n\x06msg_id\x18\x04 \x01(\t\"k\n\x0b\x41ppendReply\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12 \n\x05\x65rror\x18\x03 \x01(\x0b\x32\x11.jobtree.v1.Error\x12\x15\n\rlast_sequence\x18\x04 \x01(\x04\"+\n\x0cStateRequest\x12\x1b\n\x13min_ledger_sequence\x18\x01 \x01(\x04\"o\n\nStateReply\x12&\n\x05state\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fledger_sequence\x18\x02 \x01(\x04\x12 \n\x05\x65rror\x18\x03 \x01(\x0b\x32\x11.jobtree.v1.Error\"\xdb\x02\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\x17\n\x0fledger_sequence\x18\x07 \x01(\x04\x12\r\n\x05owner\x18\x08 \x01(\t\x12\x11\n\tnamespace\x18\t \x01(\t\x12\x0b\n\x03run\x18\n \x01(\t\x12\x0e\n\x06\x62udget\x18\x0b \x01(\t\x12\x10\n\x08\x65nvelope\x18\x0c \x01(\t\x12\x0c\n\x04node\x18\r \x01(\t\x12\x0f\n\x07message\x18\x0e \x01(\t\x12)\n\x04\x64\x61ta\x18\x0f \x03(\x0b\x32\x1b.jobtree.v1.Event.DataEntry\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xf0\x01\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45RROR_CODE_INVALID_ARGUMENT\x10\x01\x12\x18\n\x14\x45RROR_CODE_NOT_FOUND\x10\x02\x12\x17\n\x13\x45RROR_CODE_CONFLICT\x10\x03\x12\x1a\n\x16\x45RROR_CODE_STALE_EPOCH\x10\x04\x12\x1a\n\x16\x45RROR_CODE_UNAVAILABLE\x10\x05\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\x06\x12\"\n\x1e\x45RROR_CODE_FAILED_PRECONDITION\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EVENT_DATAENTRY']._loaded_options = None
   _globals['_EVENT_DATAENTRY']._serialized_options = b'8\001'
-  _globals['_ERRORCODE']._serialized_start=3439
-  _globals['_ERRORCODE']._serialized_end=3679
+  _globals['_ERRORCODE']._serialized_start=3470
+  _globals['_ERRORCODE']._serialized_end=3710
   _globals['_APPLYBUDGET']._serialized_start=125
   _globals['_APPLYBUDGET']._serialized_end=174
   _globals['_APPLYRUN']._serialized_start=176
@@ -69,39 +69,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ERROR']._serialized_start=1400
   _globals['_ERROR']._serialized_end=1481
   _globals['_COMMANDREPLY']._serialized_start=1483
-  _globals['_COMMANDREPLY']._serialized_end=1576
-  _globals['_LEASEMINTED']._serialized_start=1578
-  _globals['_LEASEMINTED']._serialized_end=1628
-  _globals['_LEASECLOSED']._serialized_start=1630
-  _globals['_LEASECLOSED']._serialized_end=1714
-  _globals['_RESERVATIONPUT']._serialized_start=1716
-  _globals['_RESERVATIONPUT']._serialized_end=1778
-  _globals['_RUNSTATUSPUT']._serialized_start=1780
-  _globals['_RUNSTATUSPUT']._serialized_end=1866
-  _globals['_SPECPUT']._serialized_start=1868
-  _globals['_SPECPUT']._serialized_end=1907
-  _globals['_SPECDELETED']._serialized_start=1909
-  _globals['_SPECDELETED']._serialized_end=1955
-  _globals['_NODESTATEPUT']._serialized_start=1957
-  _globals['_NODESTATEPUT']._serialized_end=2003
-  _globals['_BUDGETPUT']._serialized_start=2005
-  _globals['_BUDGETPUT']._serialized_end=2052
-  _globals['_LEDGERENTRY']._serialized_start=2055
-  _globals['_LEDGERENTRY']._serialized_end=2625
-  _globals['_CLOCKADVANCED']._serialized_start=2627
-  _globals['_CLOCKADVANCED']._serialized_end=2642
-  _globals['_LEDGERBATCH']._serialized_start=2644
-  _globals['_LEDGERBATCH']._serialized_end=2699
-  _globals['_APPENDREQUEST']._serialized_start=2701
-  _globals['_APPENDREQUEST']._serialized_end=2819
-  _globals['_APPENDREPLY']._serialized_start=2821
-  _globals['_APPENDREPLY']._serialized_end=2928
-  _globals['_STATEREQUEST']._serialized_start=2930
-  _globals['_STATEREQUEST']._serialized_end=2973
-  _globals['_STATEREPLY']._serialized_start=2975
-  _globals['_STATEREPLY']._serialized_end=3086
-  _globals['_EVENT']._serialized_start=3089
-  _globals['_EVENT']._serialized_end=3436
-  _globals['_EVENT_DATAENTRY']._serialized_start=3393
-  _globals['_EVENT_DATAENTRY']._serialized_end=3436
+  _globals['_COMMANDREPLY']._serialized_end=1607
+  _globals['_LEASEMINTED']._serialized_start=1609
+  _globals['_LEASEMINTED']._serialized_end=1659
+  _globals['_LEASECLOSED']._serialized_start=1661
+  _globals['_LEASECLOSED']._serialized_end=1745
+  _globals['_RESERVATIONPUT']._serialized_start=1747
+  _globals['_RESERVATIONPUT']._serialized_end=1809
+  _globals['_RUNSTATUSPUT']._serialized_start=1811
+  _globals['_RUNSTATUSPUT']._serialized_end=1897
+  _globals['_SPECPUT']._serialized_start=1899
+  _globals['_SPECPUT']._serialized_end=1938
+  _globals['_SPECDELETED']._serialized_start=1940
+  _globals['_SPECDELETED']._serialized_end=1986
+  _globals['_NODESTATEPUT']._serialized_start=1988
+  _globals['_NODESTATEPUT']._serialized_end=2034
+  _globals['_BUDGETPUT']._serialized_start=2036
+  _globals['_BUDGETPUT']._serialized_end=2083
+  _globals['_LEDGERENTRY']._serialized_start=2086
+  _globals['_LEDGERENTRY']._serialized_end=2656
+  _globals['_CLOCKADVANCED']._serialized_start=2658
+  _globals['_CLOCKADVANCED']._serialized_end=2673
+  _globals['_LEDGERBATCH']._serialized_start=2675
+  _globals['_LEDGERBATCH']._serialized_end=2730
+  _globals['_APPENDREQUEST']._serialized_start=2732
+  _globals['_APPENDREQUEST']._serialized_end=2850
+  _globals['_APPENDREPLY']._serialized_start=2852
+  _globals['_APPENDREPLY']._serialized_end=2959
+  _globals['_STATEREQUEST']._serialized_start=2961
+  _globals['_STATEREQUEST']._serialized_end=3004
+  _globals['_STATEREPLY']._serialized_start=3006
+  _globals['_STATEREPLY']._serialized_end=3117
+  _globals['_EVENT']._serialized_start=3120
+  _globals['_EVENT']._serialized_end=3467
+  _globals['_EVENT_DATAENTRY']._serialized_start=3424
+  _globals['_EVENT_DATAENTRY']._serialized_end=3467
 # @@protoc_insertion_point(module_scope)

@@ -469,6 +469,7 @@ class CommandReply(_message.Message):
     COMMAND_ID_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     LEDGER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    RUNS_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     ledger_sequence: _builtins.int
     """The ledger sequence that reflects the command (0 when it committed nothing)."""
@@ -476,16 +477,25 @@ class CommandReply(_message.Message):
     def error(self) -> Global___Error:
         """Absent when the command was accepted."""
 
+    @_builtins.property
+    def runs(self) -> _containers.RepeatedCompositeFieldContainer[_objects_pb2.Run]:
+        """The runs the command applied (ApplyRun, alone or in a batch), spec and status as the
+        decision left them at `ledger_sequence`: the gateway answers from these instead of waiting
+        for its follower. Empty when the reply is not the state at that sequence (a retry of an
+        earlier commit): then read the view at `ledger_sequence`.
+        """
+
     def __init__(
         self,
         *,
         command_id: _builtins.str = ...,
         error: Global___Error | None = ...,
         ledger_sequence: _builtins.int = ...,
+        runs: _abc.Iterable[_objects_pb2.Run] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "error", b"error", "ledger_sequence", b"ledger_sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "error", b"error", "ledger_sequence", b"ledger_sequence", "runs", b"runs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
