@@ -81,10 +81,15 @@ class CutWorld:
     protect_bound_now: bool = True
     """Runs bound at `now` cannot be cut now; a reservation planning a later activation counts them."""
     by_run: dict[str, list[Lease]] = field(default_factory=dict)
+    unfunded_runs: set[str] = field(default_factory=set)
+    """Runs holding at least one unfunded lease (the only ones step 1 can take from)."""
 
     def __post_init__(self) -> None:
+        unfunded = FundingClass.UNFUNDED
         for lease in sorted(self.leases.values(), key=lambda x: x.name):
             self.by_run.setdefault(lease.run, []).append(lease)
+            if self.classes.get(lease.name) is unfunded:
+                self.unfunded_runs.add(lease.run)
 
     def cuttable(self, run: str) -> bool:
         if run == self.placing or run not in self.runs:
@@ -133,10 +138,7 @@ def _reclaim_units(world: CutWorld, domains: set[str] | None) -> list[Cut]:
     out: list[Cut] = []
     # Every reclaim unit is made of unfunded leases only: runs without one yield none, so they
     # are left out before the ordering (which keeps the others' relative order).
-    unfunded = FundingClass.UNFUNDED
-    classes = world.classes
-    keys = [k for k, ls in world.by_run.items()
-            if any(classes.get(x.name) is unfunded for x in ls) and world.cuttable(k)]
+    keys = [k for k in world.by_run if k in world.unfunded_runs and world.cuttable(k)]
     for key in _youngest_first(world, keys):
         leases = world.by_run[key]
         by_dom: dict[str, list[Lease]] = {}

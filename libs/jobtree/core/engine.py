@@ -746,6 +746,10 @@ class Cluster:
         return until is not None and self.now < until
 
     def _try_admit(self, key: str) -> bool:
+        if self._in_hold_down(key) and not self._could_fit(key):
+            # In hold-down only a plain fit on idle GPUs can admit it (no reserving, no
+            # reclaiming), and `_could_fit` is necessary for one: park without the cover.
+            return self._park(key)
         spec = self.runs[key].spec
         needs = self._needs(key, 0, spec.min_width)
         cov = self._cover(key, needs)
