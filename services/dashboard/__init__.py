@@ -22,14 +22,12 @@ by default and shows what any reader of the ledger could read.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 from jobtree.bus.follower import follow
-from jobtree.bus.runtime import ServiceContext
+from jobtree.bus.runtime import ServiceContext, listen_address
 from jobtree.services.dashboard.app import PUSH_EVERY, Board, serve_http
 from jobtree.services.dashboard.views import BurnHistory
-from jobtree.services.gateway.clock import SystemClock, VirtualClock
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "PORT_FILE", "PUSH_EVERY", "http_address", "main"]
 
@@ -39,12 +37,7 @@ PORT_FILE = "dashboard.port"
 
 
 def http_address() -> tuple[str, int]:
-    host = os.environ.get("JOBTREE_HTTP_HOST") or DEFAULT_HOST
-    raw = os.environ.get("JOBTREE_HTTP_PORT")
-    port = DEFAULT_PORT if raw is None or raw == "" else int(raw)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"JOBTREE_HTTP_PORT must be a port number (0 = any free port), got {raw!r}")
-    return host, port
+    return listen_address("JOBTREE_HTTP_HOST", "JOBTREE_HTTP_PORT", DEFAULT_HOST, DEFAULT_PORT)
 
 
 async def main(ctx: ServiceContext) -> None:
@@ -55,7 +48,7 @@ async def main(ctx: ServiceContext) -> None:
     if follower is None:
         return
     board.follower, board.history = follower, history
-    board.clock = SystemClock() if ctx.settings.clock == "system" else VirtualClock()
+    board.clock = ctx.clock
     runner, bound = await serve_http(board, host, port)
     port_file = ctx.settings.data_dir / PORT_FILE
     port_file.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from jobtree.api.jobtree.v1 import service_pb2 as api
 from jobtree.bus.follower import Follower
 from jobtree.bus.ledger import Ledger
-from jobtree.bus.runtime import ServiceContext
+from jobtree.bus.runtime import ServiceContext, listen_address
 from jobtree.services.gateway.clock import Clock, SystemClock, VirtualClock
 from jobtree.services.gateway.handlers import add_servicer
 from jobtree.services.gateway.servicer import Gateway
@@ -56,12 +56,7 @@ def _env_float(name: str, default: float) -> float:
 
 
 def grpc_address() -> tuple[str, int]:
-    host = os.environ.get("JOBTREE_GRPC_HOST") or DEFAULT_HOST
-    raw = os.environ.get("JOBTREE_GRPC_PORT")
-    port = DEFAULT_PORT if raw is None or raw == "" else int(raw)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"JOBTREE_GRPC_PORT must be a port number (0 = any free port), got {raw!r}")
-    return host, port
+    return listen_address("JOBTREE_GRPC_HOST", "JOBTREE_GRPC_PORT", DEFAULT_HOST, DEFAULT_PORT)
 
 
 def _write_port(path: Path, port: int) -> None:

@@ -1,4 +1,5 @@
-"""Where the gateway's instants come from: a clock object, never a bare clock read.
+"""Where the gateway's instants come from: the service's clock (`jobtree.bus.clock`), and on a
+virtual clock the request's metadata.
 
 Contract: `SystemClock.now()` is the wall clock in whole Unix seconds (production). On a virtual
 clock (`settings.clock == "virtual"`, tests and `jobtree sim run --live`) the caller says when
@@ -11,9 +12,7 @@ Not: a timer service (the resolver sends Ticks), not the core's clock (`Cluster.
 
 from __future__ import annotations
 
-import time
-from typing import Protocol
-
+from jobtree.bus.clock import Clock, SystemClock, VirtualClock
 from jobtree.core.errors import ValidationError
 from jobtree.core.timefmt import parse_time
 
@@ -21,30 +20,6 @@ INSTANT_METADATA = "jobtree-instant"
 """gRPC metadata key: the instant of a write on a virtual clock (Unix seconds or RFC3339)."""
 
 __all__ = ["INSTANT_METADATA", "Clock", "SystemClock", "VirtualClock", "instant_from_metadata"]
-
-
-class Clock(Protocol):
-    virtual: bool
-
-    def now(self) -> int | None: ...
-
-
-class SystemClock:
-    """The wall clock, whole Unix seconds: the only place the gateway reads time."""
-
-    virtual = False
-
-    def now(self) -> int:
-        return int(time.time())
-
-
-class VirtualClock:
-    """Instants come from the requests; without one, none is sent (the decision loop's own)."""
-
-    virtual = True
-
-    def now(self) -> int | None:
-        return None
 
 
 def instant_from_metadata(value: str) -> int:

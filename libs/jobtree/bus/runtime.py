@@ -39,6 +39,7 @@ from nats.js import JetStreamContext
 from prometheus_client import Counter, Histogram
 
 from jobtree.bus import subjects
+from jobtree.bus.clock import Clock, clock_named
 from jobtree.core.model import ClusterConfig
 
 Handler = Callable[[bytes], Awaitable[bytes | None]]
@@ -96,6 +97,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, sort_keys=True)
 
 
+def listen_address(host_env: str, port_env: str, default_host: str, default_port: int) -> tuple[str, int]:
+    """A service's listening address from its environment (`port 0`: any free port);
+    ValueError naming the variable when the port is not one."""
+    host = os.environ.get(host_env) or default_host
+    raw = os.environ.get(port_env)
+    port = default_port if raw is None or raw == "" else int(raw)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{port_env} must be a port number (0 = any free port), got {raw!r}")
+    return host, port
+
+
 def service_logger(name: str) -> logging.Logger:
     log = logging.getLogger(f"jobtree.{name}")
     if not log.handlers:
@@ -143,6 +155,11 @@ class ServiceContext:
     @property
     def cluster(self) -> str:
         return self.settings.cluster
+
+    @property
+    def clock(self) -> Clock:
+        """The service's one clock (`--clock`): read time through it, never directly."""
+        return clock_named(self.settings.clock)
 
     def subject(self, verb: str, service: str | None = None) -> str:
         return subjects.request(self.cluster, service or self.settings.name, verb)
