@@ -7,7 +7,7 @@ saturates, drains and fills again. The scenario is built here as a document (`sc
 and played with `jobtree.sim.runner.run_scenario` — what `jobtree sim run FILE` does — timed
 in CPU and wall seconds, with the engine's own counters (admission attempts, cut worlds built).
 
-    .venv/bin/python bench/bench_backlog.py [--nodes 2000] [--runs 4000] [--profile FILE] [--json]
+    .venv/bin/python bench/bench_backlog.py [--nodes 2000] [--runs 4000] [--quick] [--profile FILE] [--json]
     .venv/bin/python bench/bench_backlog.py --write FILE      # the scenario as YAML, for `jobtree sim run`
 
 Target (issue 8): the 2,000-node / 4,000-run scenario in <= 5 s.
@@ -117,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", metavar="FILE", help="write a cProfile of the play to FILE")
     p.add_argument("--write", metavar="FILE", help="write the scenario as YAML and stop")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--quick", action="store_true", help="smoke-test size: 100 nodes, 200 runs")
     args = p.parse_args(argv)
+    if args.quick:
+        args.nodes, args.runs = 100, 200
     doc = scenario(args.nodes, args.runs)
     if args.write:
         import yaml
