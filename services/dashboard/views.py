@@ -10,9 +10,9 @@ draws it. Instants are RFC 3339 text, GPU-hours floats rounded to 6 places.
   burned against the window (`BurnHistory` keeps the curve, sampled at every ledger instant),
   the projected exhaustion instant at the current funded pace (`projection`), and lending and
   borrowing; per owner, the GPUs its runs hold by class.
-- `queue(cl)`: the runs not yet running — Waiting, Pending, Reserved — in admission order
-  (admission time, then key: the order admission tries them), each with its reason in plain
-  words, its ETA and what would let it start (`needs`).
+- `queue(cl)`: the runs not yet running — Pending and Reserved in admission order (admission
+  time, then key: the order admission tries them), then Waiting ones — each with its reason in
+  plain words, its ETA and what would let it start (`needs`).
 - `run(cl, key)`: one run's leases on a timeline, its funding split, its `explain` sentences and
   the follow edges of its forest (upstreams and downstreams, transitively).
 Not: a decision maker, not a renderer (the page in `static/` draws these).
@@ -284,9 +284,11 @@ def _capacity_needs(cl: Cluster, key: str, gpus: int) -> list[str]:
     return []
 
 
-def _queue_order(cl: Cluster, key: str) -> tuple[int, str]:
+def _queue_order(cl: Cluster, key: str) -> tuple[bool, int, str]:
+    """Admission's order (admission time, then key) for Pending and Reserved runs; Waiting runs
+    after them (admission does not consider them until their upstreams complete)."""
     st: RunStatus = cl.status[key]
-    return (st.admitted if st.admitted is not None else st.created, key)
+    return (st.phase is Phase.WAITING, st.admitted if st.admitted is not None else st.created, key)
 
 
 def queue(cl: Cluster) -> Json:
