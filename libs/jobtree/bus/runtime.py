@@ -67,6 +67,13 @@ def _time_gc(phase: str, info: dict[str, int]) -> None:
         GC_PAUSES.labels(str(info.get("generation", -1))).observe(time.perf_counter() - _gc_started)
 
 
+def time_gc_pauses() -> None:
+    """Observe every garbage collection from now on (idempotent). `jobtree serve` calls it
+    before importing the service, so the pauses of loading and replaying count too."""
+    if _time_gc not in gc.callbacks:
+        gc.callbacks.append(_time_gc)
+
+
 @dataclass(frozen=True, slots=True)
 class ServiceSettings:
     name: str
@@ -265,8 +272,7 @@ async def connect(settings: ServiceSettings, bus: BusState | None = None,
 async def run(main: Callable[[ServiceContext], Awaitable[None]], settings: ServiceSettings) -> int:
     """Run one service until it is told to stop; returns the process exit status."""
     log = service_logger(settings.name)
-    if _time_gc not in gc.callbacks:
-        gc.callbacks.append(_time_gc)
+    time_gc_pauses()
     stopping, bus = asyncio.Event(), BusState()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -144,6 +144,9 @@ def add_serve_parser(subparsers: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from jobtree.bus.runtime import time_gc_pauses
+
+    time_gc_pauses()  # before the service's imports: their collections are pauses too
     main = load_service(args.name)
     from jobtree.bus import subjects
     from jobtree.bus.runtime import ServiceSettings, run
