@@ -15,7 +15,8 @@ Gang admissions/s = runs bound (Pending -> Running transitions, rebinds included
 the same calls, which is the fairer "one core" figure when the machine is shared.
 Target (issue 2): >= 5,000 gang admissions/s at 10,000 nodes on one core.
 
-    .venv/bin/python bench/bench_admission.py [--nodes 1000 10000] [--runs 20000] [--quick] [--json]
+    .venv/bin/python bench/bench_admission.py [--nodes 1000 10000] [--runs 20000] [--backlog 0 1000 10000]
+        [--quick] [--json]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 from collections import Counter
 
 from _world import (
+    FLAVOR,
     GPUS_PER_NODE,
     SEED,
     T0,
@@ -41,18 +43,27 @@ from _world import (
 )
 from jobtree.core.engine import Cluster
 from jobtree.core.facts import ApplyBudget, ApplyRun, CompleteRun, LeaseClosed, LeaseMinted, RunStatusPut
-from jobtree.core.model import ClusterConfig, FundingClass, Phase
+from jobtree.core.model import ClusterConfig, FundingClass, Locality, Phase, Run, RunSpec
 
 TARGET_NODES = 10_000
 TARGET_RATE = 5_000.0
 
 
+def backlog_runs(n: int, fleet: int) -> list[Run]:
+    """`n` runs that wait for ever: each asks for more GPUs than the fleet has, for an owner no
+    budget funds, so admission retries and parks them whenever anything changes (a deep queue)."""
+    spec = RunSpec("org:backlog", FLAVOR, fleet + 8, locality=Locality(group_gpus=8))
+    return [Run("backlog", f"b{j:06d}", spec) for j in range(n)]
+
+
 def run_size(nodes: int, runs: int, rate: int, util: float, max_seconds: float, seed: int,
-             quiet: bool = False) -> dict[str, object]:
+             quiet: bool = False, backlog: int = 0) -> dict[str, object]:
     fleet = nodes * GPUS_PER_NODE
     mean_duration = max(1.0, util * fleet / (rate * mean_demand()))
     cl = Cluster(ClusterConfig(cluster="bench"), make_nodes(nodes), T0)
     cl.submit(*(ApplyBudget(b) for b in make_budgets(fleet, seed)))
+    if backlog:
+        cl.submit(*(ApplyRun(r) for r in backlog_runs(backlog, fleet)))
     arrivals = make_runs(runs, mean_duration, seed)
     duration = {a.run.key: a.duration for a in arrivals}
     kinds = Counter(a.kind for a in arrivals)
@@ -139,6 +150,8 @@ def run_size(nodes: int, runs: int, rate: int, util: float, max_seconds: float, 
     steady = util_samples[len(util_samples) // 2:] or [0.0]
     return {
         "nodes": nodes,
+        "backlog": backlog,
+        "us_per_decision": round(1e6 * timed / decisions, 1) if decisions else None,
         "gpus": fleet,
         "runs_planned": runs,
         "runs_submitted": submitted,
@@ -176,6 +189,9 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=600.0,
                     help="stop feeding arrivals once this much core time is spent (per size)")
     ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--backlog", type=int, nargs="+", default=[0], metavar="N",
+                    help="runs that wait for ever, queued before the arrivals (one result per N): "
+                         "the cost per decision should stay flat as N grows (issue 8)")
     ap.add_argument("--quick", action="store_true", help="smoke-test sizes (100 nodes, 1,000 runs)")
     ap.add_argument("--json", action="store_true", help="also print one JSON line")
     args = ap.parse_args()
@@ -184,21 +200,22 @@ def main() -> None:
         args.nodes, args.runs, args.rate = [100], 1_000, 10
     results = []
     for n in args.nodes:
-        results.append(run_size(n, args.runs, args.rate, args.util, args.max_seconds, args.seed,
-                                quiet=args.quick))
+        for depth in args.backlog:
+            results.append(run_size(n, args.runs, args.rate, args.util, args.max_seconds, args.seed,
+                                    quiet=args.quick, backlog=depth))
     print("Admission throughput (core only: wall time inside Cluster.advance/submit)")
     rows = []
     for r in results:
-        rows.append([r["nodes"], r["gpus"], r["runs_submitted"], r["core_seconds"], r["core_cpu_seconds"],
+        rows.append([r["nodes"], r["backlog"], r["us_per_decision"], r["gpus"], r["runs_submitted"], r["core_seconds"], r["core_cpu_seconds"],
                      r["gang_admissions"], r["admissions_per_s"], r["admissions_per_cpu_s"], r["decisions"],
                      r["decisions_per_s"], r["completions"],
                      r["running_at_end"], r["pending_at_end"], r["max_queue"], r["mean_util_second_half"],
                      "yes" if r["truncated"] else "no"])
-    print(table(["nodes", "GPUs", "runs in", "core s", "cpu s", "bound", "adm/s", "adm/cpu-s", "decisions", "dec/s",
+    print(table(["nodes", "backlog", "µs/decision", "GPUs", "runs in", "core s", "cpu s", "bound", "adm/s", "adm/cpu-s", "decisions", "dec/s",
                  "completed", "running", "pending", "max queue", "util", "truncated"], rows))
     verdict = None
     for r in results:
-        if r["nodes"] == TARGET_NODES:
+        if r["nodes"] == TARGET_NODES and not r["backlog"]:
             rate = r["admissions_per_s"] or 0.0
             cpu_rate = r["admissions_per_cpu_s"] or 0.0
             verdict = max(rate, cpu_rate) >= TARGET_RATE

@@ -140,3 +140,22 @@ def test_scenario_export_replays_to_the_same_state(world: World) -> None:
             state_json(played.cluster), sort_keys=True)
 
     noting(world, run)
+
+
+@prop_settings(80)
+@given(worlds())
+def test_admission_shortcuts_change_no_decision(world: World) -> None:
+    """The engine skips work when a cheap necessary condition fails (`_could_fit` before a plain
+    pack: for runs in hold-down, runs nothing can fund, unfunded covers, reservations' plain
+    binds). With the condition forced true every pack is tried: every decision must be the same."""
+    def run() -> None:
+        fast = _trace(world)
+        original = Cluster._could_fit
+        Cluster._could_fit = lambda self, key: True  # type: ignore[method-assign]
+        try:
+            slow = _trace(world)
+        finally:
+            Cluster._could_fit = original  # type: ignore[method-assign]
+        assert fast == slow
+
+    noting(world, run)

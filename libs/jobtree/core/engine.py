@@ -699,6 +699,15 @@ class Cluster:
         run = self.runs[key]
         at = self.now if t is None else t
         terms = self.terms(key)
+        cands = [c for c in self._static_candidates(key) if eligible_at(c.envelope, at, reserve)]
+        return cover(self.rules, self.funding, self.meter, run, terms, needs, at, self._period_of,
+                     cands, headroom_only=headroom_only)
+
+    def _static_candidates(self, key: str) -> list[Candidate]:
+        """The envelopes that may ever pay for the run under today's budgets and nodes (cached
+        per owner, flavor, selector and funding terms until a budget or node changes)."""
+        run = self.runs[key]
+        terms = self.terms(key)
         spec = run.spec
         ck = (spec.owner, spec.gpu_type, spec.locality.selector, terms.allow_borrow, spec.funding.sponsors)
         if self._cand_epoch != self._spec_epoch:
@@ -707,9 +716,7 @@ class Cluster:
         static = self._cand_cache.get(ck)
         if static is None:
             static = self._cand_cache[ck] = candidates(self.rules, self.topo, run, terms)
-        cands = [c for c in static if eligible_at(c.envelope, at, reserve)]
-        return cover(self.rules, self.funding, self.meter, run, terms, needs, at, self._period_of,
-                     cands, headroom_only=headroom_only)
+        return static
 
     def admission_cover(self, key: str) -> Cover:
         """Who would pay for the run's runnable width if it were admitted now (a read: what
@@ -746,9 +753,11 @@ class Cluster:
         return until is not None and self.now < until
 
     def _try_admit(self, key: str) -> bool:
-        if self._in_hold_down(key) and not self._could_fit(key):
-            # In hold-down only a plain fit on idle GPUs can admit it (no reserving, no
-            # reclaiming), and `_could_fit` is necessary for one: park without the cover.
+        if (self._in_hold_down(key) or not self._static_candidates(key)) and not self._could_fit(key):
+            # In hold-down, or with no envelope that could ever pay for it (nothing funds it
+            # now or when a window opens), only a plain fit on idle GPUs can admit it — no
+            # reserving, no reclaiming — and `_could_fit` is necessary for one: park it
+            # without computing its cover.
             return self._park(key)
         spec = self.runs[key].spec
         needs = self._needs(key, 0, spec.min_width)
@@ -757,7 +766,8 @@ class Cluster:
             opens = self._window_opening(key, needs)
             if opens is not None:
                 return self._reserve(key, needs, opens, window_only=True)
-        placed = self._pack(key, cov.groups)
+        # Nothing funded: only a plain fit admits it, and `_could_fit` is necessary for one.
+        placed = self._pack(key, cov.groups) if cov.funded_gpus > 0 or self._could_fit(key) else None
         if placed is not None:
             self._bind(key, placed, MintReason.START)
             return True
