@@ -25,7 +25,6 @@ from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.core import views
 from jobtree.core.engine import Cluster
 from jobtree.core.funding import env_bound
-from jobtree.core.model import Role
 
 EVERY = 5.0
 
@@ -60,7 +59,7 @@ class Fleet:
             for lease in leases.values():
                 node = cl.topo.nodes.get(lease.slots[0][0]) if lease.slots else None
                 domain = node.domain if node is not None else "?"
-                cls = "spare" if lease.role is Role.SPARE else cl.funding.class_of(lease.name).value
+                cls = views.drawn_class(cl, lease)
                 gpus[(lease.owner, cls, domain)] += lease.gpus
                 held[domain] += lease.gpus
         _set(GPUS, {k: float(v) for k, v in gpus.items()})

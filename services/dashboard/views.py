@@ -26,10 +26,10 @@ from typing import Any
 
 from jobtree.core import views
 from jobtree.core.engine import R_CHECKPOINT, R_PREEMPTED, R_WINDOW, Cluster
-from jobtree.core.explain import Details, explain_lines
+from jobtree.core.explain import explain_lines
 from jobtree.core.funding import env_bound
 from jobtree.core.meter import GPU_SECONDS_PER_HOUR, cap_seconds
-from jobtree.core.model import Lease, Phase, Role, RunStatus
+from jobtree.core.model import Phase, RunStatus
 from jobtree.core.timefmt import format_time
 
 Json = dict[str, Any]
@@ -43,11 +43,6 @@ def _t(t: int | None) -> str | None:
     return None if t is None else format_time(t)
 
 
-def slot_class(cl: Cluster, lease: Lease) -> str:
-    """The class a lease's GPUs are drawn with: spare, else its funding class."""
-    return "spare" if lease.role is Role.SPARE else cl.funding.class_of(lease.name).value
-
-
 # --- fleet ---------------------------------------------------------------------------------
 
 
@@ -58,7 +53,7 @@ def fleet(cl: Cluster) -> Json:
         for name in sorted(cl.open_by_run[key]):
             lease = cl.open_by_run[key][name]
             holders.append({"run": lease.run, "owner": lease.owner, "lease": lease.name,
-                            "class": slot_class(cl, lease)})
+                            "class": views.drawn_class(cl, lease)})
             for slot in lease.slots:
                 held[slot] = len(holders) - 1
     domains: dict[str, Json] = {}
@@ -201,7 +196,7 @@ def owners(cl: Cluster) -> list[Json]:
     held: dict[str, Counter[str]] = {}
     for leases in cl.open_by_run.values():
         for lease in leases.values():
-            held.setdefault(lease.owner, Counter())[slot_class(cl, lease)] += lease.gpus
+            held.setdefault(lease.owner, Counter())[views.drawn_class(cl, lease)] += lease.gpus
     names = sorted(set(held) | set(cl.meter.unfunded))
     return [{"owner": o, "gpus": {c: held.get(o, Counter())[c] for c in CLASSES},
              "unfundedGPUHours": round(cl.meter.unfunded.get(o, 0) / GPU_SECONDS_PER_HOUR, 6)} for o in names]
@@ -341,17 +336,12 @@ def run(cl: Cluster, key: str) -> Json | None:
                     key=lambda lease: (lease.start, lease.name))
     reservations = sorted((r for r in cl.reservations.values() if r.run == key), key=lambda r: r.name)
     view = views.run_json(cl, key)
-    follow = cl.runs[key].spec.follow
-    details = Details(created=_t(st.created), admitted=_t(st.admitted), bound_at=_t(st.bound_at),
-                      hold_down_until=_t(st.hold_down_until), checkpoint_deadline=_t(st.checkpoint_deadline),
-                      ended_at=_t(st.ended_at), upstream_failed_at=_t(st.upstream_failed_at), eta=_t(st.eta),
-                      generation=st.generation, upstreams=tuple(_upstreams(cl, key)),
-                      on_upstream_failure=follow.on_upstream_failure.value if follow else None)
+    details = views.explain_details(cl, key, tuple(_upstreams(cl, key)))
     lease_rows = [views.lease_json(cl, lease) for lease in leases]
     for row, lease in zip(lease_rows, leases, strict=True):
         row["gpus"] = lease.gpus
         if lease.open:
-            row["class"] = slot_class(cl, lease)
+            row["class"] = views.drawn_class(cl, lease)
     timeline = []
     for lease in leases:
         timeline.append({"at": format_time(lease.start), "what": lease.mint_reason.value, "lease": lease.name,

@@ -21,7 +21,7 @@ from jobtree.api.jobtree.v1 import service_pb2 as api
 from jobtree.bus.eventstream import EventStream
 from jobtree.core import views
 from jobtree.core.engine import Cluster
-from jobtree.core.explain import Details, explain_lines
+from jobtree.core.explain import explain_lines
 from jobtree.core.manifest import API_VERSION
 from jobtree.core.timefmt import format_time
 from jobtree.services.gateway.base import (
@@ -165,21 +165,13 @@ class Reads(GatewayBase):
             key = self._key(request.run)
             await self._caught_up(request.min_ledger_sequence)
             cl = self.view
-            run = self._existing(key)
+            self._existing(key)
             st = cl.status[key]
             leases = sorted((lease for lease in cl.leases.values()
                              if lease.run == key and lease.start >= st.created), key=lambda lease: lease.name)
             reservations = sorted((r for r in cl.reservations.values() if r.run == key), key=lambda r: r.name)
             sim_view = views.run_json(cl, key)
-            follow = run.spec.follow
-            details = Details(
-                created=_t(st.created), admitted=_t(st.admitted), bound_at=_t(st.bound_at),
-                hold_down_until=_t(st.hold_down_until), checkpoint_deadline=_t(st.checkpoint_deadline),
-                ended_at=_t(st.ended_at), upstream_failed_at=_t(st.upstream_failed_at), eta=_t(st.eta),
-                generation=st.generation,
-                upstreams=follow.after if follow else (),
-                on_upstream_failure=follow.on_upstream_failure.value if follow else None,
-            )
+            details = views.explain_details(cl, key)
             lines = explain_lines(sim_view, [views.lease_json(cl, lease) for lease in leases],
                                   [views.reservation_json(r) for r in reservations], details)
             return api.ExplainRunResponse(

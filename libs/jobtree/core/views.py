@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from jobtree.core.engine import Cluster
+from jobtree.core.explain import Details
 from jobtree.core.funding import INF, env_bound
 from jobtree.core.model import FundingClass, Lease, Reservation, Role, slot_text
 from jobtree.core.timefmt import format_time
@@ -20,6 +21,27 @@ Json = dict[str, Any]
 
 def _t(t: int | None) -> str | None:
     return None if t is None else format_time(t)
+
+
+def drawn_class(cl: Cluster, lease: Lease) -> str:
+    """How an open lease's GPUs are shown (pictures, metrics, the dashboard): spare, else its
+    funding class."""
+    return "spare" if lease.role is Role.SPARE else cl.funding.class_of(lease.name).value
+
+
+def explain_details(cl: Cluster, key: str, upstreams: tuple[str, ...] | None = None) -> Details:
+    """What `explain` adds from a live view: the run's status instants and follow terms
+    (`upstreams` as the spec names them unless given)."""
+    st = cl.status[key]
+    follow = cl.runs[key].spec.follow
+    return Details(
+        created=_t(st.created), admitted=_t(st.admitted), bound_at=_t(st.bound_at),
+        hold_down_until=_t(st.hold_down_until), checkpoint_deadline=_t(st.checkpoint_deadline),
+        ended_at=_t(st.ended_at), upstream_failed_at=_t(st.upstream_failed_at), eta=_t(st.eta),
+        generation=st.generation,
+        upstreams=upstreams if upstreams is not None else (follow.after if follow else ()),
+        on_upstream_failure=follow.on_upstream_failure.value if follow else None,
+    )
 
 
 def lease_json(cl: Cluster, lease: Lease) -> Json:
