@@ -61,6 +61,7 @@ from jobtree.bus.follower import Follower, apply_batch, follow, record_ids
 from jobtree.bus.leader import LEADER_TTL, LeaderLock, leader_bucket
 from jobtree.bus.ledger import Ledger, LedgerError
 from jobtree.bus.runtime import LATENCY, REQUESTS, ServiceContext
+from jobtree.bus.snapshot import SnapshotStore, SnapshotWriter
 from jobtree.core import facts
 from jobtree.core.engine import Cluster
 from jobtree.core.errors import ValidationError
@@ -133,11 +134,19 @@ class DecisionLoop:
         self.max_queue = int(os.environ.get(ENV_MAX_QUEUE, MAX_QUEUE))
         self.queued = asyncio.Event()
         self.commit_subject = subjects.request(ctx.cluster, "binder", "commit")
+        self.snapshots = SnapshotStore(ctx.js, ctx.cluster, ctx.settings.config)
+        self.writer = SnapshotWriter(self.snapshots, ctx.log)
 
     async def rebuild(self, why: str) -> None:
-        """The view from the ledger alone (deciding nothing): what a rejected decision leaves."""
+        """The view from the ledger alone (deciding nothing): what a rejected decision leaves —
+        from the newest valid snapshot and the ledger after it."""
         self.cluster, self.committed, self.sequence = Cluster(self.ctx.settings.config, (), 0), {}, 0
         self.digests, self.carried = {}, []
+        with contextlib.suppress(nats.errors.Error, OSError):
+            snap = await self.snapshots.load()
+            if snap is not None:
+                self.cluster, self.sequence = snap.cluster, snap.sequence
+                self.committed, self.digests = snap.command_ids, snap.command_digests
         await self._catch_up(why)
 
     async def take_over(self, standby: Follower) -> None:
@@ -235,6 +244,8 @@ class DecisionLoop:
         for item in group[:decided]:
             assert item.answer is not None
             await item.reply(item.answer)
+        if not self.carried:  # the view is the ledger's up to `sequence`: a snapshot may be taken
+            self.writer.maybe(self.cluster, self.sequence, self.committed, self.digests)
         await asyncio.sleep(0)  # let the lock refresh and the replies go out between groups
 
     # -- deciding a group --------------------------------------------------------------------
@@ -315,6 +326,7 @@ class DecisionLoop:
         the view (it moved a virtual clock, or part of its batch applied) raises Restart: the
         caller rebuilds the view and attempts the group again without it."""
         started = time.perf_counter()
+        self.cluster.forget_history()  # what earlier attempts journaled is in the ledger or thrown away
         out: list[bus.LedgerEntry] = list(self.carried)
         size = sum(e.ByteSize() for e in out)
         seen: dict[str, bytes] = {}
@@ -491,6 +503,7 @@ async def _term(ctx: ServiceContext, lock: LeaderLock, holder: str, standby: Fol
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        await loop.writer.stop()
 
 
 async def _sleep(ctx: ServiceContext, seconds: float) -> None:

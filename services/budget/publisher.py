@@ -1,8 +1,8 @@
 """The budget service's event publisher: domain events from the ledger into the events stream.
 
 Part of the budget service (see its package docstring). A follower listener: for every ledger
-message the follower applies (from the first, so the deriver's memory is the same on every
-start) it derives the events (`jobtree.api.events.Deriver`) and queues those of messages past
+message the follower applies (from the first, or from a snapshot with the deriver's memory read
+from its view, so the deriver's memory is the same on every start) it derives the events (`jobtree.api.events.Deriver`) and queues those of messages past
 what the events stream already holds (`EventStream.last_ledger_sequence`, read at start); one
 task publishes them in order, retrying while NATS is away. A crash between publishing and
 acknowledging republishes under the same message id (stored once within the duplicate window).
@@ -40,6 +40,12 @@ class Publisher:
         self.deriver = Deriver(self.ctx.cluster)
         while not self.queue.empty():
             self.queue.get_nowait()
+
+    def restored(self, follower: Any) -> None:
+        """Started from a snapshot: the deriver's memory is read from its view (`Deriver.from_view`
+        derives, after it, what a deriver that had seen every message derives)."""
+        self.follower = follower
+        self.deriver = Deriver.from_view(self.ctx.cluster, follower.cluster)
 
     def __call__(self, sequence: int, batch: bus.LedgerBatch) -> None:
         entries = [convert.entry_from_proto(e) for e in batch.entries]

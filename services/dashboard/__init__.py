@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from jobtree.bus.follower import follow
+from jobtree.bus.follower import Listener, follow
 from jobtree.bus.runtime import ServiceContext, listen_address
 from jobtree.services.dashboard.app import PUSH_EVERY, Board, serve_http
 from jobtree.services.dashboard.views import BurnHistory
@@ -44,7 +44,7 @@ async def main(ctx: ServiceContext) -> None:
     host, port = http_address()
     history = BurnHistory()
     board = Board()
-    follower = await follow(ctx, listeners=[history, board.changed])
+    follower = await follow(ctx, listeners=[history, Listener(board.changed, lambda _follower: None)])
     if follower is None:
         return
     board.follower, board.history = follower, history

@@ -151,6 +151,11 @@ class BurnHistory:
         if self.follower is not None:
             self.observe(self.follower.cluster)
 
+    def restored(self, follower: Any) -> None:
+        """Started from a snapshot: the curve starts there, at what the envelopes had consumed."""
+        self.reset(follower)
+        self.observe(follower.cluster)
+
 
 def budgets(cl: Cluster, history: BurnHistory | None = None, at: int | None = None) -> Json:
     """The budgets view at `at` (default and at least the view's `now`): GPU-hours and the

@@ -24,7 +24,7 @@ from jobtree.api.jobtree.v1 import objects_pb2 as pb
 from jobtree.api.jobtree.v1 import service_pb2 as api
 from jobtree.api.jobtree.v1 import service_pb2_grpc as api_grpc
 from jobtree.bus import codec, subjects
-from jobtree.bus.follower import Follower
+from jobtree.bus.follower import Follower, Listener
 from jobtree.bus.ledger import Ledger
 from jobtree.bus.runtime import ServiceContext
 from jobtree.core import facts
@@ -216,11 +216,17 @@ class GatewayBase(api_grpc.JobtreeServicer):
         """Run key -> the ledger sequence at which it (last) appeared in the view."""
         self._present: set[str] = set()
         self._watches: set[_Watch] = set()
-        follower.listeners.append(self._on_batch)
+        follower.listeners.append(Listener(self._on_batch, self._restored))
 
     @property
     def view(self) -> Cluster:
         return self.follower.cluster
+
+    def _restored(self, follower: Follower) -> None:
+        """Started from a snapshot: every run in it changed, as far as a watch can tell, at its sequence."""
+        for key in follower.cluster.runs:
+            self._present.add(key)
+            self.changed_at[key] = self.created_at[key] = follower.sequence
 
     def _on_batch(self, sequence: int, batch: bus.LedgerBatch) -> None:
         cl = self.view

@@ -97,7 +97,7 @@ def test_subjects_are_unique_and_well_formed() -> None:
                 assert e.value.startswith(f"jobtree.{cluster}."), e
             elif e.kind in ("event-filter", "ledger-filter"):
                 assert e.value.startswith(f"jobtree.{cluster}.") and e.value.endswith(".>"), e
-            elif e.kind in ("stream", "bucket"):
+            elif e.kind in ("stream", "bucket", "object-store"):
                 assert all(c.isalnum() or c in "_-" for c in e.value), e
     a = {e.value for e in subjects.catalogue("gpu-a")}
     b = {e.value for e in subjects.catalogue("b")}

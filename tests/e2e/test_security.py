@@ -22,11 +22,13 @@ import pytest
 from nats.aio.client import Client
 
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
-from jobtree.bus import security, subjects
+from jobtree.bus import security, snapshot, subjects
 from jobtree.bus.follower import Follower
 from jobtree.bus.leader import LEADER_TTL, LeaderLock, leader_bucket
 from jobtree.bus.ledger import Ledger, LedgerError
 from jobtree.bus.natsserver import NatsServer
+from jobtree.bus.snapshot import SnapshotStore
+from jobtree.core.engine import Cluster
 from jobtree.core.model import ClusterConfig
 
 T = TypeVar("T")
@@ -316,7 +318,8 @@ def test_every_service_follows_replays_and_reads_the_ledger(session: Session) ->
         await binder.close()
         for user in (u for u in SERVICES if "follow ledger" in security.GRANTS[u]):
             nc = await s.connect(user)
-            follower = Follower(nc.jetstream(), C, ClusterConfig(cluster=C))
+            reads = {"read snapshots", "write snapshots"} & set(security.GRANTS[user])  # not the binder
+            follower = Follower(nc.jetstream(), C, ClusterConfig(cluster=C), snapshots=bool(reads))
             await follower.start()
             assert await follower.wait_for(last, timeout=10), (user, follower.sequence)
             await follower.stop()
@@ -348,5 +351,38 @@ def test_the_binder_creates_its_stream_and_mirrors_specs(session: Session) -> No
         with pytest.raises((nats.errors.Error, nats.js.errors.Error)):
             await gw.jetstream(timeout=0.5).key_value(subjects.bucket(C, "runs"))
         await gw.close()
+
+    session.run(scenario)
+
+
+def test_admission_writes_the_snapshots_every_follower_reads_them(session: Session) -> None:
+    config = ClusterConfig(cluster=C)
+
+    async def scenario(s: Session) -> None:
+        binder = await s.connect("binder")
+        ledger = Ledger(binder.jetstream(), C)
+        last = await ledger.last_sequence()
+        seq = (await ledger.append(entry_batch(900), expected_last_sequence=last, msg_id="snap-900")).sequence
+        await binder.close()
+        admission = await s.connect("admission")
+        store = SnapshotStore(admission.jetstream(), C, config)
+        view = Cluster(config, (), 0)
+        await store.save(snapshot.encode(C, view, seq, {}, {}, await store.ledger_digest_at(seq)))
+        assert (await store.load()) is not None, store.last_refusal
+        await admission.close()
+        assert not s.violations("admission"), s.errors["admission"]
+        readers = [u for u in SERVICES if "read snapshots" in security.GRANTS[u]]
+        assert sorted(readers) == sorted(u for u in SERVICES if "follow ledger" in security.GRANTS[u]
+                                         and u not in ("admission", "binder"))
+        for user in readers:
+            nc = await s.connect(user)
+            follower = Follower(nc.jetstream(), C, config)
+            await follower.start()
+            assert follower.restored_from == seq, (user, follower.snapshot_refusal)
+            await follower.stop()
+            with pytest.raises((nats.errors.Error, nats.js.errors.Error)):  # only the leader writes them
+                await SnapshotStore(nc.jetstream(timeout=0.5), C, config).save(b"forged")
+            await nc.close()
+            assert any("$o." in v or "obj_" in v for v in s.violations(user)), (user, s.errors[user])
 
     session.run(scenario)

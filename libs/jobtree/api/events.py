@@ -78,12 +78,27 @@ class Deriver:
     phases: dict[str, str] = field(default_factory=dict)
     fenced: set[str] = field(default_factory=set)
     crossed: dict[tuple[str, str], int] = field(default_factory=dict)
-    """(budget, envelope) -> the highest threshold crossed in its current window."""
+    """(budget, envelope) -> the highest threshold its spending had reached after the last
+    message (it falls when a new window starts or the cap grows: crossing again is told again)."""
     windows: dict[tuple[str, str], bool] = field(default_factory=dict)
     reserved: dict[str, int] = field(default_factory=dict)
     """Reservation name -> the earliest start last told."""
     borrowing: dict[str, int] = field(default_factory=dict)
     """Run key -> its GPUs funded by another's envelope (shared or borrowed) after the last message."""
+
+    @classmethod
+    def from_view(cls, cluster: str, cl: Cluster) -> Deriver:
+        """The memory a deriver that had seen the whole ledger up to `cl` would hold, read
+        from the view itself: a follower that starts from a snapshot derives the same events
+        after it (tests/unit/test_snapshot.py plays every scenario cut at every message)."""
+        d = cls(cluster)
+        d.phases = {key: st.phase.value for key, st in cl.status.items()}
+        d.fenced = {name for name, node in cl.topo.nodes.items() if node.state is NodeState.FENCED}
+        d.reserved = {r.name: r.earliest_start for r in cl.reservations.values()
+                      if r.state.value == "Pending"}
+        d._envelopes(cl, lambda *_a, **_k: None)
+        d._recall(cl, lambda *_a, **_k: None)
+        return d
 
     def derive(self, cl: Cluster, sequence: int, entries: Sequence[JournalEntry]) -> list[bus.Event]:
         out: list[bus.Event] = []
@@ -200,17 +215,15 @@ class Deriver:
                     kind = "WindowOpened" if open_ else "WindowClosed"
                     emit(kind, f"envelope {budget}/{name}: window {'opened' if open_ else 'closed'}",
                          budget=budget, envelope=name, owner=cl.budgets[budget].owner if budget in cl.budgets else "")
-                    if open_:  # a new window: its GPU-hours start again
-                        for key in [k for k in self.crossed if k[0].endswith(f":{budget}")]:
-                            self.crossed.pop(key, None)
         for bound, cap in sorted(cl.rules.hour_caps.items()):
             what, budget, name = bound  # env | lend | cap, budget, envelope or aggregate cap
             ref = (f"{what}:{budget}", name)
             used = cl.meter.hours(bound)
             percent = 100.0 * used / cap if cap else 100.0
             reached = max((p for p in THRESHOLDS if percent >= p), default=0)
-            if reached > self.crossed.get(ref, 0):
-                self.crossed[ref] = reached
+            before = self.crossed.get(ref, 0)
+            self.crossed[ref] = reached  # lower too: a new window, or a larger cap, starts counting again
+            if reached > before:
                 rate = cl.funding.used_now(bound)
                 left = max(0.0, cap - used)
                 exhausts = format_time(cl.now + int(left * 3600 / rate)) if rate and left > 0 else None

@@ -1,8 +1,9 @@
 """A follower: a read-only replica of one cluster's view, kept in step with the ledger stream.
 
-Contract: `Follower.start()` replays the ledger stream from its first message into a core
-`Cluster` (facts and spec changes applied at their instants; nothing is decided), pulling it,
-and returns once caught up; it then keeps applying new batches in order as they arrive (an
+Contract: `Follower.start()` starts from the newest valid snapshot (`bus.snapshot`; none, or
+one that fails a check, means the first message) and replays the ledger stream after it into a
+core `Cluster` (facts and spec changes applied at their instants; nothing is decided), pulling
+it, and returns once caught up; it then keeps applying new batches in order as they arrive (an
 ordered push consumer from the next sequence). `sequence` is the
 last applied stream sequence; `wait_for(seq)` returns once it has applied `seq` (the "reads
 carry the sequence they depend on" rule). Views are read from `cluster` between awaits.
@@ -11,6 +12,10 @@ A NATS outage does not end it: when the connection comes back (or the push consu
 quiet for `STALL_SECONDS` while the ledger has moved on) it re-attaches from its last applied
 sequence (`reattached` counts how often) — a restarted nats-server loses the ephemeral
 consumer, so waiting for the client to notice would take tens of seconds.
+A listener that keeps something derived from earlier batches says how to start from a snapshot
+with a `restored(follower)` method (called once the snapshot's view is in place, before the
+tail); a follower with a listener that has none replays the whole ledger (`snapshot_refusal`
+says so). `restored_from` is the snapshot's sequence (0: replayed from the start).
 `follow(ctx)` retries every NATS error (the stream not existing yet, a timeout, a reconnect)
 until the follower runs or the service stops.
 Not: a decision maker (only the admission leader decides), not a writer.
@@ -34,6 +39,7 @@ from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.bus import codec, subjects
 from jobtree.bus.ledger import Ledger, LedgerError
 from jobtree.bus.runtime import ServiceContext
+from jobtree.bus.snapshot import SnapshotStore
 from jobtree.core.engine import Cluster
 from jobtree.core.model import ClusterConfig
 
@@ -44,15 +50,34 @@ STALL_SECONDS = 3.0
 
 
 def apply_batch(cl: Cluster, batch: bus.LedgerBatch) -> None:
-    """Apply one ledger batch to a view, deciding nothing."""
+    """Apply one ledger batch to a view, deciding nothing (the view keeps no journal of it:
+    the ledger is the journal)."""
     for entry in batch.entries:
         t, item = convert.entry_from_proto(entry)
         cl.replay_entry(t, item)
+    cl.forget_history()
+
+
+class Listener:
+    """A listener made of two callables: told of each batch, and of a snapshot start."""
+
+    def __init__(self, on_batch: Any, restored: Any) -> None:
+        self.on_batch = on_batch
+        self.restored = restored
+
+    def __call__(self, sequence: int, batch: bus.LedgerBatch) -> None:
+        self.on_batch(sequence, batch)
 
 
 class Follower:
-    def __init__(self, js: JetStreamContext, cluster: str, config: ClusterConfig) -> None:
+    def __init__(self, js: JetStreamContext, cluster: str, config: ClusterConfig, *, snapshots: bool = True) -> None:
         self.js = js
+        self.snapshots = snapshots
+        """Start from the newest valid snapshot (else replay the whole ledger)."""
+        self.restored_from = 0
+        """The sequence of the snapshot this follower started from (0: none)."""
+        self.snapshot_refusal = ""
+        """Why it did not start from a snapshot ("" when it did, or did not look)."""
         self.cluster_name = subjects.check_cluster(cluster)
         self.config = config
         self.cluster = Cluster(config, (), 0)
@@ -80,7 +105,30 @@ class Follower:
         if self._watchdog is None:
             self._watchdog = asyncio.ensure_future(self._watch())
 
+    async def _restore(self) -> None:
+        """Adopt the newest valid snapshot, if every listener can start from one."""
+        blind = [listener for listener in self.listeners if getattr(listener, "restored", None) is None]
+        if blind:
+            self.snapshot_refusal = f"a listener needs the whole ledger ({blind[0]!r})"
+            return
+        store = SnapshotStore(self.js, self.cluster_name, self.config)
+        try:
+            snap = await store.load()
+        except (nats.errors.Error, OSError) as exc:
+            self.snapshot_refusal = f"could not read it: {exc!r}"
+            return
+        if snap is None:
+            self.snapshot_refusal = store.last_refusal
+            return
+        self.cluster, self.sequence = snap.cluster, snap.sequence
+        self.command_ids, self.command_digests = snap.command_ids, snap.command_digests
+        self.restored_from, self.snapshot_refusal = snap.sequence, ""
+        for listener in list(self.listeners):
+            listener.restored(self)
+
     async def _attach(self) -> None:
+        if self.sequence == 0 and self.snapshots:
+            await self._restore()
         async for record in Ledger(self.js, self.cluster_name).records(self.sequence):
             await self._applied(record.sequence, record.batch)
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.sequence + 1)
@@ -172,7 +220,7 @@ def record_ids(batch: bus.LedgerBatch, seq: int, ids: dict[str, int], digests: d
                 digests[entry.command_id] = entry.command_digest
 
 
-async def follow(ctx: ServiceContext, listeners: Sequence[Any] = ()) -> Follower | None:
+async def follow(ctx: ServiceContext, listeners: Sequence[Any] = (), *, snapshots: bool = True) -> Follower | None:
     """A started follower of the cluster's ledger, waiting for the stream if it does not exist
     yet (services may start before the binder creates it) and for NATS while it is unreachable
     (a timeout or a reconnect is retried, never fatal); None if told to stop first. `listeners`
@@ -181,7 +229,7 @@ async def follow(ctx: ServiceContext, listeners: Sequence[Any] = ()) -> Follower
     listens to (it drops what it derived from an earlier attempt)."""
     delay = 0.05
     while not ctx.stopping.is_set():
-        follower = Follower(ctx.js, ctx.cluster, ctx.settings.config)
+        follower = Follower(ctx.js, ctx.cluster, ctx.settings.config, snapshots=snapshots)
         for listener in listeners:
             reset = getattr(listener, "reset", None)
             if reset is not None:
@@ -189,6 +237,9 @@ async def follow(ctx: ServiceContext, listeners: Sequence[Any] = ()) -> Follower
             follower.listeners.append(listener)
         try:
             await follower.start()
+            ctx.log.info("following the ledger", extra={"fields": {
+                "sequence": follower.sequence, "from_snapshot": follower.restored_from,
+                **({"snapshot_not_used": follower.snapshot_refusal} if follower.snapshot_refusal else {})}})
             return follower
         except (nats.errors.Error, LedgerError) as exc:
             await follower.stop()

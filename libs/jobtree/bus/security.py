@@ -25,7 +25,10 @@ Every service user may:
     messages (the budget service, which derives the events from the ledger);
   - `follow events`: read the events stream through consumers, durable ones included;
   - `kv B`: read, write and create the cluster's KV bucket B (get, put, create, update,
-    delete, watch).
+    delete, watch);
+  - `read snapshots`: read the snapshot object store (`bus.snapshot`): every follower;
+  - `write snapshots`: also create it, put objects and purge replaced chunks (the admission
+    leader, the one writer).
 The JetStream API subjects were found by running the services' own code (Follower, Ledger,
 LeaderLock, KV put/get) as each user against nats-server 2.15 and recording what they publish
 (tests/e2e/test_security.py runs it again). A follower without `$JS.FC.<stream>.>` stalls
@@ -68,21 +71,21 @@ ADMIN = "admin"
 """The user with full access (stream and bucket setup by `jobtree up`, tests)."""
 
 GRANTS: dict[str, tuple[str, ...]] = {
-    "gateway": ("follow ledger", "call admission.command", "call budget.*", "call packer.*", "follow events"),
-    "admission": ("follow ledger", "call binder.commit", "kv leader"),
+    "gateway": ("follow ledger", "read snapshots", "call admission.command", "call budget.*", "call packer.*", "follow events"),
+    "admission": ("follow ledger", "write snapshots", "call binder.commit", "kv leader"),
     # The binder mirrors the specs of committed batches into the runs/budgets/nodes buckets.
     "binder": ("follow ledger", "write ledger", "kv runs", "kv budgets", "kv nodes"),
     # The budget service derives the domain events from the ledger and publishes them.
-    "budget": ("follow ledger", "write events"),
-    "packer": ("follow ledger",),
+    "budget": ("follow ledger", "read snapshots", "write events"),
+    "packer": ("follow ledger", "read snapshots"),
     # The resolver sends Tick commands when timers fall due (services.md, "read path").
-    "resolver": ("follow ledger", "call admission.command"),
+    "resolver": ("follow ledger", "read snapshots", "call admission.command"),
     # The kube-bridge sends the Kubernetes objects' commands and mirrors decisions back.
-    "kube-bridge": ("follow ledger", "call admission.command", "follow events"),
+    "kube-bridge": ("follow ledger", "read snapshots", "call admission.command", "follow events"),
     # The notifier delivers events (a durable consumer) and records what it delivered.
     "notifier": ("follow events", "kv notified"),
     # The dashboard draws a follower's view; it decides and writes nothing.
-    "dashboard": ("follow ledger",),
+    "dashboard": ("follow ledger", "read snapshots"),
 }
 """The permission table: what each service may do besides answering its own requests."""
 
@@ -144,11 +147,19 @@ def expand(cluster: str, grant: str) -> list[str]:
     if kind == "follow" and what == "events":
         stream = subjects.events_stream(cluster)
         return [*_stream_read(stream), *_stream_get(stream), f"{JS_API}.CONSUMER.DURABLE.CREATE.{stream}.*"]
+    if what == "snapshots" and kind in ("read", "write"):
+        bucket = subjects.object_bucket(cluster, "snapshots")
+        stream = f"OBJ_{bucket}"
+        # STREAM.NAMES: the object store's reader subscribes to the chunks by subject alone
+        out = [*_stream_read(stream), *_stream_get(stream), f"{JS_API}.STREAM.NAMES"]
+        if kind == "write":
+            out += [f"$O.{bucket}.>", f"{JS_API}.STREAM.CREATE.{stream}", f"{JS_API}.STREAM.PURGE.{stream}"]
+        return out
     if kind == "kv":
         bucket, stream = _kv_stream(cluster, what)
         return [*_stream_read(stream), *_stream_get(stream), f"$KV.{bucket}.>", f"{JS_API}.STREAM.CREATE.{stream}"]
     raise ValueError(f"unknown grant {grant!r}; grants are: call S.V, call S.*, follow ledger, write ledger, "
-                     "follow events, write events, kv B")
+                     "follow events, write events, kv B, read snapshots, write snapshots")
 
 
 def _unique(items: Iterable[str]) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ share one NATS system (leaf nodes, gateways) without their subjects meeting.
 | ledger stream        | `jobtree_C_ledger`                   | captures `jobtree.C.ledger.>`| file storage, no delete/purge     |
 | events stream        | `jobtree_C_events`                   | captures `jobtree.C.evt.>`   | bus.Event; the budget service publishes |
 | KV bucket            | `jobtree_C_<bucket>`, keys `kv_key`  | one message per key          | see BUCKETS                       |
+| object store         | `jobtree_C_<bucket>` (OBJECT_BUCKETS)| objects (`bus.snapshot`)     | see OBJECT_BUCKETS                |
 | reply inboxes        | `_INBOX.jobtree.C.<service>.>`       | replies                      | per-service inbox prefix (permissions) |
 
 Services and verbs (SERVICE_VERBS) and event kinds (EVENT_KINDS) are closed lists: asking for
@@ -32,6 +33,7 @@ from typing import NamedTuple
 __all__ = [
     "BUCKETS",
     "EVENT_KINDS",
+    "OBJECT_BUCKETS",
     "PREFIX",
     "SERVICE_VERBS",
     "Subject",
@@ -46,6 +48,7 @@ __all__ = [
     "ledger_filter",
     "ledger_stream",
     "ledger_subject",
+    "object_bucket",
     "queue_group",
     "request",
     "service_filter",
@@ -94,6 +97,11 @@ BUCKETS: dict[str, str] = {
     "notified": "the notifier's deliveries: key kv_key(receiver, event id), value delivered or dead (TTL)",
 }
 """KV buckets per cluster and what they hold."""
+
+OBJECT_BUCKETS: dict[str, str] = {
+    "snapshots": "the view at a ledger sequence (object `view`, bus.snapshot), written by the admission leader",
+}
+"""JetStream object stores per cluster and what they hold."""
 
 _CLUSTER = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _SAFE = re.compile(r"[A-Za-z0-9_:@=+~-]")
@@ -203,6 +211,13 @@ def bucket(cluster: str, name: str) -> str:
     return f"{PREFIX}_{check_cluster(cluster)}_{name}"
 
 
+def object_bucket(cluster: str, name: str) -> str:
+    """`jobtree_C_<name>`: an object store of the cluster (names in OBJECT_BUCKETS)."""
+    if name not in OBJECT_BUCKETS:
+        raise ValueError(f"unknown object store {name!r}; object stores: {', '.join(OBJECT_BUCKETS)}")
+    return f"{PREFIX}_{check_cluster(cluster)}_{name}"
+
+
 def kv_key(*names: str) -> str:
     """A KV key made of names, each escaped by `token` and joined by `.`."""
     if not names:
@@ -212,7 +227,7 @@ def kv_key(*names: str) -> str:
 
 class Subject(NamedTuple):
     kind: str
-    """request | event-filter | ledger | ledger-filter | stream | bucket | inbox"""
+    """request | event-filter | ledger | ledger-filter | stream | bucket | object-store | inbox"""
     name: str
     value: str
 
@@ -231,6 +246,7 @@ def catalogue(cluster: str) -> list[Subject]:
     out.append(Subject("stream", "ledger", ledger_stream(cluster)))
     out.append(Subject("stream", "events", events_stream(cluster)))
     out += [Subject("bucket", name, bucket(cluster, name)) for name in BUCKETS]
+    out += [Subject("object-store", name, object_bucket(cluster, name)) for name in OBJECT_BUCKETS]
     out += [Subject("inbox", service, inbox_prefix(cluster, service)) for service in SERVICE_VERBS]
     return out
 

@@ -138,6 +138,23 @@ class Cluster:
         self._act_tried: dict[str, tuple[int, int]] = {}
         self.funding.set_clock(now, frozenset())
 
+    def __getstate__(self) -> dict[str, object]:
+        """A copy (pickle, deepcopy) is the view without its history: the journal and fact
+        lists start empty (callers slice them from a mark taken after the copy) and no observer
+        is attached. What snapshots store and what a what-if plan copies."""
+        state = dict(self.__dict__)
+        state.update(journal=[], facts=[], observer=None)
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+
+    def forget_history(self) -> None:
+        """Empty the journal and fact lists (a follower or the decision loop, once the ledger
+        holds them: nothing in the core reads them back, so memory stays flat)."""
+        self.journal.clear()
+        self.facts.clear()
+
     @classmethod
     def replay(cls, config: ClusterConfig, nodes: Iterable[Node], start: int,
                journal: Iterable[JournalEntry]) -> Cluster:
