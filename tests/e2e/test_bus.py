@@ -305,3 +305,10 @@ def test_a_missing_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_
         find_binary()
     monkeypatch.delenv("JOBTREE_NATS_SERVER")
     assert find_binary().name == "nats-server"
+
+
+def test_the_architecture_doc_lists_the_catalogue() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "architecture.md").read_text()
+    rows = [f"| {e.kind} | {e.name} | `{e.value}` |" for e in subjects.catalogue("gpu-a")]
+    table = "| kind | name | value |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+    assert table in doc, "docs/architecture.md's subjects table is stale: regenerate it from subjects.catalogue('gpu-a')"

@@ -227,3 +227,16 @@ def test_real_json_output_is_deterministic(capsys: pytest.CaptureFixture[str]) -
     assert main(["sim", "run", demo]) == 0
     assert capsys.readouterr().out == first
     assert set(json.loads(first)["snapshots"]) >= {"morning", "final"}
+
+
+@pytest.mark.parametrize(("var", "value", "fragment"), [
+    ("JOBTREE_SNAPSHOT_EVERY", "often", "JOBTREE_SNAPSHOT_EVERY must be a whole number of ledger messages"),
+    ("JOBTREE_SNAPSHOT_EVERY", "-5", "got '-5'"),
+    ("JOBTREE_SNAPSHOT_MIN_SECONDS", "soon", "JOBTREE_SNAPSHOT_MIN_SECONDS must be a number of seconds >= 0"),
+    ("JOBTREE_SNAPSHOT_MIN_SECONDS", "-1", "got '-1'"),
+])
+def test_bad_snapshot_settings_stop_admission_before_it_starts(var: str, value: str, fragment: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(var, value)
+    proc = run_cli("serve", "admission", "--nats", "nats://127.0.0.1:1")
+    assert_one_line_error(proc, fragment)

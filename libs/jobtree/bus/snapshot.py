@@ -65,6 +65,7 @@ __all__ = [
     "config_digest",
     "decode",
     "encode",
+    "settings_from_env",
 ]
 
 MAGIC = b"JTSNAP\x00"
@@ -252,6 +253,23 @@ class SnapshotStore:
             return None
 
 
+def settings_from_env() -> tuple[int, float]:
+    """(every, min_seconds) from $JOBTREE_SNAPSHOT_EVERY and $JOBTREE_SNAPSHOT_MIN_SECONDS
+    (ValueError naming the variable, what it got and what it may be)."""
+    raw_every = os.environ.get(EVERY_ENV, "").strip() or str(EVERY)
+    raw_min = os.environ.get(MIN_SECONDS_ENV, "").strip() or str(MIN_SECONDS)
+    if not raw_every.isdigit():
+        raise ValueError(f"{EVERY_ENV} must be a whole number of ledger messages (0 turns snapshots off), "
+                         f"got {raw_every!r}")
+    try:
+        min_seconds = float(raw_min)
+    except ValueError:
+        min_seconds = -1.0
+    if not 0 <= min_seconds < float("inf"):
+        raise ValueError(f"{MIN_SECONDS_ENV} must be a number of seconds >= 0, got {raw_min!r}")
+    return int(raw_every), min_seconds
+
+
 class SnapshotWriter:
     """The leader's periodic snapshots (see the module contract)."""
 
@@ -259,8 +277,9 @@ class SnapshotWriter:
                  min_seconds: float | None = None) -> None:
         self.store = store
         self.log = log
-        self.every = int(os.environ.get(EVERY_ENV, EVERY)) if every is None else every
-        self.min_seconds = float(os.environ.get(MIN_SECONDS_ENV, MIN_SECONDS)) if min_seconds is None else min_seconds
+        env_every, env_min = settings_from_env() if every is None or min_seconds is None else (0, 0.0)
+        self.every = env_every if every is None else every
+        self.min_seconds = env_min if min_seconds is None else min_seconds
         self.last_sequence = 0
         self.last_time = -float("inf")
         self.task: asyncio.Task[None] | None = None

@@ -157,6 +157,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             subjects.check_cluster(cluster)
         except ValueError as e:
             raise CliError(f"--cluster: {e}") from None
+    if args.name == "admission":  # the snapshot writer's settings: refused before anything starts
+        from jobtree.bus.snapshot import settings_from_env
+
+        try:
+            settings_from_env()
+        except ValueError as e:
+            raise CliError(str(e)) from None
     if args.name == "notifier":  # its --config is the notifier's: receivers and routes
         if not args.config:
             raise CliError("notifier: --config FILE (receivers and routes) is required")
