@@ -49,9 +49,9 @@ from jobtree.api import convert
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.bus import snapshot
 from jobtree.bus.follower import Follower, apply_batch
-from jobtree.bus.snapshot import SnapshotStore
 from jobtree.bus.ledger import Ledger
 from jobtree.bus.natsserver import NatsServer
+from jobtree.bus.snapshot import SnapshotStore
 from jobtree.core import facts
 from jobtree.core.engine import Cluster
 from jobtree.core.model import ClusterConfig, Locality, Phase, Run, RunSpec
@@ -378,10 +378,10 @@ def main() -> None:
         verdict["snapshot_start_s"] = min(restored)
         verdict["snapshot_start_met"] = min(restored) * scale <= TARGET_S
         info_snap = gen["snapshot"]
+        scaled = f" (x{scale:.2f}: {min(restored) * scale:.1f}s)" if extrap else ""
         print(f"cold start from a snapshot ({info_snap['bytes'] / 1e6:.0f} MB at sequence {info_snap['sequence']:,}, "
               f"encoded in {info_snap['encode_s']}s, stored in {info_snap['store_s']}s) + the tail: "
-              f"{min(restored):.1f}s{extrap and ' (x%.2f: %.1fs)' % (scale, min(restored) * scale)} "
-              f"{'MET' if verdict['snapshot_start_met'] else 'MISSED'}")
+              f"{min(restored):.1f}s{scaled} {'MET' if verdict['snapshot_start_met'] else 'MISSED'}")
     elif not args.no_snapshot:
         print("cold start from a snapshot: NOT MEASURED (no follower started from it)")
     if args.json:
