@@ -149,7 +149,7 @@ def test_admission_writes_snapshots_as_the_ledger_grows(nats_server: NatsServer,
             assert got.command_ids and max(got.command_ids.values()) <= got.sequence
             whole = await follower(nc, cluster, snapshots=False)
             resumed = await follower(nc, cluster)
-            assert resumed.restored_from == got.sequence > 0
+            assert resumed.restored_from >= got.sequence > 0  # (a newer one may have landed since)
             assert view_of(resumed.cluster) == view_of(whole.cluster)
             assert resumed.command_ids == whole.command_ids
 

@@ -151,7 +151,7 @@ def test_the_queue_is_in_admission_order_with_reasons_etas_and_needs() -> None:
     rows = {r["key"]: r for r in doc["runs"]}
     assert [r["position"] for r in doc["runs"]] == list(range(1, len(doc["runs"]) + 1))
     queued = [r["key"] for r in doc["runs"] if r["phase"] in ("Pending", "Reserved")]
-    assert queued == cl._queue()  # the order admission tries them
+    assert queued == cl.queue_order()  # the order admission tries them
     assert [r["phase"] for r in doc["runs"]][len(queued):] == ["Waiting"]  # then what waits for upstreams
     mine = rows["default/mine"]
     res = cl.reservations[cl.status["default/mine"].reservation]

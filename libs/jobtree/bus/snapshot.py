@@ -32,11 +32,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copyreg
+import dataclasses
+import gc
 import hashlib
+import importlib
 import io
 import json
 import os
 import pickle
+import pkgutil
 import time
 import zlib
 from dataclasses import dataclass
@@ -119,9 +124,35 @@ def ledger_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _by_init(obj: Any) -> tuple[Any, tuple[Any, ...]]:
+    """Pickle a frozen dataclass as a call of its class with its fields (its generated
+    `__init__`): loading is about twice as fast as the dataclass `__setstate__`."""
+    return type(obj), tuple([getattr(obj, name) for name in type(obj).__match_args__])
+
+
+@cache
+def _dispatch_table() -> dict[type, Any]:
+    """The reducers of the core's frozen dataclasses whose fields are all `__init__` arguments."""
+    import jobtree.core as core_pkg
+
+    table: dict[type, Any] = dict(copyreg.dispatch_table)
+    for info in pkgutil.iter_modules(core_pkg.__path__):
+        module = importlib.import_module(f"jobtree.core.{info.name}")
+        for value in vars(module).values():
+            if (isinstance(value, type) and value.__module__ == module.__name__ and dataclasses.is_dataclass(value)
+                    and value.__dataclass_params__.frozen  # type: ignore[attr-defined]
+                    and all(f.init for f in dataclasses.fields(value))):
+                table[value] = _by_init
+    return table
+
+
 def encode_body(cl: Cluster, command_ids: dict[str, int], command_digests: dict[str, bytes]) -> bytes:
     """The compressed pickle of a view and its command ids (what the writer's child computes)."""
-    return zlib.compress(pickle.dumps((cl, command_ids, command_digests), protocol=pickle.HIGHEST_PROTOCOL), 1)
+    out = io.BytesIO()
+    pickler = pickle.Pickler(out, protocol=pickle.HIGHEST_PROTOCOL)
+    pickler.dispatch_table = _dispatch_table()
+    pickler.dump((cl, command_ids, command_digests))
+    return zlib.compress(out.getbuffer(), 1)
 
 
 def header_of(cluster_name: str, cl: Cluster, sequence: int) -> dict[str, Any]:
@@ -178,10 +209,15 @@ def decode(blob: bytes, cluster_name: str, config: ClusterConfig) -> Snapshot:
     caller's: the header's `ledger_digest` against the message at `sequence`."""
     header, body_at = read_header(blob)
     seq = check_header(header, cluster_name, config)
+    collecting = gc.isenabled()
+    gc.disable()  # millions of new objects, none garbage: collections would only rescan them
     try:
         cl, ids, digests = pickle.loads(zlib.decompress(blob[body_at:]))
     except Exception as exc:  # a truncated or corrupt body: any unpickling error
         raise SnapshotError(f"the body does not load ({type(exc).__name__})") from None
+    finally:
+        if collecting:
+            gc.enable()
     if not isinstance(cl, Cluster) or not isinstance(ids, dict) or not isinstance(digests, dict):
         raise SnapshotError("the body is not a view")
     return Snapshot(seq, cl, ids, digests, header)

@@ -14,7 +14,7 @@ Not: a clock, a store or a transport — callers own time and persistence.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 
 from sortedcontainers import SortedDict
@@ -67,6 +67,7 @@ from jobtree.core.model import (
     Slot,
 )
 from jobtree.core.pack import GroupRequest, PackRequest, PlacedGroup, pack, view_for
+from jobtree.core.queue import AdmissionQueue, Position
 from jobtree.core.topology import Topology
 
 SETTLE_LIMIT = 10_000
@@ -135,6 +136,9 @@ class Cluster:
         self._cand_epoch = -1
         self._cand_cache: dict[object, list[Candidate]] = {}
         self._grow_tried: dict[str, tuple[int, int]] = {}
+        self._queue_index = AdmissionQueue()
+        """The queued runs in admission order; those waiting for capacity asleep (core.queue)."""
+        self._queue_epoch = self._spec_epoch
         self._act_tried: dict[str, tuple[int, int]] = {}
         self.funding.set_clock(now, frozenset())
 
@@ -184,10 +188,12 @@ class Cluster:
             self._index_running(item.run.key, st.phase if st is not None else Phase.PENDING,
                                 st.bound_at if st is not None else None)
             self.funding.invalidate_run(item.run.key)  # its funding terms feed its leases' ranks
+            self._index_queue(item.run.key, st)
         elif isinstance(item, SpecDeleted):
             self.runs.pop(item.run, None)
             self._terms_cache.pop(item.run, None)
             self._index_running(item.run, Phase.PENDING, None)
+            self._index_queue(item.run, None)
             self.deleted[item.run] = self.now
         elif isinstance(item, ClockAdvanced):
             pass  # the instant is the entry's: replay has already moved the clock there
@@ -258,6 +264,14 @@ class Cluster:
         self._grow_tried.pop(key, None)
         self._terms_cache.pop(key, None)
         self._index_running(key, new.phase, new.bound_at)
+        self._index_queue(key, new)
+
+    def _index_queue(self, key: str, st: RunStatus | None) -> None:
+        """Keep the run's place in the admission queue (Pending or Reserved, in admission
+        order `(admitted, key)` as `terms` has it) — and wake it: something of its own changed."""
+        queued = st is not None and key in self.runs and st.phase in (Phase.PENDING, Phase.RESERVED)
+        pos = ((st.admitted if st.admitted is not None else st.created), key) if queued and st is not None else None
+        self._queue_index.place(key, pos)
 
     def _index_running(self, key: str, phase: Phase, bound_at: int | None) -> None:
         """Keep the running runs that have a simulated runtime (and when it is up), and the
@@ -674,13 +688,41 @@ class Cluster:
 
     # --- admission (§5.2-5.5) -------------------------------------------------------------
 
-    def _queue(self) -> list[str]:
-        keys = [*self._live_in(Phase.PENDING), *self._live_in(Phase.RESERVED)]
-        return sorted(keys, key=lambda k: (self.terms(k).admitted, k))
+    def queue_order(self) -> list[str]:
+        """The queued runs (Pending, Reserved) in the order admission considers them."""
+        return self._queue_index.order()
+
+    def _queue_pass(self) -> Iterator[str]:
+        """The queued runs one admission pass considers, in order: those awake when it starts,
+        and each sleeper whose condition stops holding before its turn (capacity freed by a cut
+        earlier in the pass), at its turn — what a pass over the whole queue would retry. A run
+        that joins the queue during the pass waits for the next one, as before."""
+        index = self._queue_index
+        if self._queue_epoch != self._spec_epoch:  # budgets or nodes changed: any run may now be payable
+            index.wake_all()
+            self._queue_epoch = self._spec_epoch
+        free, domain_free = self.topo.flavor_free, self.topo.max_domain_free
+        index.wake_due(self.now, free, domain_free)
+        order = [index.position(k) for k in index.awake()]
+        woken: list[Position] = []
+        i = 0
+        cur: Position | None = None
+        while True:
+            for pos in index.wake_due(self.now, free, domain_free):
+                if cur is None or pos > cur:
+                    heapq.heappush(woken, pos)
+            if i < len(order) and (not woken or order[i] < woken[0]):  # type: ignore[operator]
+                cur, i = order[i], i + 1
+            elif woken:
+                cur = heapq.heappop(woken)
+            else:
+                return
+            assert cur is not None
+            yield cur[1]
 
     def _admit_pending(self) -> bool:
         changed = False
-        for key in self._queue():
+        for key in self._queue_pass():
             if self._tried.get(key) == self._world():
                 continue  # nothing that could change its outcome happened since it last failed
             st = self.status[key]
@@ -774,8 +816,10 @@ class Cluster:
             # In hold-down, or with no envelope that could ever pay for it (nothing funds it
             # now or when a window opens), only a plain fit on idle GPUs can admit it — no
             # reserving, no reclaiming — and `_could_fit` is necessary for one: park it
-            # without computing its cover.
-            return self._park(key)
+            # without computing its cover, and let it sleep until that may change.
+            parked = self._park(key)
+            self._doze(key)
+            return parked
         spec = self.runs[key].spec
         needs = self._needs(key, 0, spec.min_width)
         cov = self._cover(key, needs)
@@ -818,6 +862,18 @@ class Cluster:
             return self._set_status(key, reason=R_PREEMPTED, message=(
                 "lost its GPUs to a cut; may bind on idle capacity, reserves again after the hold-down"))
         return self._set_status(key, reason=R_UNSCHEDULABLE, message="no fit and nothing fundable: waits for idle capacity")
+
+    def _doze(self, key: str) -> None:
+        """Set a run parked by the shortcut asleep in the queue: trying it again parks it again,
+        changing nothing, until its flavor has what `_could_fit` needs free, its hold-down
+        ends, or budgets or nodes change (docs/design/requeue.md)."""
+        spec = self.runs[key].spec
+        g = spec.locality.group_gpus
+        need = spec.min_width + self._spares_for(spec.min_width, key)
+        group_need = 0 if g is None else min(g, spec.min_width) + spec.spares_per_group
+        until = self.status[key].hold_down_until
+        self._queue_index.sleep(key, spec.gpu_type, need, group_need,
+                                until if until is not None and self.now < until else None)
 
     def _could_fit(self, key: str) -> bool:
         """A cheap necessary condition for a plain bind: enough free GPUs, and a domain that can

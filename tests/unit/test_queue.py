@@ -1,0 +1,56 @@
+"""The admission queue index (jobtree.core.queue): order kept as runs come and go, sleepers woken
+exactly when their capacity or hold-down condition stops holding."""
+
+from __future__ import annotations
+
+from jobtree.core.queue import AdmissionQueue
+
+
+def queue(*keys: tuple[int, str]) -> AdmissionQueue:
+    q = AdmissionQueue()
+    for admitted, key in keys:
+        q.place(key, (admitted, key))
+    return q
+
+
+def test_order_is_admission_time_then_key_whatever_the_arrival() -> None:
+    q = queue((5, "b"), (3, "z"), (5, "a"), (1, "m"))
+    assert q.awake() == q.order() == ["m", "z", "a", "b"]
+    q.place("z", None)
+    q.place("b", (0, "b"))
+    assert q.order() == ["b", "m", "a"] and "z" not in q and len(q) == 3
+
+
+def test_a_sleeper_leaves_the_awake_order_and_keeps_its_place() -> None:
+    q = queue((1, "a"), (2, "b"), (3, "c"))
+    q.sleep("b", "H100", 16, 0, None)
+    assert q.awake() == ["a", "c"] and q.order() == ["a", "b", "c"] and q.asleep("b")
+    assert q.wake_due(0, lambda f: 15, lambda f: 15) == []
+    assert q.wake_due(0, lambda f: 16, lambda f: 16) == [(2, "b")]
+    assert q.awake() == ["a", "b", "c"] and q.sleepers() == 0
+
+
+def test_capacity_wakes_by_flavor_and_by_what_one_domain_holds() -> None:
+    q = queue((1, "big"), (2, "gang"), (3, "other"))
+    q.sleep("big", "H100", 64, 0, None)
+    q.sleep("gang", "H100", 16, 8, None)
+    q.sleep("other", "A100", 8, 0, None)
+    free = {"H100": 32, "A100": 4}
+    assert q.wake_due(0, free.__getitem__, lambda f: 4) == []  # gang: 32 free but no domain holds 8
+    assert q.wake_due(0, free.__getitem__, lambda f: 8) == [(2, "gang")]
+    free["A100"] = 8
+    assert q.wake_due(0, free.__getitem__, lambda f: 8) == [(3, "other")]
+    assert q.asleep("big")
+
+
+def test_a_hold_down_wakes_at_its_end_and_a_place_wakes_at_once() -> None:
+    q = queue((1, "a"), (2, "b"))
+    q.sleep("a", "H100", 64, 0, 100)
+    q.sleep("b", "H100", 64, 0, None)
+    assert q.wake_due(99, lambda f: 0, lambda f: 0) == []
+    assert q.wake_due(100, lambda f: 0, lambda f: 0) == [(1, "a")]
+    q.sleep("a", "H100", 64, 0, 200)
+    q.place("a", (1, "a"))  # its status or spec changed
+    assert not q.asleep("a") and q.wake_due(300, lambda f: 0, lambda f: 0) == []  # the stale hold is skipped
+    q.wake_all()
+    assert q.awake() == ["a", "b"] and q.sleepers() == 0
