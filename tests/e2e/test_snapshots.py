@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 import pytest
 from google.protobuf import json_format
 from test_read_services import ask, on, send, wait_healthy
@@ -163,8 +164,15 @@ def test_admission_writes_snapshots_as_the_ledger_grows(nats_server: NatsServer,
 
         async def state(nc: Any) -> None:
             await wait_healthy(nc, cluster, [budget])
-            reply = await ask(nc, subjects.request(cluster, "budget", "state"),
-                              bus.StateRequest(min_ledger_sequence=last), bus.StateReply)
+            deadline = time.monotonic() + 30
+            while True:  # health answers before the view is caught up and `state` subscribed
+                try:
+                    reply = await ask(nc, subjects.request(cluster, "budget", "state"),
+                                      bus.StateRequest(min_ledger_sequence=last), bus.StateReply)
+                    break
+                except nats.errors.NoRespondersError:
+                    assert time.monotonic() < deadline, "budget never answered state"
+                    await asyncio.sleep(0.1)
             assert not reply.HasField("error"), reply.error
             whole = await follower(nc, cluster, snapshots=False)
             assert restore_state(json_format.MessageToDict(reply.state)) == state_json(whole.cluster)
