@@ -47,6 +47,7 @@ from _world import (
     make_budgets,
     make_nodes,
     make_runs,
+    mean_demand,
     progress,
     table,
 )
@@ -124,6 +125,57 @@ def child(nodes: int, runs: int, chunk: int, trace: bool, seed: int, quiet: bool
     return out
 
 
+def history_child(nodes: int, runs: int, rate: int, util: float, seed: int, quiet: bool) -> dict[str, object]:
+    """--history: `runs` runs arrive, `rate` per simulated second, and complete after their
+    durations (the fleet about `util` busy), on `nodes` nodes; the view forgets its journal after
+    every second as a service does (the ledger holds it). Measured at the end: the view holds
+    every run, every lease, every status — a cluster's history, not extrapolated."""
+    import heapq
+
+    from jobtree.core.engine import Cluster
+    from jobtree.core.facts import ApplyBudget, ApplyRun, CompleteRun, RunStatusPut
+    from jobtree.core.model import ClusterConfig, Phase
+
+    s = time.perf_counter()
+    fleet = nodes * GPUS_PER_NODE
+    mean_duration = max(1.0, util * fleet / (rate * mean_demand()))
+    cl = Cluster(ClusterConfig(cluster="bench"), make_nodes(nodes), T0)
+    cl.submit(*(ApplyBudget(b) for b in make_budgets(fleet, seed)))
+    arrivals = make_runs(runs, mean_duration, seed)
+    duration = {a.run.key: a.duration for a in arrivals}
+    due: list[tuple[int, str]] = []
+    running: set[str] = set()
+    t = T0
+    i = 0
+    while i < runs or due:
+        t += 1
+        facts = cl.advance(t)
+        cmds: list[object] = []
+        while due and due[0][0] <= t:
+            _, key = heapq.heappop(due)
+            if key in running:
+                running.discard(key)
+                cmds.append(CompleteRun(key))
+        cmds += [ApplyRun(a.run) for a in arrivals[i:i + rate]]
+        i += rate
+        if cmds:
+            facts += cl.submit(*cmds)  # type: ignore[arg-type]
+        for f in facts:
+            if isinstance(f, RunStatusPut) and f.status.phase is Phase.RUNNING and f.run not in running:
+                running.add(f.run)
+                heapq.heappush(due, (t + duration[f.run], f.run))
+        cl.forget_history()
+        if not quiet and (t - T0) % 100 == 0:
+            progress(f"memory (history): t+{t - T0}s submitted {min(i, runs):,} running {len(running):,} "
+                     f"maxrss {_maxrss_bytes() / (1 << 20):.0f} MiB, {time.perf_counter() - s:.0f}s")
+        if i >= runs and t - T0 > 100_000:
+            break
+    phases = Counter(st.phase.value for st in cl.status.values())
+    return {"nodes": nodes, "gpus": fleet, "runs": runs, "rate": rate, "seconds": round(time.perf_counter() - s, 2),
+            "maxrss_bytes": _maxrss_bytes(), "phases": dict(phases), "leases": len(cl.leases),
+            "open_leases": sum(len(x) for x in cl.open_by_run.values()), "simulated_seconds": t - T0}
+
+
 def _spawn(args: list[str]) -> dict[str, object]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *args]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
@@ -158,12 +210,39 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="also print one JSON line")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--history", action="store_true",
+                    help="measure a cluster's history instead: --runs runs arrive --rate per second and complete "
+                         "(nothing extrapolated)")
+    ap.add_argument("--rate", type=int, default=100, help="--history: arrivals per simulated second")
+    ap.add_argument("--util", type=float, default=0.75, help="--history: the busy share of the fleet")
     args = ap.parse_args()
     watch = CoreWatch()
     if args.quick:
         args.nodes, args.runs, args.measure_runs, args.chunk = 64, 150, 150, 50
+    if args.child and args.history:
+        emit_json(history_child(args.nodes, args.runs, args.rate, args.util, args.seed, args.quick))
+        return
     if args.child:
         emit_json(child(args.nodes, args.runs, args.chunk, args.trace, args.seed, args.quick))
+        return
+    if args.history:
+        base = _spawn(["--nodes", "0", "--runs", "0", "--chunk", "1"])
+        got = _spawn(["--history", "--nodes", str(args.nodes), "--runs", str(args.runs), "--rate", str(args.rate),
+                      "--util", str(args.util), "--seed", str(args.seed), *(["--quick"] if args.quick else [])])
+        mib = 1 << 20
+        rss = int(got["maxrss_bytes"])  # type: ignore[call-overload]
+        print(f"Peak memory (history): {args.nodes:,} nodes ({args.nodes * GPUS_PER_NODE:,} GPUs), {args.runs:,} runs "
+              f"arrived {args.rate}/s and ran (util {args.util}), measured at the end")
+        print(table(["measure", "MiB", "build+play s"],
+                    [["ru_maxrss (whole process)", rss / mib, got["seconds"]],
+                     ["ru_maxrss of a bare import (baseline)", int(base["maxrss_bytes"]) / mib, "-"]]))  # type: ignore[call-overload]
+        print(f"state: phases {dict(sorted(got['phases'].items()))}, leases {got['leases']:,} "  # type: ignore[attr-defined]
+              f"(open {got['open_leases']:,}), simulated {got['simulated_seconds']:,} s")
+        met = rss <= TARGET_BYTES
+        print(f"target <= 1 GiB at {args.runs:,} runs: {'MET' if met else 'MISSED'} (measured: {rss / (1 << 30):.3f} GiB)")
+        if args.json:
+            emit_json({"bench": "memory_history", "machine": machine(), "result": got, "baseline": base,
+                       "target_met": met})
         return
     measured = min(args.runs, args.measure_runs)
     common = ["--nodes", str(args.nodes), "--runs", str(measured), "--chunk", str(args.chunk),

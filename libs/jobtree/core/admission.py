@@ -1,0 +1,122 @@
+"""Admitting from the queue (CALCULUS §5, docs/design/requeue.md): one pass over the queue in
+admission order, retrying only runs whose outcome may have changed, and a run's attempt:
+bind, reclaim, reserve, or park (asleep when only capacity can change it). A layer of
+`engine.Cluster`.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+
+from jobtree.core.cover import GroupNeed, candidates
+from jobtree.core.elasticity import Elasticity
+from jobtree.core.model import (
+    MintReason,
+    Phase,
+)
+from jobtree.core.queue import Position
+
+
+class Admission(Elasticity):
+    def queue_order(self) -> list[str]:
+        """The queued runs (Pending, Reserved) in the order admission considers them."""
+        return self._queue_index.order()
+
+    def _queue_pass(self) -> Iterator[str]:
+        """The queued runs one admission pass considers, in order: those awake when it starts,
+        and each sleeper whose condition stops holding before its turn (capacity freed by a cut
+        earlier in the pass), at its turn — what a pass over the whole queue would retry. A run
+        that joins the queue during the pass waits for the next one, as before."""
+        index = self._queue_index
+        if self._queue_epoch != self._spec_epoch:  # budgets or nodes changed: any run may now be payable
+            index.wake_all()
+            self._queue_epoch = self._spec_epoch
+        free, domain_free = self.topo.flavor_free, self.topo.max_domain_free
+        index.wake_due(self.now, free, domain_free)
+        order = [index.position(k) for k in index.awake()]
+        woken: list[Position] = []
+        i = 0
+        cur: Position | None = None
+        while True:
+            for pos in index.wake_due(self.now, free, domain_free):
+                if cur is None or pos > cur:
+                    heapq.heappush(woken, pos)
+            if i < len(order) and (not woken or order[i] < woken[0]):  # type: ignore[operator]
+                cur, i = order[i], i + 1
+            elif woken:
+                cur = heapq.heappop(woken)
+            else:
+                return
+            assert cur is not None
+            yield cur[1]
+
+    def _admit_pending(self) -> bool:
+        changed = False
+        for key in self._queue_pass():
+            if self._tried.get(key) == self._world():
+                continue  # nothing that could change its outcome happened since it last failed
+            st = self.status[key]
+            if st.phase is Phase.PENDING:
+                changed = self._try_admit(key) or changed
+            elif st.reservation is not None:
+                res = self.reservations[st.reservation]
+                if not res.window_only and self.now < res.earliest_start:
+                    changed = self._bind_plain(key, res) or changed
+            if self.status[key].phase is not Phase.RUNNING:
+                self._tried[key] = self._world()
+        return changed
+
+    def _try_admit(self, key: str) -> bool:
+        if (self._in_hold_down(key) or not self._static_candidates(key)) and not self._could_fit(key):
+            # In hold-down, or with no envelope that could ever pay for it (nothing funds it
+            # now or when a window opens), only a plain fit on idle GPUs can admit it — no
+            # reserving, no reclaiming — and `_could_fit` is necessary for one: park it
+            # without computing its cover, and let it sleep until that may change.
+            parked = self._park(key)
+            self._doze(key)
+            return parked
+        spec = self.runs[key].spec
+        needs = self._needs(key, 0, spec.min_width)
+        cov = self._cover(key, needs)
+        if cov.funded_gpus == 0 and not self._in_hold_down(key):  # no thrash: no reserving in hold-down
+            opens = self._window_opening(key, needs)
+            if opens is not None:
+                return self._reserve(key, needs, opens, window_only=True)
+        # Nothing funded: only a plain fit admits it, and `_could_fit` is necessary for one.
+        placed = self._pack(key, cov.groups) if cov.funded_gpus > 0 or self._could_fit(key) else None
+        if placed is not None:
+            self._bind(key, placed, MintReason.START)
+            return True
+        if cov.funded_gpus > 0 and not self._in_hold_down(key):
+            if self._reclaim_then_bind(key, cov):
+                return True
+            return self._reserve(key, needs, None)
+        return self._park(key)
+
+    def _window_opening(self, key: str, needs: list[GroupNeed]) -> int | None:
+        """The earliest future window start of an envelope that may reserve for the run and would
+        fund it then, when nothing funds it now and no envelope admits it early."""
+        run = self.runs[key]
+        terms = self.terms(key)
+        if any(c.envelope.pre_activation.allow_admission and not c.envelope.window_open(self.now)
+               for c in candidates(self.rules, self.topo, run, terms, self.now)):
+            return None
+        starts = sorted({e.start for e in self.rules.envelopes.values()
+                         if e.start is not None and e.start > self.now and e.pre_activation.allow_reservations})
+        for t in starts:
+            if self._cover(key, needs, t, reserve=True).funded_gpus > 0:
+                return t
+        return None
+
+    def _doze(self, key: str) -> None:
+        """Set a run parked by the shortcut asleep in the queue: trying it again parks it again,
+        changing nothing, until its flavor has what `_could_fit` needs free, its hold-down
+        ends, or budgets or nodes change (docs/design/requeue.md)."""
+        spec = self.runs[key].spec
+        g = spec.locality.group_gpus
+        need = spec.min_width + self._spares_for(spec.min_width, key)
+        group_need = 0 if g is None else min(g, spec.min_width) + spec.spares_per_group
+        until = self.status[key].hold_down_until
+        self._queue_index.sleep(key, spec.gpu_type, need, group_need,
+                                until if until is not None and self.now < until else None)

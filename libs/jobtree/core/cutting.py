@@ -1,0 +1,219 @@
+"""Making room (CALCULUS §5.3, §7): the cut world of open leases and their classes, the
+gentlest intended slice, reclaiming unfunded work, the cut order's plan applied, and a run's
+gang re-established after it lost leases. A layer of `engine.Cluster`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from jobtree.core import cuts as cutorder
+from jobtree.core.cover import Cover, Payment
+from jobtree.core.facts import (
+    ReservationPut,
+)
+from jobtree.core.funding import Claim
+from jobtree.core.model import (
+    FundingClass,
+    Lease,
+    MintReason,
+    NodeState,
+    Phase,
+    Reservation,
+    Role,
+    Slot,
+)
+from jobtree.core.pack import PlacedGroup, view_for
+from jobtree.core.placement import Placement
+from jobtree.core.state import (
+    R_PREEMPTED,
+)
+
+
+class Cutting(Placement):
+    def _cut_world(self, key: str, cov: Cover, max_step: int = cutorder.LOTTERY,
+                   planning: bool = False) -> cutorder.CutWorld:
+        """Open leases and their classes with the new claim's funded part ranked in, for the
+        runs the allowed cut steps could touch."""
+        hypothetical: list[str] = []
+        run = self.runs[key]
+        for g in cov.groups:
+            for i, p in enumerate(g.pieces):
+                pay = p.tag
+                if isinstance(pay, Payment) and pay.funded and pay.payer is not None:
+                    name = f"\x00claim.{g.index}.{i}"
+                    self.funding.add(Claim(name, key, run.spec.owner, g.index, p.role, p.count, pay.payer))
+                    hypothetical.append(name)
+        try:
+            self.funding.refresh()
+            opened: dict[str, Lease] = {}
+            classes: dict[str, FundingClass] = {}
+            # Step 1 touches only runs with an unfunded lease: the view indexes them, so a
+            # reclaim world is built from those alone rather than by classifying every lease.
+            holders = list(self.funding.unfunded_claims if max_step == cutorder.RECLAIM else self.open_by_run)
+            for k in holders:
+                ls = self.open_by_run.get(k)
+                if not ls:
+                    continue
+                cls = self.funding.classes_of(ls)
+                if max_step >= cutorder.LOTTERY or self._cuttable_by(k, ls, cls, max_step):
+                    opened.update(ls)
+                    classes.update(cls)
+        finally:
+            for name in hypothetical:
+                self.funding.remove(name)
+        flavor = run.spec.gpu_type
+        topo = self.topo
+
+        def usable(s: Slot) -> bool:
+            node = topo.nodes[s[0]]
+            return node.state is NodeState.READY and node.flavor == flavor
+
+        runs = {k: (self.runs[k].spec, self.status[k]) for k in {x.run for x in opened.values()} if k in self.runs}
+        return cutorder.CutWorld(opened, classes, runs, topo.domain_of, usable, key, self.now,
+                                 protect_bound_now=not planning)
+
+    def _cuttable_by(self, key: str, leases: dict[str, Lease], cls: dict[str, FundingClass], max_step: int) -> bool:
+        if any(c is FundingClass.UNFUNDED for c in cls.values()):
+            return True
+        if max_step >= cutorder.DROP_SPARE and any(x.role is Role.SPARE for x in leases.values()):
+            return True
+        run = self.runs.get(key)
+        return max_step >= cutorder.SHRINK and run is not None and run.spec.malleable is not None
+
+    def _intended_slice(self, key: str, cov: Cover, max_level: int = 4,
+                        world: cutorder.CutWorld | None = None) -> list[PlacedGroup] | None:
+        """The placement needing the gentlest cuts (§7): free slots, then what each cut step could
+        free, then every slot; None when even that does not fit."""
+        placed = self._pack(key, cov.groups)
+        if placed is not None:
+            return placed
+        world = world or self._cut_world(key, cov, max_level, planning=True)
+        for level in cutorder.capacity_levels(world, max_level):
+            extra: dict[str, set[int]] = {}
+            for node, i in level:
+                extra.setdefault(node, set()).add(i)
+            placed = self._pack(key, cov.groups, extra)
+            if placed is not None:
+                return placed
+        return None
+
+    def _slice_of(self, key: str, placed: list[PlacedGroup]) -> tuple[list[tuple[str, int]], dict[str, int]]:
+        """(domain, GPUs) of a placement in order, and per domain the GPUs it needs there that are
+        not free (§7: counted per domain, not per slot the placement happened to pick)."""
+        slice_: dict[str, int] = {}
+        for pg in placed:
+            for pp in pg.pieces:
+                for s in pp.slots:
+                    d = self.topo.domain_of(s[0])
+                    slice_[d] = slice_.get(d, 0) + 1
+        spec = self.runs[key].spec
+        free = view_for(self.topo, spec.gpu_type, spec.locality.selector)
+        deficit = {d: n - free.domain_free(d) for d, n in slice_.items() if n > free.domain_free(d)}
+        return list(slice_.items()), deficit
+
+    def _group_domains(self, placed: list[PlacedGroup]) -> tuple[tuple[int, tuple[str, ...]], ...]:
+        return tuple((pg.index, tuple(dict.fromkeys(self.topo.domain_of(s[0]) for pp in pg.pieces for s in pp.slots)))
+                     for pg in placed)
+
+    def _reclaim_then_bind(self, key: str, cov: Cover) -> bool:
+        """§5.3: end unfunded work in the way (cut step 1 only) if that alone restores a fit."""
+        if not self._reclaim_could_fit(key):
+            return False
+        return self._cut_and_bind(key, cov, key, cutorder.RECLAIM, None)
+
+    def _reclaim_could_fit(self, key: str) -> bool:
+        """A necessary condition for reclaim to restore a fit, in O(log n): step 1 frees only
+        unfunded GPUs, and with the new claim ranked in those are at most today's unfunded,
+        shared and borrowed GPUs plus owned GPUs of runs admitted no earlier than this one."""
+        spec = self.runs[key].spec
+        self.funding.refresh()
+        by_class = self.funding.class_gpus
+        could = (by_class[FundingClass.UNFUNDED] + by_class[FundingClass.SHARED]
+                 + by_class[FundingClass.BORROWED])
+        admitted = self.terms(key).admitted
+        could += sum(self._gpus_by_admitted[t] for t in self._gpus_by_admitted.irange(minimum=admitted))
+        need = spec.min_width + self._spares_for(spec.min_width, key)
+        return bool(self.topo.flavor_free(spec.gpu_type) + could >= need)
+
+    def _cut_and_bind(self, key: str, cov: Cover, source: str, max_step: int, res: Reservation | None) -> bool:
+        """Choose the slice, plan the cuts that clear its deficit, apply them and bind into it."""
+        world = self._cut_world(key, cov, max_step)
+        intended = self._intended_slice(key, cov, max_step, world)
+        if intended is None:
+            return False
+        _, deficit = self._slice_of(key, intended)
+        planned = cutorder.plan(world, deficit, source, max_step)
+        if res is not None and (res.seed, res.conflict_set) != (planned.seed, planned.conflict_set):
+            # §7: whenever the cut order runs, its seed and conflict set are published.
+            res = replace(res, seed=planned.seed, conflict_set=planned.conflict_set)
+            self.apply(ReservationPut(res))
+        if not planned.cleared:
+            return False
+        self._apply_cuts(planned)
+        cov = self._cover(key, self._needs(key, 0, self.runs[key].spec.min_width))
+        placed = self._pack(key, cov.groups, fixed=self._group_domains(intended)) or self._pack(key, cov.groups)
+        if placed is None:  # only when payer selectors split a domain; the run keeps waiting
+            return True
+        self._bind(key, placed, MintReason.START)
+        return True
+
+    def _apply_cuts(self, planned: cutorder.CutPlan) -> None:
+        closure = {cutorder.RECLAIM: f"ReclaimUnfunded({planned.seed})", cutorder.DROP_SPARE: "DropSpare",
+                   cutorder.SHRINK: "Shrink"}
+        touched: list[str] = []
+        for cut in planned.cuts:
+            if cut.step == cutorder.LOTTERY:
+                continue
+            for name in cut.leases:
+                if self.leases[name].open:
+                    self._close(name, closure[cut.step])
+            touched.append(cut.run)
+        for cut in planned.cuts:
+            if cut.step == cutorder.LOTTERY:
+                self._close_run(cut.run, f"RandomPreempt({planned.seed})")
+                self._preempted(cut.run)
+        for key in dict.fromkeys(touched):
+            self._after_loss(key, "Requeued", f"ReclaimUnfunded({planned.seed})", preempted=True)
+
+    def _after_loss(self, key: str, requeue_closure: str, group_closure: str, preempted: bool) -> None:
+        """Re-establish the gang after some leases closed: drop broken groups of a malleable run,
+        or requeue a run below its runnable width."""
+        spec = self.runs[key].spec
+        groups = self._groups(key)
+        if not groups:
+            if preempted:
+                self._preempted(key)
+            return
+        broken = [g for g, ls in groups.items() if self._group_broken(key, g, ls)]
+        width = sum(self._active(ls) for g, ls in groups.items() if g not in broken)
+        if width >= spec.min_width and (broken == [] or spec.malleable is not None):
+            for g in broken:
+                for lease in groups[g]:
+                    self._close(lease.name, group_closure)
+            return
+        self._close_run(key, requeue_closure)
+        if preempted:
+            self._preempted(key)
+
+    def _group_broken(self, key: str, g: int, leases: list[Lease]) -> bool:
+        return self._active(leases) < self._group_size(key, g)
+
+    def _group_size(self, key: str, g: int) -> int:
+        """The active width group `g` was laid out with: the groups of the runnable width first
+        (the last may be smaller), then one group per growth step."""
+        spec = self.runs[key].spec
+        gg = spec.locality.group_gpus
+        step = spec.malleable.step if spec.malleable else 0
+        if gg is None:
+            return spec.min_width if g == 0 else step
+        first = -(-spec.min_width // gg)
+        if g == first - 1:
+            return spec.min_width - gg * (first - 1)
+        return gg
+
+    def _preempted(self, key: str) -> None:
+        self._fail_reservation(key)
+        self._set_status(key, phase=Phase.PENDING, reason=R_PREEMPTED, reservation=None,
+                         hold_down_until=self.now + self.config.preemption_hold_down,
+                         message="lost its GPUs to a cut; may bind on idle capacity, reserves after the hold-down")
