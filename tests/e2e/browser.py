@@ -55,3 +55,5 @@ def shown(page: Any, url: str) -> None:
     """Open `url` and wait until the view has drawn from the server's JSON."""
     page.goto(url)
     page.wait_for_function("document.body.dataset.sequence !== undefined")
+    if "#" in url:  # a route change on the same page: wait until that route is drawn
+        page.wait_for_function("route => document.body.dataset.route === route", arg="#" + url.split("#", 1)[1])

@@ -215,6 +215,7 @@ def test_a_reference_scenario_reads_as_its_story() -> None:
         page.wait_for_selector("svg.timeline rect[data-lease]")
         assert str(opp[0].closure_reason) in page.inner_text("main")
         shown(page, url + "#/fleet")
+        page.wait_for_selector('[data-run="default/j4"]')  # the fleet view renders after the route changes
         assert page.locator('[data-run="default/j4"]').count() == 30
 
 

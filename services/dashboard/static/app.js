@@ -62,6 +62,7 @@ async function redraw() {
         }
         document.body.dataset.sequence = doc.sequence;
         document.body.dataset.view = current.name;
+        document.body.dataset.route = location.hash;  // what was drawn (tests wait for it)
       } catch (e) {
         view.innerHTML = `<p class="error">${esc(e.message)}</p>`;
       }
