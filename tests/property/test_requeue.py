@@ -5,8 +5,8 @@ memo keys each failed attempt by the world's version (`Cluster._world`: spec, no
 changes, and every funding change that may move another claim's class), and shortcuts park a
 run without computing its cover when a cheap necessary condition fails. The property: after
 every decision instant of a random world, a copy of the view with every memo and cache
-dropped, settled again at the same instant, decides nothing — a run that could be admitted
-(or reserved, activated, grown) then was admitted then.
+dropped and every sleeper woken, settled again at the same instant, decides nothing — a run
+that could be admitted (or reserved, activated, grown) then was admitted then.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def settled_again(cl: Cluster) -> list[object]:
     probe._cand_cache.clear()
     probe._terms_cache.clear()
     probe._cand_epoch = -1
+    probe._queue_index.wake_all()  # every sleeper is tried again too
     probe.funding.invalidate()
     return probe.submit(Tick())
 

@@ -3,6 +3,11 @@ exactly when their capacity or hold-down condition stops holding."""
 
 from __future__ import annotations
 
+from builders import START
+
+from jobtree.core.engine import Cluster
+from jobtree.core.facts import ApplyBudget, ApplyRun, CompleteRun, Tick
+from jobtree.core.model import ClusterConfig, Phase
 from jobtree.core.queue import AdmissionQueue
 
 
@@ -54,3 +59,43 @@ def test_a_hold_down_wakes_at_its_end_and_a_place_wakes_at_once() -> None:
     assert not q.asleep("a") and q.wake_due(300, lambda f: 0, lambda f: 0) == []  # the stale hold is skipped
     q.wake_all()
     assert q.awake() == ["a", "b"] and q.sleepers() == 0
+
+
+# --- the engine's sleepers ----------------------------------------------------------------------
+
+def _two_nodes() -> Cluster:
+    from builders import budget, envelope, node
+
+    cl = Cluster(ClusterConfig(cluster="gpu-a"), [node("a-0", domain="A"), node("a-1", domain="B")], START)
+    cl.submit(ApplyBudget(budget("b", "org:b", envelope("e", 8))))
+    return cl
+
+
+def test_a_run_nothing_pays_for_sleeps_and_starts_the_instant_its_gpus_are_free() -> None:
+    from builders import run
+
+    cl = _two_nodes()
+    cl.submit(ApplyRun(run("funded", "org:b", 8)))
+    cl.submit(ApplyRun(run("stray", "org:nobody", 16)))  # no envelope pays org:nobody: only a plain fit
+    assert cl.status["default/stray"].phase is Phase.PENDING
+    assert cl._queue_index.asleep("default/stray")
+    cl.advance(START + 10)
+    cl.submit(Tick())
+    assert cl._queue_index.asleep("default/stray"), "nothing it waits for changed: it stays asleep"
+    cl.submit(CompleteRun("default/funded"))  # 16 free now, exactly its need
+    assert cl.status["default/stray"].phase is Phase.RUNNING
+    assert not cl._queue_index.asleep("default/stray") and "default/stray" not in cl._queue_index
+
+
+def test_a_sleeper_in_a_domain_short_run_waits_for_a_whole_group() -> None:
+    from builders import run
+
+    cl = _two_nodes()
+    cl.submit(ApplyRun(run("left", "org:b", 4)))  # 4 of domain A
+    cl.submit(ApplyRun(run("right", "org:b", 4)))  # 4 of domain B: 8 free, but no domain has 8
+    cl.submit(ApplyRun(run("gang", "org:nobody", 8, group=8)))
+    placed = {lease.node for lease in cl.leases.values()}
+    assert len(placed) == 2, placed  # the two small runs took one node each
+    assert cl._queue_index.asleep("default/gang")
+    cl.submit(CompleteRun("default/left"))
+    assert cl.status["default/gang"].phase is Phase.RUNNING
