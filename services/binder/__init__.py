@@ -11,7 +11,8 @@ buckets (runs, budgets, nodes), for tools that read specs directly, off the comm
 mirror task takes every committed batch queued meanwhile, keeps the last change per key, and
 writes them together, in commit order batch after batch (retrying until NATS takes them). The
 buckets lag the ledger by that queue; a binder that dies before the copy rewrites the buckets
-from the ledger at start (`reconcile`). Appends are serialised. A request that is not an
+from the ledger after it starts (`reconcile`, in the background: commits are answered at once,
+and the batches committed meanwhile are copied after it, in order). Appends are serialised. A request that is not an
 AppendRequest is answered INVALID_ARGUMENT, a failure of the bus UNAVAILABLE: never silence.
 While NATS is unreachable at start it waits for it (and says so) instead of exiting.
 Not: a decision maker; it never changes what it is given.
@@ -85,8 +86,26 @@ class Binder:
         return bus.AppendReply(sequence=done.sequence, duplicate=done.duplicate, last_sequence=done.sequence)
 
     async def reconcile(self) -> None:
-        """Rewrite the spec buckets from the ledger (a crash between append and copy loses nothing)."""
-        await self._mirror([record.batch for record in await self.ledger.replay()])
+        """Rewrite the spec buckets from the ledger (a crash between append and copy loses
+        nothing), reading it batch by batch and keeping only the last change of each spec."""
+        latest: dict[tuple[str, str], bytes | None] = {}
+        async for record in self.ledger.records(0):
+            _collect(record.batch, latest)
+        await self._write_all(latest)
+
+    async def repair_then_mirror(self) -> None:
+        """`reconcile` (retried while NATS is away), then `mirror_forever`."""
+        delay = 0.1
+        while True:
+            try:
+                await self.reconcile()
+                break
+            except (nats.errors.Error, LedgerError) as exc:
+                self.ctx.log.warning("cannot repair the spec buckets yet; retrying",
+                                     extra={"fields": {"error": repr(exc)}})
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+        await self.mirror_forever()
 
     async def mirror_forever(self) -> None:
         """Copy committed batches to the spec buckets, everything queued at a time, in order."""
@@ -110,20 +129,10 @@ class Binder:
         """Write the last change of each spec the batches carry, all at once."""
         latest: dict[tuple[str, str], bytes | None] = {}
         for batch in batches:
-            for entry in batch.entries:
-                which = entry.WhichOneof("fact")
-                if which == "spec_put":
-                    m = entry.spec_put.run.metadata
-                    latest[("runs", subjects.kv_key(m.namespace, m.name))] = entry.spec_put.run.SerializeToString()
-                elif which == "spec_deleted":
-                    ref = entry.spec_deleted.run
-                    latest[("runs", subjects.kv_key(ref.namespace, ref.name))] = None
-                elif which == "budget_put":
-                    b = entry.budget_put.budget
-                    latest[("budgets", subjects.kv_key(b.metadata.name))] = b.SerializeToString()
-                elif which == "node_state_put":
-                    n = entry.node_state_put.node
-                    latest[("nodes", subjects.kv_key(n.name))] = n.SerializeToString()
+            _collect(batch, latest)
+        await self._write_all(latest)
+
+    async def _write_all(self, latest: dict[tuple[str, str], bytes | None]) -> None:
         writes = list(latest.items())
         for i in range(0, len(writes), MIRROR_CHUNK):
             await asyncio.gather(*(self._write(bucket, key, value) for (bucket, key), value in writes[i:i + MIRROR_CHUNK]))
@@ -135,6 +144,24 @@ class Binder:
             return
         with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             await kv.delete(key)  # type: ignore[attr-defined]
+
+
+def _collect(batch: bus.LedgerBatch, latest: dict[tuple[str, str], bytes | None]) -> None:
+    """Note in `latest` the last change of each spec (run, budget, node) a batch carries."""
+    for entry in batch.entries:
+        which = entry.WhichOneof("fact")
+        if which == "spec_put":
+            m = entry.spec_put.run.metadata
+            latest[("runs", subjects.kv_key(m.namespace, m.name))] = entry.spec_put.run.SerializeToString()
+        elif which == "spec_deleted":
+            ref = entry.spec_deleted.run
+            latest[("runs", subjects.kv_key(ref.namespace, ref.name))] = None
+        elif which == "budget_put":
+            b = entry.budget_put.budget
+            latest[("budgets", subjects.kv_key(b.metadata.name))] = b.SerializeToString()
+        elif which == "node_state_put":
+            n = entry.node_state_put.node
+            latest[("nodes", subjects.kv_key(n.name))] = n.SerializeToString()
 
 
 def _failed(exc: Exception) -> bytes:
@@ -151,7 +178,6 @@ async def main(ctx: ServiceContext) -> None:
             with contextlib.suppress(LedgerError):  # it exists (with the configuration `jobtree up` gave it)
                 await binder.ledger.create()
             await binder.start()
-            await binder.reconcile()
             break
         except (nats.errors.Error, LedgerError) as exc:
             ctx.log.warning("cannot read the ledger yet; retrying", extra={"fields": {"error": repr(exc)}})
@@ -160,7 +186,10 @@ async def main(ctx: ServiceContext) -> None:
             if ctx.stopping.is_set():
                 return
             delay = min(2.0, delay * 2)
-    mirror = asyncio.create_task(binder.mirror_forever())
+    # Commits are answered at once; the spec buckets are repaired from the ledger meanwhile (at
+    # a million lease events that is minutes of KV writes), then kept by the batches committed
+    # since, which queue until the repair is done, so no older value overwrites a newer one.
+    mirror = asyncio.create_task(binder.repair_then_mirror())
     await ctx.serve(subjects.request(ctx.cluster, "binder", "commit"), binder.handle, on_error=_failed)
     try:
         await ctx.stopping.wait()

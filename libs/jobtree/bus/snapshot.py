@@ -283,7 +283,9 @@ class SnapshotStore:
                 raise SnapshotError(f"the ledger holds no message at its sequence {seq}") from None
             if found != header["ledger_digest"]:
                 raise SnapshotError(f"the ledger message at its sequence {seq} is not the one it was taken after")
-            return decode(blob, self.cluster, self.config)
+            # on a thread: unpickling a large view takes seconds, and the event loop must go on
+            # (the admission leader refreshes its lock on it)
+            return await asyncio.to_thread(decode, blob, self.cluster, self.config)
         except SnapshotError as exc:
             self.last_refusal = exc.reason
             return None
