@@ -45,6 +45,8 @@ from jobtree.core.model import ClusterConfig
 
 WATCH_EVERY = 0.25
 """Seconds between checks of the connection by the re-attach watchdog."""
+SNAPSHOT_LOOKUP_SECONDS = 2.0
+"""How long a JetStream request of the snapshot lookup may take before the follower replays instead."""
 STALL_SECONDS = 3.0
 """A push consumer silent this long while the ledger has moved on is re-attached."""
 
@@ -111,7 +113,9 @@ class Follower:
         if blind:
             self.snapshot_refusal = f"a listener needs the whole ledger ({blind[0]!r})"
             return
-        store = SnapshotStore(self.js, self.cluster_name, self.config)
+        # its own short request timeout: right after a nats-server restart a lookup that hangs
+        # would delay the whole start, and the ledger is always there to replay instead
+        store = SnapshotStore(self.js._nc.jetstream(timeout=SNAPSHOT_LOOKUP_SECONDS), self.cluster_name, self.config)
         try:
             snap = await store.load()
         except (nats.errors.Error, OSError) as exc:
