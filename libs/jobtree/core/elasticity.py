@@ -59,9 +59,9 @@ class Elasticity(Failures):
             m = spec.malleable
             assert m is not None
             width = sum(self._active(ls) for ls in self._groups(key).values())
-            self._grow_tried[key] = self._world()  # at its desired width too: only a lease closed
-            if width + m.step > m.desired:       # or a spec change (both move the world) narrows it
+            if width + m.step > m.desired:
                 continue
+            self._grow_tried[key] = self._world()
             needs = self._needs(key, width, width + m.step)
             cov = self._cover(key, needs, headroom_only=True)
             if cov.funded_gpus < cov.total_gpus:
