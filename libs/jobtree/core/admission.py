@@ -34,7 +34,7 @@ class Admission(Elasticity):
             self._queue_epoch = self._spec_epoch
         free, domain_free = self.topo.flavor_free, self.topo.max_domain_free
         index.wake_due(self.now, free, domain_free)
-        order = [index.position(k) for k in index.awake()]
+        order = index.awake_positions()
         woken: list[Position] = []
         i = 0
         cur: Position | None = None
@@ -42,7 +42,7 @@ class Admission(Elasticity):
             for pos in index.wake_due(self.now, free, domain_free):
                 if cur is None or pos > cur:
                     heapq.heappush(woken, pos)
-            if i < len(order) and (not woken or order[i] < woken[0]):  # type: ignore[operator]
+            if i < len(order) and (not woken or order[i] < woken[0]):
                 cur, i = order[i], i + 1
             elif woken:
                 cur = heapq.heappop(woken)

@@ -58,6 +58,10 @@ class AdmissionQueue:
         """Every queued key, asleep or not, in order."""
         return [key for _, key in sorted(self._pos.values())]
 
+    def awake_positions(self) -> list[Position]:
+        """The awake keys' positions, in order."""
+        return list(self._awake)
+
     def awake(self) -> list[str]:
         return [key for _, key in self._awake]
 
