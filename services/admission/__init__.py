@@ -147,6 +147,7 @@ class DecisionLoop:
             if snap is not None:
                 self.cluster, self.sequence = snap.cluster, snap.sequence
                 self.committed, self.digests = snap.command_ids, snap.command_digests
+                self.writer.last_sequence = max(self.writer.last_sequence, snap.sequence)
         await self._catch_up(why)
 
     async def take_over(self, standby: Follower) -> None:
@@ -155,6 +156,7 @@ class DecisionLoop:
         await standby.stop()
         self.cluster, self.committed, self.sequence = standby.cluster, dict(standby.command_ids), standby.sequence
         self.digests, self.carried = dict(standby.command_digests), []
+        self.writer.last_sequence = standby.restored_from  # the newest snapshot is there: no new one yet
         await self._catch_up("take over")
 
     async def _catch_up(self, why: str) -> None:

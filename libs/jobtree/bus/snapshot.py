@@ -354,12 +354,6 @@ class SnapshotWriter:
         finally:
             self.task = None
 
-    async def wait(self) -> None:
-        """Until the snapshot being written (if any) is stored or has failed."""
-        if self.task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.task)
-
     async def stop(self) -> None:
         if self.task is not None:
             self.task.cancel()
