@@ -45,9 +45,6 @@ class AdmissionQueue:
     def __contains__(self, key: object) -> bool:
         return key in self._pos
 
-    def position(self, key: str) -> Position | None:
-        return self._pos.get(key)
-
     def asleep(self, key: str) -> bool:
         return key in self._asleep
 
