@@ -170,7 +170,7 @@ class Up:
         env = {**os.environ, **(self.env or {})}
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jobtree.cli.main", "up", "--data-dir", str(self.data_dir), "--grpc-port", "0",
+            [sys.executable, "-m", "jobtree.cli.main", "up", "--insecure", "--data-dir", str(self.data_dir), "--grpc-port", "0",
              "--no-demo", "--clock", self.clock, "--cluster", self.cluster, *self.extra_args],
             cwd=REPO, text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._err, env=env)
         threading.Thread(target=self._read, daemon=True).start()

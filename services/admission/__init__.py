@@ -20,7 +20,8 @@ commits, the next one queues. Outcomes:
 - a stale append (the ledger moved on) rebuilds the view and decides the group again;
 - a command id already committed is answered with its original sequence without deciding —
   when it asks for the same thing: the first entry a command decides carries its digest
-  (`convert.command_digest`), and an id reused for a different request is refused
+  (`convert.command_digest`) and who asked (`Command.identity`, as the sender says: the
+  gateway's authenticated caller, or a service's `service:NAME`), and an id reused for a different request is refused
   INVALID_ARGUMENT on `command_id`, naming it;
 - a group in which no command is decided (all already committed, refused or resent) commits
   nothing: the clock's own entries (on the system clock, time moved before the group) are
@@ -378,6 +379,7 @@ class DecisionLoop:
                 entry = convert.entry_to_proto(e, command_id=item.command_id, epoch=self.epoch)
                 if i == 0:
                     entry.command_digest = item.digest
+                    entry.identity = item.msg.identity
                 size += entry.ByteSize()
                 out.append(entry)
         return out, len(group)

@@ -31,7 +31,9 @@ from jobtree.core import facts
 from jobtree.core.engine import Cluster
 from jobtree.core.errors import ValidationError
 from jobtree.core.model import Phase, Run
+from jobtree.services.gateway.auth import caller
 from jobtree.services.gateway.clock import INSTANT_METADATA, Clock, instant_from_metadata
+from jobtree.services.gateway.status import Abort
 
 M = TypeVar("M", bound=Message)
 
@@ -71,13 +73,7 @@ else:
     Context = grpc.aio.ServicerContext
 
 
-class _Abort(Exception):
-    """Carries a gRPC status from helpers up to the handler (which aborts with it)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+_Abort = Abort
 
 
 def _invalid(err: ValidationError) -> _Abort:
@@ -396,6 +392,7 @@ class GatewayBase(api_grpc.JobtreeServicer):
             msg.batch.commands.extend(convert.command_to_proto(c) for c in cmd)
         else:
             msg = convert.command_to_proto(cmd, command_id=command_id, instant=instant)
+        msg.identity = caller().name  # recorded in the ledger with what it decided
         subject = subjects.request(self.ctx.cluster, "admission", "command")
         reply = await self._ask(subject, msg, bus.CommandReply, "admission", context, self.command_timeout)
         if reply.HasField("error") and reply.error.code != bus.ERROR_CODE_UNSPECIFIED:

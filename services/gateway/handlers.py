@@ -1,10 +1,12 @@
 """Registering `jobtree.v1.Jobtree` on a gRPC server so that bad bytes are bad input.
 
-Contract: `add_servicer(servicer, server)` registers every method of the service (from its
-descriptor, as the generated `add_JobtreeServicer_to_server` would) with request deserializers
-that never raise: a request that is not the method's protobuf message is aborted with
-INVALID_ARGUMENT `request: not a valid <message type>: <why>` before the servicer sees it (grpc
-itself would answer UNKNOWN, naming Python exception classes).
+Contract: `add_servicer(servicer, server, gatekeeper)` registers every method of the service
+(from its descriptor, as the generated `add_JobtreeServicer_to_server` would). Each call first
+identifies its caller (`gatekeeper.identify`: UNAUTHENTICATED before anything else is looked
+at), then decodes its request with a deserializer that never raises: a request that is not the
+method's protobuf message is aborted with INVALID_ARGUMENT `request: not a valid <message
+type>: <why>` before the servicer sees it (grpc itself would answer UNKNOWN, naming Python
+exception classes).
 Not: the methods themselves (`servicer`).
 """
 
@@ -17,6 +19,8 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from jobtree.api.jobtree.v1 import service_pb2 as api
+from jobtree.services.gateway.auth import Gatekeeper
+from jobtree.services.gateway.status import Abort
 
 __all__ = ["SERVICE", "add_servicer"]
 
@@ -41,8 +45,16 @@ def _parser(cls: type[Message]) -> Callable[[bytes], Any]:
     return parse
 
 
-def _unary(method: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+async def _admit(gatekeeper: Gatekeeper, context: Any) -> None:
+    try:
+        gatekeeper.identify(context)
+    except Abort as stop:
+        await context.abort(stop.code, stop.message)
+
+
+def _unary(method: Callable[[Any, Any], Any], gatekeeper: Gatekeeper) -> Callable[[Any, Any], Any]:
     async def call(request: Any, context: Any) -> Any:
+        await _admit(gatekeeper, context)
         if isinstance(request, Undecodable):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         return await method(request, context)
@@ -50,8 +62,10 @@ def _unary(method: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     return call
 
 
-def _stream(method: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[[Any, Any], AsyncIterator[Any]]:
+def _stream(method: Callable[[Any, Any], AsyncIterator[Any]], gatekeeper: Gatekeeper
+            ) -> Callable[[Any, Any], AsyncIterator[Any]]:
     async def call(request: Any, context: Any) -> AsyncIterator[Any]:
+        await _admit(gatekeeper, context)
         if isinstance(request, Undecodable):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         async for item in method(request, context):
@@ -67,7 +81,7 @@ def _message_class(desc: Any) -> type[Message]:
     return message_factory.GetMessageClass(desc)
 
 
-def add_servicer(servicer: Any, server: Any) -> None:
+def add_servicer(servicer: Any, server: Any, gatekeeper: Gatekeeper) -> None:
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for m in SERVICE.methods:
         request_cls: type[Message] = _message_class(m.input_type)
@@ -75,10 +89,10 @@ def add_servicer(servicer: Any, server: Any) -> None:
         method = getattr(servicer, m.name)
         if m.server_streaming:
             handlers[m.name] = grpc.unary_stream_rpc_method_handler(
-                _stream(method), request_deserializer=_parser(request_cls),
+                _stream(method, gatekeeper), request_deserializer=_parser(request_cls),
                 response_serializer=response_cls.SerializeToString)
         else:
             handlers[m.name] = grpc.unary_unary_rpc_method_handler(
-                _unary(method), request_deserializer=_parser(request_cls),
+                _unary(method, gatekeeper), request_deserializer=_parser(request_cls),
                 response_serializer=response_cls.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))

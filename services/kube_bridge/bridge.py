@@ -219,6 +219,7 @@ class Bridge:
         """Send one command to admission under `command_id` and wait until the view holds it;
         the reply (its error set when admission refused). Retry when nobody answers."""
         msg = convert.command_to_proto(cmd, command_id=command_id)
+        msg.identity = "service:kube-bridge"  # what it writes, it writes for the cluster's objects
         subject = subjects.request(self.ctx.cluster, "admission", "command")
         try:
             answer = await self.ctx.nc.request(subject, codec.encode(msg), timeout=10.0, headers=codec.headers(msg))

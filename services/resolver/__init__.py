@@ -34,7 +34,7 @@ REQUEST_TIMEOUT = 10.0
 
 
 def tick_command(instant: int) -> bus.Command:
-    cmd = bus.Command(command_id=f"tick@{instant}")
+    cmd = bus.Command(command_id=f"tick@{instant}", identity="service:resolver")
     cmd.instant.seconds = instant
     cmd.tick.SetInParent()
     return cmd

@@ -170,7 +170,7 @@ class UpProcess:
         self.err_path = data_dir.parent / f"{data_dir.name}-up.err"
         self._err: IO[str] = self.err_path.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jobtree.cli.main", "up", "--data-dir", str(data_dir), "--grpc-port", "0",
+            [sys.executable, "-m", "jobtree.cli.main", "up", "--insecure", "--data-dir", str(data_dir), "--grpc-port", "0",
              "--cluster", cluster, "--admission-replicas", "1", *args],
             cwd=REPO, text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._err,
             env={**os.environ, **(env or {})})

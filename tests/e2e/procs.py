@@ -66,12 +66,16 @@ class Service:
         return [sys.executable, "-m", "jobtree.cli.main", "serve", self.name, "--cluster", self.cluster,
                 "--nats", self.url, "--clock", "virtual", "--data-dir", str(self.log_path.parent)]
 
+    def defaults(self) -> dict[str, str]:
+        """A gateway serves plain loopback gRPC unless the test gives it TLS (tests/e2e/test_trust.py)."""
+        return {"JOBTREE_GRPC_INSECURE": "1"} if self.name == "gateway" and not self.env.get("JOBTREE_POLICY") else {}
+
     def start(self) -> Service:
         assert not self.running, f"{self.tag} is already running"
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 orphan_safe(self.argv()), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                start_new_session=True, env={**os.environ, **self.env},
+                start_new_session=True, env={**os.environ, **self.defaults(), **self.env},
             )
         self.pids.append(self.proc.pid)
         return self

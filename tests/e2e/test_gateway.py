@@ -243,7 +243,7 @@ def start_system(
     try:
         for name in services:
             if name == "gateway":
-                sup.start(name, env=gateway_env or {}, args=("--grpc-port", "0"))
+                sup.start(name, env={"JOBTREE_GRPC_INSECURE": "1", **(gateway_env or {})}, args=("--grpc-port", "0"))
             else:
                 sup.start(name)
         wait_healthy(nats_server.url, cluster, services)

@@ -65,8 +65,10 @@ def jobtree(*args: str, **kw: Any) -> subprocess.Popen[str]:
 class Up:
     """A running `jobtree up`: its stdout lines arrive on a queue; stderr goes to a file."""
 
-    def __init__(self, data_dir: Path, *args: str) -> None:
+    def __init__(self, data_dir: Path, *args: str, secure: bool = False) -> None:
+        """`secure`: the default of `jobtree up` (TLS, a policy, an admin token); else `--insecure`."""
         self.data_dir = data_dir
+        args = args if secure else ("--insecure", *args)
         self.err_path = data_dir.parent / f"{data_dir.name}-up-{time.monotonic_ns()}.err"
         self._err: IO[str] = self.err_path.open("w")
         self.proc = jobtree("up", "--data-dir", str(data_dir), "--grpc-port", "0", "--clock", "virtual", *args,
@@ -76,6 +78,7 @@ class Up:
         self.grpc = ""
         self.nats = ""
         self.metrics: dict[str, str] = {}
+        self.printed: dict[str, str] = {}
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -98,6 +101,7 @@ class Up:
                     pytest.fail(f"jobtree up not ready (status {self.proc.returncode}):\n{self.stderr}")
                 continue
             key, _, value = line.partition(": ")
+            self.printed[key] = value
             if key == "nats":
                 self.nats = value
             elif key == "grpc":

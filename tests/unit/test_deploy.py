@@ -17,6 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from jobtree.auth import policy
 from jobtree.bus.security import ADMIN, SERVICES, password_env
 from jobtree.cli import kustomize
 
@@ -77,7 +78,18 @@ def test_one_deployment_and_account_per_service(overlay: str) -> None:
         assert container["livenessProbe"]["httpGet"]["path"] == "/metrics"
     assert one(docs, "Deployment", "jobtree-admission")["spec"]["replicas"] == 2
     gateway = one(docs, "Deployment", "jobtree-gateway")["spec"]["template"]["spec"]["containers"][0]
-    assert gateway["readinessProbe"]["grpc"] == {"port": 50051, "service": "jobtree.v1.Jobtree"}
+    # The kubelet's gRPC probe speaks no TLS: it asks the plain health-only port.
+    assert gateway["readinessProbe"]["grpc"] == {"port": kustomize.HEALTH_PORT, "service": "jobtree.v1.Jobtree"}
+    genv = {e["name"]: e.get("value") for e in gateway["env"]}
+    assert genv["JOBTREE_GRPC_HEALTH_PORT"] == str(kustomize.HEALTH_PORT) and "JOBTREE_GRPC_INSECURE" not in genv
+    mounts = {m["mountPath"]: m["name"] for m in gateway["volumeMounts"]}
+    volumes = {v["name"]: v for v in one(docs, "Deployment", "jobtree-gateway")["spec"]["template"]["spec"]["volumes"]}
+    assert genv["JOBTREE_GRPC_TLS_CERT"].startswith(kustomize.TLS_MOUNT + "/")
+    assert volumes[mounts[kustomize.TLS_MOUNT]]["secret"]["secretName"] == kustomize.GATEWAY_TLS_SECRET
+    policy_map = volumes[mounts[kustomize.POLICY_MOUNT]]["configMap"]["name"]
+    (configmap,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == policy_map]
+    assert genv["JOBTREE_POLICY"] == f"{kustomize.POLICY_MOUNT}/{kustomize.POLICY_KEY}"
+    assert policy.parse(configmap).identities == (), "the generated policy lets nobody in"
     assert one(docs, "PodDisruptionBudget", "jobtree-admission")["spec"]["minAvailable"] == 1
     rbac = [d for d in docs if d["kind"] in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")]
     assert sorted((d["kind"], d["metadata"]["name"]) for d in rbac) == [

@@ -608,11 +608,11 @@ def command_from_proto(msg: bus.Command) -> Command:
 
 def command_digest(msg: bus.Command) -> bytes:
     """What a command asks for, as 16 bytes: its payload without the fields a retry may change
-    (its id, the sender's epoch, the instant and the read-your-writes sequence). Two sends of one
+    (its id, the sender's epoch, the instant, the read-your-writes sequence and who sent it). Two sends of one
     request have the same digest; a command id reused for another request does not."""
     bare = bus.Command()
     bare.CopyFrom(msg)
-    for name in ("command_id", "epoch", "instant", "min_ledger_sequence"):
+    for name in ("command_id", "epoch", "instant", "min_ledger_sequence", "identity"):
         bare.ClearField(name)  # type: ignore[arg-type]
     return hashlib.blake2b(bare.SerializeToString(deterministic=True), digest_size=16).digest()
 

@@ -5,7 +5,8 @@ or malformed files give exit status 2 and exactly one stderr line `jobtree: <mes
 Subcommands: `sim run FILE [--output json|table] [--check EXPECT.yaml]` (see `sim_cmd`),
 `serve NAME` (one service, see `serve_cmd`), `up` (the whole system on this machine, see
 `up_cmd`; what `make up` runs) and `demo`, which plays the demo scenario `examples/demo.yaml`
-(or `--scenario FILE`) on the simulator and prints its tables.
+(or `--scenario FILE`) on the simulator and prints its tables; `auth` makes tokens and client
+certificates and checks access policies (see `auth_cmd`).
 Not: the simulator, the services or the gRPC client.
 """
 
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from jobtree.cli.auth_cmd import add_auth_parser
 from jobtree.cli.serve_cmd import add_serve_parser
 from jobtree.cli.sim_cmd import (
     EXIT_BAD_INPUT,
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sim_parser(sub)
     add_serve_parser(sub)
     add_up_parser(sub)
+    add_auth_parser(sub)
     demo = sub.add_parser(
         "demo",
         help="play the demo scenario on the simulator (no services) and print its tables",

@@ -164,6 +164,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             settings_from_env()
         except ValueError as e:
             raise CliError(str(e)) from None
+    if args.name == "gateway":  # TLS and the access policy, or an explicit plain loopback
+        from jobtree.auth.transport import transport_from_env
+        from jobtree.services.gateway import grpc_address
+
+        try:
+            transport_from_env(grpc_address()[0])
+        except ValueError as e:
+            raise CliError(str(e)) from None
     if args.name == "notifier":  # its --config is the notifier's: receivers and routes
         if not args.config:
             raise CliError("notifier: --config FILE (receivers and routes) is required")

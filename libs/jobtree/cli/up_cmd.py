@@ -1,6 +1,6 @@
 """`jobtree up`: the whole system on this machine — nats-server, every service, a demo cluster.
 
-Contract: `jobtree up [--data-dir D] [--no-demo] [--cluster C] [--grpc-port P] [--clock K]
+Contract: `jobtree up [--data-dir D] [--no-demo] [--insecure | --client-certs] [--cluster C] [--grpc-port P] [--clock K]
 [--admission-replicas N] [--metrics-port-base M] [--config FILE] [--dashboard-port P]
 [--kubeconfig FILE [--node-grace S] [--pod-grace S]] [--notify FILE]`
 With `--notify FILE` (the notifier's receivers and routes, checked first: one line, status 2)
@@ -30,7 +30,10 @@ cluster's Nodes, budgets and runs from its objects (an unreadable file: one line
    `jobtree.C.admission.command`: 3 fabric domains of 4 nodes with 8 `H100-80GB` GPUs, and an
    organisation `org:ml` funding a pool its two teams (vision, nlp) share. A ledger that
    already holds messages is resumed as it is (nothing loaded twice);
-6. prints `nats: URL`, `grpc: 127.0.0.1:PORT`, `dashboard: http://127.0.0.1:PORT/` (the web
+6. prints `nats: URL`, `grpc: 127.0.0.1:PORT`, `auth: ...` and `use: export JOBTREE_CONFIG=D/client.yaml`
+   (the gateway serves TLS with an access policy: the local CA, the admin token and the policy
+   of `up_trust`, made on the first start; `--insecure` serves plain loopback gRPC instead, and
+   `--client-certs` requires client certificates too), `dashboard: http://127.0.0.1:PORT/` (the web
    dashboard: `--dashboard-port`, default 8080, or a free port when 8080 is taken and no port was
    asked for; 0 picks a free one) and then `metrics: NAME=127.0.0.1:PORT ...` (every process, in
    start order) on stdout, writes `D/up.json` (addresses, process ids, metrics
@@ -100,6 +103,10 @@ def add_up_parser(subparsers: Any) -> None:
     p.add_argument("--data-dir", metavar="D", default=str(DEFAULT_DATA_DIR),
                    help=f"where the ledger, secrets and logs live (default {DEFAULT_DATA_DIR})")
     p.add_argument("--no-demo", action="store_true", help="start empty: no demo nodes or budgets")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve gRPC without TLS or identities (loopback only: every caller may do everything)")
+    p.add_argument("--client-certs", action="store_true",
+                   help="callers must also present a client certificate of the local CA (mutual TLS)")
     p.add_argument("--cluster", default=DEFAULT_CLUSTER, help=f"cluster name (default {DEFAULT_CLUSTER})")
     p.add_argument("--grpc-port", metavar="P", type=int, default=DEFAULT_GRPC_PORT,
                    help=f"the gateway's gRPC port on {HOST} (default {DEFAULT_GRPC_PORT}; 0 = a free port)")
@@ -293,6 +300,8 @@ class Options:
     config_args: tuple[str, ...] = ()
     notify: Path | None = None
     dashboard_port: int = DEFAULT_DASHBOARD_PORT
+    trust: Any = None
+    """`up_trust.Trust`: the gateway's TLS, policy and admin token (or --insecure)."""
 
 
 def dashboard_port(asked: int | None, avoid: int) -> int:
@@ -363,11 +372,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         os.chmod(data_dir, 0o700)  # the nats-server config inside holds the passwords
     except OSError as e:
         raise CliError(f"--data-dir {data_dir}: {e.strerror or e}") from None
+    if args.insecure and args.client_certs:
+        raise CliError("--client-certs needs TLS: leave out --insecure")
+    from jobtree.cli.up_trust import prepare
+
+    try:
+        trust = prepare(data_dir, insecure=args.insecure, client_certs=args.client_certs)
+    except (ValueError, OSError) as e:
+        raise CliError(f"--data-dir {data_dir}: {e}") from None
     opts = Options(data_dir, args.cluster, port, args.clock, not args.no_demo and kubeconfig is None, replicas,
                    args.metrics_port_base, kubeconfig=kubeconfig,
                    bridge_args=("--kubeconfig", str(kubeconfig), "--node-grace", f"{args.node_grace:g}",
                                 "--pod-grace", str(args.pod_grace)) if kubeconfig else (),
-                   config_args=config_args, notify=notify, dashboard_port=board)
+                   config_args=config_args, notify=notify, dashboard_port=board, trust=trust)
     with data_dir_lock(data_dir):
         try:
             return asyncio.run(_up(opts))
@@ -430,6 +447,7 @@ async def _up(opts: Options) -> int:
             env = secrets.env(service_of(name))
             if name == "gateway":
                 env[ENV_GRPC_PORT] = str(opts.grpc_port)  # once bound: the port it first took
+                env.update(opts.trust.gateway_env())
             extra = opts.bridge_args if name == KUBE_BRIDGE else ()
             if name == DASHBOARD:
                 extra = ("--http-port", str(opts.dashboard_port))
@@ -467,6 +485,9 @@ async def _up(opts: Options) -> int:
         _say(f"jobtree up: {note}; logs in {supervisor.logs_dir}; Ctrl-C to stop")
         _say(f"nats: {server.url}", sys.stdout)
         _say(f"grpc: {HOST}:{opts.grpc_port}", sys.stdout)
+        opts.trust.client_config(f"{HOST}:{opts.grpc_port}")
+        for line in opts.trust.lines(f"{HOST}:{opts.grpc_port}"):
+            _say(line, sys.stdout)
         _say(f"dashboard: {dashboard_url(opts)}", sys.stdout)
         _say("metrics: " + " ".join(f"{name}={HOST}:{port}" for name, port in opts.metrics.items()), sys.stdout)
         ready = True
@@ -726,6 +747,7 @@ async def _load_demo(nc: Any, cluster: str) -> None:
     now = int(time.time())
     for command_id, cmd in demo_commands(cluster):
         msg = convert.command_to_proto(cmd, command_id=command_id, instant=now)
+        msg.identity = "service:jobtree-up"
         deadline = time.monotonic() + READY_TIMEOUT
         while True:  # admission answers once it holds the leader lock: retry the same command id
             try:
@@ -758,6 +780,8 @@ def _write_state(path: Path, opts: Options, server: Any, supervisor: Any, *, rea
         "clock": opts.clock,
         "nats": server.url,
         "grpc": f"{HOST}:{opts.grpc_port}",
+        "tls": not opts.trust.insecure,
+        "client_config": str(opts.trust.client_file),
         "dashboard": dashboard_url(opts),
         "nats_pid": server.pid,
         "services": supervisor.pids(),

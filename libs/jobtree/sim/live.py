@@ -280,7 +280,9 @@ async def _quiet(_exc: Exception) -> None:
 
 
 def _command(cmd: F.Command, command_id: str, instant: int) -> bus.Command:
-    return convert.command_to_proto(cmd, command_id=command_id, instant=instant)
+    msg = convert.command_to_proto(cmd, command_id=command_id, instant=instant)
+    msg.identity = "service:sim"
+    return msg
 
 
 def _supports_batch() -> bool:
@@ -307,6 +309,7 @@ async def _play(player: _Player, scenario: S.Scenario, apply_mode: str) -> dict[
         if isinstance(action, S.ApplyAction):
             if apply_mode == "batch" and len(cmds) > 1:
                 msg = convert.batch_to_proto(cmds, command_id=f"sim:{where}", instant=step.at)
+                msg.identity = "service:sim"
                 await player.command(msg, where)
             else:
                 for j, cmd in enumerate(cmds):

@@ -6,7 +6,6 @@ Part of `kubectl-runs` (`jobtree.cli.runs`): see the package docstring for the c
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -62,6 +61,9 @@ def _global_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state", default=s, metavar="FILE", help="with --local: the scenario file to use")
     parser.add_argument("--at", default=s, metavar="TIME",
                         help="with --local: when the step happens (offset such as 10m, or RFC3339)")
+    from jobtree.cli.runs.credentials import add_credential_options
+
+    add_credential_options(parser)
 
 
 COMMANDS: dict[str, str] = {
@@ -179,11 +181,18 @@ class Options:
     at: str | None
     watch_for: float | None = None
     """`--timeout` when given: how long `watch` watches (None: until interrupted)."""
+    credentials: Any = None
+    """How to reach the gateway (`credentials.Credentials`); None with --local."""
 
 
 def options_of(args: argparse.Namespace) -> Options:
     namespace = getattr(args, "namespace", None) or DEFAULT_NAMESPACE
-    server = getattr(args, "server", None) or os.environ.get(ENV_SERVER) or DEFAULT_SERVER
+    credentials = None
+    if not getattr(args, "local", False):
+        from jobtree.cli.runs.credentials import credentials_of
+
+        credentials = credentials_of(args)
+    server = credentials.server if credentials else DEFAULT_SERVER
     timeout = getattr(args, "timeout", None)
     if timeout is not None and timeout <= 0:
         raise RunsError(f"--timeout: must be a positive number of seconds, got {timeout:g}")
@@ -198,7 +207,7 @@ def options_of(args: argparse.Namespace) -> Options:
         raise RunsError("--at is only used with --local (a server uses its own clock)")
     return Options(namespace, server, getattr(args, "output", None) or "table",
                    timeout if timeout is not None else DEFAULT_TIMEOUT, local, Path(state) if state else None, at,
-                   watch_for=timeout)
+                   watch_for=timeout, credentials=credentials)
 
 
 def _one_line(text: str) -> str:

@@ -59,12 +59,13 @@ class Remote:
                        "PERMISSION_DENIED", "UNAUTHENTICATED")
 
     def __init__(self, opts: Options) -> None:
-        import grpc
 
         from jobtree.api.jobtree.v1 import service_pb2_grpc
 
         self.opts = opts
-        self.channel = grpc.insecure_channel(opts.server)
+        from jobtree.cli.runs.credentials import Credentials
+
+        self.channel = (opts.credentials or Credentials(opts.server)).channel()
         self.stub = service_pb2_grpc.JobtreeStub(self.channel)
 
     def close(self) -> None:

@@ -311,6 +311,7 @@ class Command(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     INSTANT_FIELD_NUMBER: _builtins.int
     MIN_LEDGER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
     APPLY_BUDGET_FIELD_NUMBER: _builtins.int
     APPLY_RUN_FIELD_NUMBER: _builtins.int
     DELETE_RUN_FIELD_NUMBER: _builtins.int
@@ -328,6 +329,11 @@ class Command(_message.Message):
     epoch: _builtins.int
     min_ledger_sequence: _builtins.int
     """Answer only once the receiver's view has caught up with this ledger sequence."""
+    identity: _builtins.str
+    """Who asked: the identity the gateway authenticated (its policy's name for the caller), or the
+    service that sent it (`service:kube-bridge`, ...). Recorded in the ledger; not part of the
+    command's digest (a retry is the same request whoever sends it).
+    """
     @_builtins.property
     def instant(self) -> _timestamp_pb2.Timestamp:
         """When the command happens (the clock of the sender: wall or virtual)."""
@@ -365,6 +371,7 @@ class Command(_message.Message):
         epoch: _builtins.int = ...,
         instant: _timestamp_pb2.Timestamp | None = ...,
         min_ledger_sequence: _builtins.int = ...,
+        identity: _builtins.str = ...,
         apply_budget: Global___ApplyBudget | None = ...,
         apply_run: Global___ApplyRun | None = ...,
         delete_run: Global___DeleteRun | None = ...,
@@ -381,7 +388,7 @@ class Command(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["add_node", b"add_node", "apply_budget", b"apply_budget", "apply_run", b"apply_run", "batch", b"batch", "command", b"command", "complete_run", b"complete_run", "cordon_node", b"cordon_node", "delete_run", b"delete_run", "fail_node", b"fail_node", "fail_run", b"fail_run", "instant", b"instant", "report_eta", b"report_eta", "shrink_run", b"shrink_run", "tick", b"tick", "uncordon_node", b"uncordon_node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_node", b"add_node", "apply_budget", b"apply_budget", "apply_run", b"apply_run", "batch", b"batch", "command", b"command", "command_id", b"command_id", "complete_run", b"complete_run", "cordon_node", b"cordon_node", "delete_run", b"delete_run", "epoch", b"epoch", "fail_node", b"fail_node", "fail_run", b"fail_run", "instant", b"instant", "min_ledger_sequence", b"min_ledger_sequence", "report_eta", b"report_eta", "shrink_run", b"shrink_run", "tick", b"tick", "uncordon_node", b"uncordon_node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_node", b"add_node", "apply_budget", b"apply_budget", "apply_run", b"apply_run", "batch", b"batch", "command", b"command", "command_id", b"command_id", "complete_run", b"complete_run", "cordon_node", b"cordon_node", "delete_run", b"delete_run", "epoch", b"epoch", "fail_node", b"fail_node", "fail_run", b"fail_run", "identity", b"identity", "instant", b"instant", "min_ledger_sequence", b"min_ledger_sequence", "report_eta", b"report_eta", "shrink_run", b"shrink_run", "tick", b"tick", "uncordon_node", b"uncordon_node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["apply_budget", "apply_run", "delete_run", "complete_run", "fail_run", "fail_node", "cordon_node", "uncordon_node", "add_node", "shrink_run", "report_eta", "tick", "batch"]  # noqa: Y015
     _WhichOneofArgType_command: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
@@ -690,6 +697,7 @@ class LedgerEntry(_message.Message):
     COMMAND_ID_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     COMMAND_DIGEST_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
     LEASE_MINTED_FIELD_NUMBER: _builtins.int
     LEASE_CLOSED_FIELD_NUMBER: _builtins.int
     RESERVATION_PUT_FIELD_NUMBER: _builtins.int
@@ -706,6 +714,8 @@ class LedgerEntry(_message.Message):
     (`jobtree.api.convert.command_digest`), so a command id reused for a different request is
     refused instead of being answered as the earlier one (empty on every other entry).
     """
+    identity: _builtins.str
+    """On the first entry a command decided: who asked for it (`Command.identity`)."""
     @_builtins.property
     def instant(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -733,6 +743,7 @@ class LedgerEntry(_message.Message):
         command_id: _builtins.str = ...,
         epoch: _builtins.int = ...,
         command_digest: _builtins.bytes = ...,
+        identity: _builtins.str = ...,
         lease_minted: Global___LeaseMinted | None = ...,
         lease_closed: Global___LeaseClosed | None = ...,
         reservation_put: Global___ReservationPut | None = ...,
@@ -745,7 +756,7 @@ class LedgerEntry(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["budget_put", b"budget_put", "clock_advanced", b"clock_advanced", "fact", b"fact", "instant", b"instant", "lease_closed", b"lease_closed", "lease_minted", b"lease_minted", "node_state_put", b"node_state_put", "reservation_put", b"reservation_put", "run_status_put", b"run_status_put", "spec_deleted", b"spec_deleted", "spec_put", b"spec_put"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_put", b"budget_put", "clock_advanced", b"clock_advanced", "command_digest", b"command_digest", "command_id", b"command_id", "epoch", b"epoch", "fact", b"fact", "instant", b"instant", "lease_closed", b"lease_closed", "lease_minted", b"lease_minted", "node_state_put", b"node_state_put", "reservation_put", b"reservation_put", "run_status_put", b"run_status_put", "spec_deleted", b"spec_deleted", "spec_put", b"spec_put"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_put", b"budget_put", "clock_advanced", b"clock_advanced", "command_digest", b"command_digest", "command_id", b"command_id", "epoch", b"epoch", "fact", b"fact", "identity", b"identity", "instant", b"instant", "lease_closed", b"lease_closed", "lease_minted", b"lease_minted", "node_state_put", b"node_state_put", "reservation_put", b"reservation_put", "run_status_put", b"run_status_put", "spec_deleted", b"spec_deleted", "spec_put", b"spec_put"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_fact: _TypeAlias = _typing.Literal["lease_minted", "lease_closed", "reservation_put", "run_status_put", "spec_put", "spec_deleted", "node_state_put", "budget_put", "clock_advanced"]  # noqa: Y015
     _WhichOneofArgType_fact: _TypeAlias = _typing.Literal["fact", b"fact"]  # noqa: Y015
