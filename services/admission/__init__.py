@@ -57,7 +57,7 @@ from prometheus_client import Counter
 
 from jobtree.api import convert
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
-from jobtree.bus import subjects
+from jobtree.bus import codec, subjects
 from jobtree.bus.follower import Follower, apply_batch, follow, record_ids
 from jobtree.bus.leader import LEADER_TTL, LeaderLock, leader_bucket
 from jobtree.bus.ledger import Ledger, LedgerError
@@ -200,9 +200,9 @@ class DecisionLoop:
         """Parse a command and queue it; a command that cannot be parsed is answered at once
         (returns None and schedules the answer)."""
         try:
-            msg = bus.Command.FromString(data)
-        except Exception:
-            _spawn(reply(bus.CommandReply(error=_error(bus.ERROR_CODE_INVALID_ARGUMENT, "", "not a bus.Command"))))
+            msg = codec.parse(data, bus.Command)
+        except codec.CodecError as exc:
+            _spawn(reply(bus.CommandReply(error=_error(bus.ERROR_CODE_INVALID_ARGUMENT, "request", str(exc)))))
             return None
         command_id = msg.command_id or uuid.uuid4().hex
         try:

@@ -25,10 +25,9 @@ import contextlib
 
 import nats.errors
 import nats.js.errors
-from google.protobuf.message import DecodeError
 
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
-from jobtree.bus import subjects
+from jobtree.bus import codec, subjects
 from jobtree.bus.ledger import Ledger, LedgerError, StaleAppend, stream_replicas
 from jobtree.bus.runtime import ServiceContext
 
@@ -60,11 +59,11 @@ class Binder:
 
     async def handle(self, data: bytes) -> bytes:
         try:
-            req = bus.AppendRequest.FromString(data)
-        except DecodeError as exc:
+            req = codec.parse(data, bus.AppendRequest)
+        except codec.CodecError as exc:
             return bus.AppendReply(error=bus.Error(
-                code=bus.ERROR_CODE_INVALID_ARGUMENT,
-                problem=f"not a jobtree.v1.AppendRequest ({exc}); nothing was written")).SerializeToString()
+                code=bus.ERROR_CODE_INVALID_ARGUMENT, field_path="request",
+                problem=f"{exc}; nothing was written")).SerializeToString()
         async with self.lock:
             reply = await self._append(req)
         return reply.SerializeToString()

@@ -16,9 +16,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 
 from jobtree.api.jobtree.v1 import service_pb2 as api
+from jobtree.bus import codec
 from jobtree.services.gateway.auth import Gatekeeper
 from jobtree.services.gateway.status import Abort
 
@@ -30,17 +31,16 @@ SERVICE = api.DESCRIPTOR.services_by_name["Jobtree"]
 class Undecodable:
     """What a request deserializer returns for bytes that are not its message."""
 
-    def __init__(self, type_name: str, error: Exception) -> None:
-        reason = " ".join(str(error).split()).rpartition("': ")[2] or "undecodable"  # without protobuf's preamble
-        self.message = f"request: not a valid {type_name}: {reason[:1].lower()}{reason[1:]}"
+    def __init__(self, error: codec.CodecError) -> None:
+        self.message = f"request: {error}"
 
 
 def _parser(cls: type[Message]) -> Callable[[bytes], Any]:
     def parse(data: bytes) -> Any:
         try:
-            return cls.FromString(data)
-        except (DecodeError, ValueError, RuntimeError) as exc:  # DecodeError, or too deeply nested
-            return Undecodable(cls.DESCRIPTOR.full_name, exc)
+            return codec.parse(data, cls)
+        except codec.CodecError as exc:
+            return Undecodable(exc)
 
     return parse
 

@@ -621,6 +621,8 @@ def commands_from_proto(msg: bus.Command) -> list[Command]:
     """The core commands of a Command message: one, or every command of a batch (in order)."""
     if msg.WhichOneof("command") != "batch":
         return [command_from_proto(msg)]
+    if not msg.batch.commands:
+        raise ValidationError("batch.commands", "must hold at least one command")
     out: list[Command] = []
     for i, inner in enumerate(msg.batch.commands):
         if inner.WhichOneof("command") == "batch":

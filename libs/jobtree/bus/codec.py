@@ -6,7 +6,9 @@ type, and serialises deterministically (the same message gives the same bytes, s
 publishes are byte-identical). Binary protobuf does not say which message it holds, so every
 publish also carries the message's full name in the `Jobtree-Type` header (`headers(msg)`);
 `decode(data, cls, headers)` refuses a payload whose header names another type, and bytes that
-do not parse as `cls`. Failures raise CodecError.
+do not parse as `cls`; `parse(data, cls)` only the latter, with the one-line problem a reply
+to a garbled request carries (`not_valid`: `not a valid jobtree.v1.X: <why>`). Failures raise
+CodecError.
 
 Not: subjects (see `subjects`), not transport.
 """
@@ -18,7 +20,7 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-__all__ = ["TYPE_HEADER", "CodecError", "decode", "encode", "headers", "type_name"]
+__all__ = ["TYPE_HEADER", "CodecError", "decode", "encode", "headers", "not_valid", "parse", "type_name"]
 
 TYPE_HEADER = "Jobtree-Type"
 """NATS header naming the payload's message type, e.g. `jobtree.v1.LedgerBatch`."""
@@ -47,6 +49,22 @@ def encode(msg: Message, expected: type[Message] | None = None) -> bytes:
 def headers(msg: Message | type[Message]) -> dict[str, str]:
     """The NATS headers that go with a payload of this message type."""
     return {TYPE_HEADER: type_name(msg)}
+
+
+def not_valid(what: str, error: Exception) -> str:
+    """The one-line problem of bytes that do not parse as the message `what` (a full name):
+    `not a valid jobtree.v1.X: wire format was corrupt` (protobuf's reason, without its preamble)."""
+    text = " ".join(str(error).split())
+    reason = text.rpartition("': ")[2] or text or "undecodable"
+    return f"not a valid {what}: {reason[:1].lower()}{reason[1:]}"
+
+
+def parse(data: bytes, cls: type[M]) -> M:
+    """`data` parsed as `cls`; CodecError(`not_valid`) if the bytes do not parse."""
+    try:
+        return cls.FromString(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:  # DecodeError, or too deeply nested
+        raise CodecError(not_valid(type_name(cls), exc)) from None
 
 
 def decode(data: bytes, cls: type[M], header: Mapping[str, str] | None = None) -> M:

@@ -33,13 +33,17 @@ from typing import Any
 
 import nats
 import nats.errors
+from google.protobuf.message import DecodeError
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from prometheus_client import Counter, Histogram
 
-from jobtree.bus import subjects
+from jobtree.api import convert
+from jobtree.api.jobtree.v1 import bus_pb2 as bus
+from jobtree.bus import codec, subjects
 from jobtree.bus.clock import Clock, clock_named
+from jobtree.core.errors import ValidationError
 from jobtree.core.model import ClusterConfig
 
 Handler = Callable[[bytes], Awaitable[bytes | None]]
@@ -102,6 +106,22 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["error"] = self.formatException(record.exc_info)
         return json.dumps(out, sort_keys=True)
+
+
+ERROR_CODE_INTERNAL = bus.ERROR_CODE_INTERNAL
+
+
+def error_reply(exc: Exception) -> bus.Error:
+    """The `jobtree.v1.Error` a request handler's exception is answered with."""
+    if isinstance(exc, ValidationError):
+        return convert.error_to_proto(exc)
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, codec.CodecError):
+        return bus.Error(code=bus.ERROR_CODE_INVALID_ARGUMENT, field_path="request", problem=text)
+    if isinstance(exc, DecodeError):
+        what = text.partition("type '")[2].partition("'")[0] or "request message"
+        return bus.Error(code=bus.ERROR_CODE_INVALID_ARGUMENT, field_path="request", problem=codec.not_valid(what, exc))
+    return bus.Error(code=bus.ERROR_CODE_INTERNAL, problem=f"the service failed: {type(exc).__name__}: {text}")
 
 
 def listen_address(host_env: str, port_env: str, default_host: str, default_port: int) -> tuple[str, int]:
@@ -173,8 +193,11 @@ class ServiceContext:
 
     async def serve(self, subject: str, handler: Handler, *, queue: bool = False,
                     on_error: Callable[[Exception], bytes] | None = None) -> None:
-        """Answer requests on `subject` with `handler` (in the service's queue group if asked);
-        a handler that raises is answered with `on_error(exc)` when given."""
+        """Answer requests on `subject` with `handler` (in the service's queue group if asked).
+        A handler that raises is answered with `on_error(exc)` when given, else with a
+        `jobtree.v1.Error` (typed by the `Jobtree-Type` header): INVALID_ARGUMENT `request: ...`
+        for bytes that are not the request message or a request the core refuses, INTERNAL for
+        anything else. A request is never left to time out."""
 
         verb = subject.rsplit(".", 1)[-1]
         service = self.settings.name
@@ -185,12 +208,18 @@ class ServiceContext:
                 reply = await handler(msg.data)
             except Exception as exc:
                 REQUESTS.labels(service, verb, "error").inc()
-                if on_error is None:
-                    self.log.exception("handler failed", extra={"fields": {"subject": subject}})
+                if on_error is not None:
+                    self.log.warning("request refused", extra={"fields": {"subject": subject, "error": repr(exc)}})
+                    if msg.reply:
+                        await msg.respond(on_error(exc))
                     return
-                self.log.warning("request refused", extra={"fields": {"subject": subject, "error": repr(exc)}})
+                error = error_reply(exc)
+                if error.code == ERROR_CODE_INTERNAL:
+                    self.log.exception("handler failed", extra={"fields": {"subject": subject}})
+                else:
+                    self.log.warning("request refused", extra={"fields": {"subject": subject, "error": error.problem}})
                 if msg.reply:
-                    await msg.respond(on_error(exc))
+                    await self.nc.publish(msg.reply, error.SerializeToString(), headers=codec.headers(error))
                 return
             REQUESTS.labels(service, verb, "ok").inc()
             LATENCY.labels(service, verb).observe(time.perf_counter() - started)
