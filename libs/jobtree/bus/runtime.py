@@ -224,7 +224,15 @@ class ServiceContext:
             REQUESTS.labels(service, verb, "ok").inc()
             LATENCY.labels(service, verb).observe(time.perf_counter() - started)
             if reply is not None and msg.reply:
-                await msg.respond(reply)
+                try:
+                    await msg.respond(reply)
+                except nats.errors.MaxPayloadError:  # the caller gets why, not a timeout
+                    limit = self.nc.max_payload
+                    error = bus.Error(code=bus.ERROR_CODE_INVALID_ARGUMENT, problem=(
+                        f"the answer is {len(reply):,} bytes, more than the bus carries ({limit:,}); "
+                        "ask for less (a filter, one owner, one run)"))
+                    self.log.warning("answer too large", extra={"fields": {"subject": subject, "bytes": len(reply)}})
+                    await self.nc.publish(msg.reply, error.SerializeToString(), headers=codec.headers(error))
             self.log.debug("handled", extra={"fields": {"subject": subject,
                                                         "ms": round(1000 * (time.perf_counter() - started), 3)}})
 
