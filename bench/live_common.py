@@ -201,8 +201,11 @@ class Up:
         doc: dict[str, Any] = json.loads((self.data_dir / "up.json").read_text())
         return doc
 
-    def password(self, user: str = "admin") -> str:
-        return str(json.loads((self.data_dir / "secrets.json").read_text())["users"][user])
+    def secrets(self) -> Any:
+        """The NATS credentials `jobtree up` made (`jobtree.bus.security.Secrets`: nkey seeds)."""
+        from jobtree.bus.security import Secrets
+
+        return Secrets.load(self.data_dir / "secrets.json")
 
     def pids(self) -> dict[str, int]:
         st = self.state()
@@ -280,7 +283,7 @@ async def admin_nats(up: Up) -> Any:
         pass
 
     # replies come to `_INBOX.jobtree.<c>.bench.…`, where the bus tap (live_tap.py) sees them
-    return await nats.connect(up.nats, user="admin", password=up.password("admin"), connect_timeout=5,
+    return await nats.connect(up.nats, **up.secrets().connect_options("admin"), connect_timeout=5,
                               allow_reconnect=False, error_cb=quiet, name="jobtree-bench",
                               inbox_prefix=f"_INBOX.jobtree.{up.cluster}.bench".encode())
 

@@ -44,10 +44,10 @@ def percentile(xs: list[float], q: float) -> float:
     return s[k]
 
 
-async def tap(url: str, password: str, cluster: str, out: Path) -> None:
+async def tap(url: str, seed: str, cluster: str, out: Path) -> None:
     base = f"jobtree.{cluster}"
     inbox = f"_INBOX.jobtree.{cluster}."
-    nc = await nats.connect(url, user="admin", password=password, name="jobtree-bench-tap",
+    nc = await nats.connect(url, nkeys_seed_str=seed, name="jobtree-bench-tap",
                             pending_size=256 * 1024 * 1024)
     pending: dict[str, tuple[str, float, str]] = {}
     done: dict[str, list[list[Any]]] = {"cmd": [], "commit": [], "ledger": [], "kv": []}
@@ -166,8 +166,8 @@ def main() -> None:
     ap.add_argument("--cluster", default="demo")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    password = json.loads(args.secrets.read_text())["users"]["admin"]
-    asyncio.run(tap(args.nats, password, args.cluster, args.out))
+    seed = json.loads(args.secrets.read_text())["nkeys"]["admin"]
+    asyncio.run(tap(args.nats, seed, args.cluster, args.out))
 
 
 if __name__ == "__main__":

@@ -544,8 +544,7 @@ class Profiled:
     def _spawn(self, name: str) -> subprocess.Popen[bytes]:
         data = self.up.data_dir / "services" / f"{name}-profiled"
         data.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "JOBTREE_NATS_USER": name, "JOBTREE_NATS_PASSWORD": self.up.password(name),
-               "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.up.secrets().env(name), "PYTHONUNBUFFERED": "1"}
         if name == "gateway":
             env["JOBTREE_GRPC_PORT"] = "0"
         log = (self.out_dir / f"{name}.log").open("ab")

@@ -212,8 +212,11 @@ class UpProcess:
     def log(self, service: str) -> str:
         return "".join(p.read_text() for p in sorted((self.data_dir / "logs").glob(f"{service}*.log")))
 
-    def admin(self) -> str:
-        return str(json.loads((self.data_dir / "secrets.json").read_text())["users"]["admin"])
+    def admin(self) -> dict[str, str]:
+        """`nats.connect` options of the admin user (its nkey seed)."""
+        from jobtree.bus.security import Secrets
+
+        return Secrets.load(self.data_dir / "secrets.json").connect_options("admin")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -232,7 +235,7 @@ class UpProcess:
         from jobtree.bus.ledger import Ledger
 
         async def read() -> list[Any]:
-            nc = await nats_client.connect(self.nats, user="admin", password=self.admin())
+            nc = await nats_client.connect(self.nats, **self.admin())
             try:
                 records = await Ledger(nc.jetstream(), self.cluster).replay()
                 return [e for r in records for e in r.batch.entries]

@@ -210,7 +210,8 @@ def test_garbage_on_binder_commit_gets_an_error_reply(system: System) -> None:
     raw = request(system.url, subjects.request(system.cluster, "binder", "commit"), b"\xff\x00garbage")
     reply = bus.AppendReply.FromString(raw)
     assert reply.error.code == bus.ERROR_CODE_INVALID_ARGUMENT
-    assert reply.error.problem.startswith("not a jobtree.v1.AppendRequest")
+    assert (reply.error.field_path, reply.error.problem) == (
+        "request", "not a valid jobtree.v1.AppendRequest: wire format was corrupt; nothing was written")
     assert last_sequence(system.url, system.cluster) == before
     log = system.supervisor.processes["binder"].log_path.read_text()
     assert "Traceback" not in log

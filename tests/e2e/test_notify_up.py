@@ -139,7 +139,7 @@ def assert_every_dashboard_metric_exists(up: UpProcess) -> None:
 
 def assert_stream_is_the_ledger_replayed(up: UpProcess) -> None:
     async def read() -> tuple[list[Any], list[Any]]:
-        nc = await nats.connect(up.nats, user="admin", password=up.admin())
+        nc = await nats.connect(up.nats, **up.admin())
         js = nc.jetstream()
         try:
             published = [e async for e in EventStream(js, CLUSTER).read(follow=False)]

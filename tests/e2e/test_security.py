@@ -9,6 +9,7 @@ count, the messages a subscriber received, the leader key).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 from collections.abc import Awaitable, Callable, Iterator
@@ -52,7 +53,7 @@ class Session:
         self.secrets = secrets
         self.errors: dict[str, list[str]] = {}
 
-    async def connect(self, user: str, password: str | None = None) -> Client:
+    async def connect(self, user: str, seed: str | None = None) -> Client:
         errors = self.errors.setdefault(user, [])
 
         async def on_error(exc: Exception) -> None:
@@ -61,8 +62,8 @@ class Session:
         options: dict[str, Any] = {}
         if user in subjects.SERVICE_VERBS:
             options["inbox_prefix"] = subjects.inbox_prefix(C, user).encode()
-        return await nats.connect(self.server.url, user=user, connect_timeout=2, allow_reconnect=False,
-                                  password=self.secrets.passwords[user] if password is None else password,
+        return await nats.connect(self.server.url, connect_timeout=2, allow_reconnect=False,
+                                  nkeys_seed_str=self.secrets.seeds[user] if seed is None else seed,
                                   error_cb=on_error, **options)
 
     def violations(self, user: str) -> list[str]:
@@ -122,9 +123,11 @@ def log_lines(server: NatsServer) -> list[str]:
     return server.log_path.read_text().splitlines()
 
 
-def server_log_violations(server: NatsServer, user: str, since: int = 0) -> list[str]:
-    """The server's log lines (from line `since`) reporting a violation by `user`."""
-    return [line for line in log_lines(server)[since:] if "Violation" in line and f"user:{user}\"" in line]
+def server_log_violations(session: Session, user: str, since: int = 0) -> list[str]:
+    """The server's log lines (from line `since`) reporting a violation by `user` (the server
+    names an nkey user by its public key)."""
+    key = session.secrets.public_key(user)
+    return [line for line in log_lines(session.server)[since:] if "Violation" in line and key in line]
 
 
 # --- the table ---------------------------------------------------------------------------------
@@ -164,14 +167,25 @@ def test_secrets_are_private_and_reused(tmp_path: Path) -> None:
     path = tmp_path / "secrets.json"
     first = security.Secrets.load_or_create(path, C)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert set(first.passwords) == {"admin", *SERVICES}
-    assert len(set(first.passwords.values())) == len(first.passwords)
+    assert set(first.seeds) == {"admin", *SERVICES}
+    assert len(set(first.seeds.values())) == len(first.seeds)
+    assert all(s.startswith("SU") for s in first.seeds.values())
     again = security.Secrets.load_or_create(path, C)
-    assert again.passwords == first.passwords
+    assert again.seeds == first.seeds
     with pytest.raises(ValueError, match="cluster 'sec', not 'other'"):
         security.Secrets.load_or_create(path, "other")
     assert first.env("gateway") == {"JOBTREE_NATS_USER": "gateway",
-                                    "JOBTREE_NATS_PASSWORD": first.passwords["gateway"]}
+                                    "JOBTREE_NATS_NKEY_SEED": first.seeds["gateway"]}
+    # The server's users are public keys only: no seed is in its config.
+    users = security.server_users(C, first)
+    assert {u.nkey for u in users} == {first.public_key(u) for u in first.seeds}
+    assert all(u.password is None and u.nkey and u.nkey.startswith("U") for u in users)
+    conf = json.dumps([u.config() for u in users])
+    assert not any(seed in conf for seed in first.seeds.values())
+    # A secrets file of an older jobtree (passwords) gets seeds instead.
+    path.write_text(json.dumps({"cluster": C, "users": {"admin": "pw"}}))
+    migrated = security.Secrets.load_or_create(path, C)
+    assert set(migrated.seeds) == {"admin", *SERVICES} and "users" not in json.loads(path.read_text())
 
 
 # --- refusals ----------------------------------------------------------------------------------
@@ -200,7 +214,7 @@ def test_only_the_binder_appends_to_the_ledger(session: Session) -> None:
 
     session.run(scenario)
     for user in OTHERS:  # and the server says so in its log
-        assert any(subjects.ledger_subject(C) in line for line in server_log_violations(session.server, user, mark))
+        assert any(subjects.ledger_subject(C) in line for line in server_log_violations(session, user, mark))
 
 
 def test_requests_reach_a_service_only_from_its_callers(session: Session) -> None:
@@ -292,10 +306,10 @@ def test_no_one_but_admin_deletes_or_purges_streams(session: Session) -> None:
     session.run(scenario)
 
 
-def test_a_wrong_password_is_refused(session: Session) -> None:
+def test_a_wrong_nkey_is_refused(session: Session) -> None:
     async def scenario(s: Session) -> None:
         with pytest.raises(nats.errors.Error, match="Authorization Violation"):
-            await s.connect("binder", password="guess")
+            await s.connect("binder", seed=security.new_seed())  # a key the server does not list
 
     session.run(scenario)
 
@@ -332,7 +346,7 @@ def test_every_service_follows_replays_and_reads_the_ledger(session: Session) ->
 
     session.run(scenario)
     for user in SERVICES:
-        assert not server_log_violations(session.server, user, mark), user
+        assert not server_log_violations(session, user, mark), user
 
 
 def test_the_binder_creates_its_stream_and_mirrors_specs(session: Session) -> None:

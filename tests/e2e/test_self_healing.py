@@ -222,7 +222,7 @@ def test_up_heals_every_kill(tmp_path: Path) -> None:
 
 
 async def _ledger(up: Up) -> list:  # type: ignore[type-arg]
-    nc = await nats.connect(up.nats, user="admin", password=up.admin_password(), connect_timeout=2,
+    nc = await nats.connect(up.nats, **up.admin_auth(), connect_timeout=2,
                             allow_reconnect=False)
     try:
         return await Ledger(nc.jetstream(), "demo").replay()
@@ -241,7 +241,7 @@ def test_an_error_on_a_live_connection_is_not_an_outage(nats_binary: Path, tmp_p
     secrets = Secrets.generate("live")
     server = NatsServer(tmp_path / "nats", binary=nats_binary, users=server_users("live", secrets)).start()
     settings = ServiceSettings(name="budget", cluster="live", nats_url=server.url, user="budget",
-                               password=secrets.passwords["budget"])
+                               nkey_seed=secrets.seeds["budget"])
 
     async def go() -> None:
         bus = BusState()

@@ -80,7 +80,7 @@ def refused(call: Any, *args: Any) -> grpc.RpcError:
 def ledger_identities(up: Up) -> tuple[int, dict[str, str]]:
     """The ledger's last sequence, and command id -> the identity its first entry records."""
     async def read() -> tuple[int, dict[str, str]]:
-        nc = await nats.connect(up.nats, user="admin", password=up.admin_password(), connect_timeout=2,
+        nc = await nats.connect(up.nats, **up.admin_auth(), connect_timeout=2,
                                 allow_reconnect=False)
         try:
             ledger = Ledger(nc.jetstream(), CLUSTER)

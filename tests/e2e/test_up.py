@@ -38,6 +38,7 @@ from jobtree.api.jobtree.v1 import service_pb2_grpc as api_grpc
 from jobtree.bus import subjects
 from jobtree.bus.ledger import Ledger
 from jobtree.bus.security import SERVICES as ALL_SERVICES
+from jobtree.bus.security import Secrets
 from jobtree.cli.serve_cmd import missing_services
 from jobtree.cli.up_cmd import (
     DEMO_DOMAINS,
@@ -115,8 +116,9 @@ class Up:
         doc: dict[str, Any] = json.loads((self.data_dir / "up.json").read_text())
         return doc
 
-    def admin_password(self) -> str:
-        return str(json.loads((self.data_dir / "secrets.json").read_text())["users"]["admin"])
+    def admin_auth(self) -> dict[str, str]:
+        """`nats.connect` options of the admin user (its nkey seed)."""
+        return Secrets.load(self.data_dir / "secrets.json").connect_options("admin")
 
     def interrupt(self, timeout: float = 20.0) -> int:
         self.proc.send_signal(signal.SIGINT)
@@ -149,7 +151,7 @@ def violations(data_dir: Path) -> list[str]:
 
 async def bus_checks(up: Up, command: bus.Command | None) -> tuple[dict[str, bytes], int, bus.CommandReply | None]:
     """Every service's health over NATS, optionally one command to admission; the ledger's last sequence."""
-    nc = await nats.connect(up.nats, user="admin", password=up.admin_password(), connect_timeout=2,
+    nc = await nats.connect(up.nats, **up.admin_auth(), connect_timeout=2,
                             allow_reconnect=False)
     try:
         health = {}
@@ -167,7 +169,7 @@ async def bus_checks(up: Up, command: bus.Command | None) -> tuple[dict[str, byt
 
 
 async def ledger_facts(up: Up) -> Counter[str]:
-    nc = await nats.connect(up.nats, user="admin", password=up.admin_password(), connect_timeout=2,
+    nc = await nats.connect(up.nats, **up.admin_auth(), connect_timeout=2,
                             allow_reconnect=False)
     try:
         records = await Ledger(nc.jetstream(), CLUSTER).replay()
@@ -178,7 +180,7 @@ async def ledger_facts(up: Up) -> Counter[str]:
 
 async def leader_holder(up: Up) -> str:
     """The holder written in the admission leader lock (JetStream KV)."""
-    nc = await nats.connect(up.nats, user="admin", password=up.admin_password(), connect_timeout=2,
+    nc = await nats.connect(up.nats, **up.admin_auth(), connect_timeout=2,
                             allow_reconnect=False)
     try:
         kv = await nc.jetstream().key_value(subjects.bucket(CLUSTER, "leader"))

@@ -124,12 +124,17 @@ class Permissions:
 
 @dataclass(frozen=True)
 class User:
+    """A user known by a password, or (`nkey`, a public key) by the signature of its seed: then
+    the config holds no secret."""
+
     name: str
-    password: str
+    password: str | None = None
     permissions: Permissions | None = None
+    nkey: str | None = None
 
     def config(self) -> dict[str, object]:
-        out: dict[str, object] = {"user": self.name, "password": self.password}
+        out: dict[str, object] = ({"nkey": self.nkey} if self.nkey else
+                                  {"user": self.name, "password": self.password or ""})
         if self.permissions is not None:
             out["permissions"] = self.permissions.config()
         return out

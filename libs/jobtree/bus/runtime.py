@@ -85,6 +85,8 @@ class ServiceSettings:
     nats_url: str
     user: str | None = None
     password: str | None = None
+    nkey_seed: str | None = None
+    """The user's nkey seed (`SU...`): it signs the server's nonce instead of a password."""
     data_dir: Path = Path(".")
     metrics_port: int = 0
     clock: str = "system"
@@ -283,7 +285,9 @@ async def connect(settings: ServiceSettings, bus: BusState | None = None,
                                                                               "error": repr(exc)}})
 
         opts.update(disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=failed)
-    if settings.user:
+    if settings.nkey_seed:
+        opts["nkeys_seed_str"] = settings.nkey_seed
+    elif settings.user:
         opts["user"] = settings.user
         opts["password"] = settings.password or ""
     task = asyncio.ensure_future(nats.connect(**opts))

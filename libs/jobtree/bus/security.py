@@ -6,8 +6,12 @@ a service's grants into NATS subject permissions, every subject taken from
 `jobtree.bus.subjects` (and the JetStream API subjects of the streams and buckets it names);
 `server_users(cluster, secrets)` gives the users for `NatsServer(users=...)`: one per service
 plus `admin` (full access: `jobtree up` creates streams and buckets with it, tests use it).
-`Secrets.load_or_create(path)` keeps the random passwords in a JSON file of mode 0600, reused
-on every start, and adds a password for a user that is new.
+`Secrets.load_or_create(path)` keeps one random nkey seed per user in a JSON file of mode 0600,
+reused on every start (a seed is added for a user that is new): the server's config lists only
+the public keys, each service gets its seed in its environment (JOBTREE_NATS_NKEY_SEED) and
+proves it by signing the server's nonce. The Kubernetes config (`server_config_users`) keeps
+passwords, read from the environment of the nats-server container (a Secret), never written in
+the file.
 
 Every service user may:
 - subscribe to its own request subjects `jobtree.C.<svc>.*` and its own reply inbox
@@ -203,13 +207,16 @@ def server_config_users(cluster: str) -> str:
 
 
 def server_users(cluster: str, secrets_: Secrets | Mapping[str, str]) -> tuple[User, ...]:
-    """The nats-server users of a cluster: `admin` (full access) and one per service."""
-    passwords = secrets_.passwords if isinstance(secrets_, Secrets) else secrets_
-    missing = [u for u in (ADMIN, *SERVICES) if u not in passwords]
+    """The nats-server users of a cluster: `admin` (full access) and one per service; known by
+    their nkeys' public keys (`Secrets`), or by passwords (a mapping user -> password)."""
+    if isinstance(secrets_, Secrets):
+        return (User(ADMIN, nkey=secrets_.public_key(ADMIN)),
+                *(User(s, None, permissions(cluster, s), nkey=secrets_.public_key(s)) for s in SERVICES))
+    missing = [u for u in (ADMIN, *SERVICES) if u not in secrets_]
     if missing:
         raise ValueError(f"no password for user(s) {', '.join(missing)}")
-    return (User(ADMIN, passwords[ADMIN]),
-            *(User(s, passwords[s], permissions(cluster, s)) for s in SERVICES))
+    return (User(ADMIN, secrets_[ADMIN]),
+            *(User(s, secrets_[s], permissions(cluster, s)) for s in SERVICES))
 
 
 def permission_table(cluster: str, *, expanded: bool = False) -> str:
@@ -226,33 +233,48 @@ def permission_table(cluster: str, *, expanded: bool = False) -> str:
     return "\n".join(rows)
 
 
+def new_seed() -> str:
+    """A fresh NATS user nkey seed (`SU...`): its public key (`U...`) goes in the server's config."""
+    import nkeys
+
+    return bytes(nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER)).decode()
+
+
 @dataclass
 class Secrets:
-    """The passwords of a cluster's NATS users, kept in a JSON file of mode 0600."""
+    """The nkey seeds of a cluster's NATS users, kept in a JSON file of mode 0600. The server's
+    config lists only their public keys; a service proves it holds its seed by signing the
+    server's nonce, so nothing secret is in any config file or on any command line."""
 
     cluster: str
-    passwords: dict[str, str] = field(default_factory=dict)
+    seeds: dict[str, str] = field(default_factory=dict)
 
     @staticmethod
     def generate(cluster: str) -> Secrets:
-        return Secrets(subjects.check_cluster(cluster),
-                       {u: secrets.token_urlsafe(24) for u in (ADMIN, *SERVICES)})
+        return Secrets(subjects.check_cluster(cluster), {u: new_seed() for u in (ADMIN, *SERVICES)})
+
+    @staticmethod
+    def load(path: Path) -> Secrets:
+        """The secrets `jobtree up` keeps in `path` (tests and benchmarks connect with them)."""
+        doc = json.loads(Path(path).read_text())
+        return Secrets(str(doc["cluster"]), {str(k): str(v) for k, v in doc["nkeys"].items()})
 
     @staticmethod
     def load_or_create(path: Path, cluster: str) -> Secrets:
-        """The secrets in `path` (adding passwords for new users), or new ones written there."""
+        """The secrets in `path` (adding seeds for new users), or new ones written there. A file
+        of an older jobtree (passwords under `users`) is replaced by seeds for every user."""
         path = Path(path)
         if path.exists():
             try:
                 doc = json.loads(path.read_text())
-                found = Secrets(str(doc["cluster"]), {str(k): str(v) for k, v in doc["users"].items()})
+                found = Secrets(str(doc["cluster"]), {str(k): str(v) for k, v in doc.get("nkeys", {}).items()})
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ValueError(f"{path}: not a jobtree secrets file ({exc})") from None
             if found.cluster != cluster:
                 raise ValueError(f"{path} holds the users of cluster {found.cluster!r}, not {cluster!r}")
-            fresh = {u: secrets.token_urlsafe(24) for u in (ADMIN, *SERVICES) if u not in found.passwords}
-            if fresh:
-                found.passwords.update(fresh)
+            fresh = {u: new_seed() for u in (ADMIN, *SERVICES) if u not in found.seeds}
+            if fresh or "users" in doc:
+                found.seeds.update(fresh)
                 found.save(path)
             else:
                 os.chmod(path, 0o600)
@@ -269,10 +291,19 @@ class Secrets:
             tmp.unlink()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as out:
-            json.dump({"cluster": self.cluster, "users": self.passwords}, out, indent=2, sort_keys=True)
+            json.dump({"cluster": self.cluster, "nkeys": self.seeds}, out, indent=2, sort_keys=True)
             out.write("\n")
         os.replace(tmp, path)
 
     def env(self, user: str) -> dict[str, str]:
         """The environment that gives a `jobtree serve` process this user's credentials."""
-        return {"JOBTREE_NATS_USER": user, "JOBTREE_NATS_PASSWORD": self.passwords[user]}
+        return {"JOBTREE_NATS_USER": user, "JOBTREE_NATS_NKEY_SEED": self.seeds[user]}
+
+    def connect_options(self, user: str) -> dict[str, str]:
+        """`nats.connect(**options)` as this user."""
+        return {"nkeys_seed_str": self.seeds[user]}
+
+    def public_key(self, user: str) -> str:
+        import nkeys
+
+        return bytes(nkeys.from_seed(bytearray(self.seeds[user].encode())).public_key).decode()

@@ -5,8 +5,9 @@ Contract: `jobtree serve NAME [--cluster C] [--nats URL] [--user U --password P]
 --http-host H]` imports
 `jobtree.services.<NAME>` (a `-` in NAME is `_` in the package) and runs its `main(ctx)` with
 `jobtree.bus.runtime.run` until SIGINT/SIGTERM; the exit status is the runtime's (0 on a clean
-stop, 1 when the service failed). Credentials come from `--user/--password` or, preferably
-(argv is visible to every local user), from JOBTREE_NATS_USER / JOBTREE_NATS_PASSWORD; the URL
+stop, 1 when the service failed). Credentials come from JOBTREE_NATS_NKEY_SEED (an nkey seed:
+what `jobtree up` gives each service), else `--user/--password` or, preferably (argv is visible
+to every local user), JOBTREE_NATS_USER / JOBTREE_NATS_PASSWORD; the URL
 from `--nats` or JOBTREE_NATS_URL. `--config FILE` is a YAML mapping with the keys of a
 scenario's `config:` (cluster, period, reservationLead, preemptionHoldDown, capAllowances).
 `--grpc-port` is handed to the gateway as JOBTREE_GRPC_PORT; `--http-port`/`--http-host` to the
@@ -34,6 +35,8 @@ CLOCKS = ("system", "virtual")
 ENV_URL = "JOBTREE_NATS_URL"
 ENV_USER = "JOBTREE_NATS_USER"
 ENV_PASSWORD = "JOBTREE_NATS_PASSWORD"
+ENV_NKEY_SEED = "JOBTREE_NATS_NKEY_SEED"
+"""The user's nkey seed (what `jobtree up` gives each service): never a flag, argv is public."""
 ENV_GRPC_PORT = "JOBTREE_GRPC_PORT"
 ENV_HTTP_PORT = "JOBTREE_HTTP_PORT"
 ENV_HTTP_HOST = "JOBTREE_HTTP_HOST"
@@ -221,6 +224,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         nats_url=args.nats or os.environ.get(ENV_URL) or DEFAULT_URL,
         user=user,
         password=password,
+        nkey_seed=os.environ.get(ENV_NKEY_SEED) or None,
         data_dir=Path(args.data_dir),
         metrics_port=args.metrics_port,
         clock=args.clock,

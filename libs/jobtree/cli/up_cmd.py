@@ -14,8 +14,8 @@ cluster's Nodes, budgets and runs from its objects (an unreadable file: one line
    belongs to another cluster or another `jobtree up` runs on it, the gRPC port is taken,
    N < 1, or a metrics port of the block M.. is taken, out of range or the gRPC port;
 2. starts a nats-server with JetStream (`D/nats`, fsync before ack) and one NATS user per
-   service with the permissions of `jobtree.bus.security` (passwords in `D/secrets.json`,
-   mode 0600, reused on every start). Its client port is chosen by the server on the first
+   service with the permissions of `jobtree.bus.security` (known by nkeys: the seeds in
+   `D/secrets.json`, mode 0600, reused on every start; the server's config holds only public keys). Its client port is chosen by the server on the first
    start and kept in `D/nats/client.port`: every later start and every restart uses it, so the
    services' URL stays valid;
 3. as `admin`, creates the ledger stream and the KV buckets (leader: TTL 2 s, history 1);
@@ -369,7 +369,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir).resolve()
     try:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(data_dir, 0o700)  # the nats-server config inside holds the passwords
+        os.chmod(data_dir, 0o700)  # it holds the NATS seeds, the CA key and the admin token
     except OSError as e:
         raise CliError(f"--data-dir {data_dir}: {e.strerror or e}") from None
     if args.insecure and args.client_certs:
@@ -429,7 +429,7 @@ async def _up(opts: Options) -> int:
         async def quiet(_: Exception) -> None:
             pass
 
-        nc = await nats.connect(server.url, user="admin", password=secrets.passwords["admin"],
+        nc = await nats.connect(server.url, **secrets.connect_options("admin"),
                                 error_cb=quiet, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                                 name="jobtree-up")
         sequence = await _prepare_streams(nc, opts.cluster)
