@@ -122,7 +122,8 @@ async def views_match(up: Up, acked: dict[str, tuple[int, float, float]]) -> dic
         return Cluster.replay(ClusterConfig(cluster=up.cluster), (), 0, entries)
 
     out: dict[str, object] = {}
-    async with grpc.aio.insecure_channel(up.grpc) as channel:
+    big = [("grpc.max_receive_message_length", 1 << 30)]  # every run of the soak in one answer
+    async with grpc.aio.insecure_channel(up.grpc, options=big) as channel:
         stub = api_grpc.JobtreeStub(channel)
         runs = await stub.ListRuns(api.ListRunsRequest(min_ledger_sequence=last), timeout=30)
         nodes = await stub.ListNodes(api.ListNodesRequest(), timeout=30)

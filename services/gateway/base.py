@@ -50,6 +50,7 @@ STATUS_OF: dict[int, grpc.StatusCode] = {
     bus.ERROR_CODE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     bus.ERROR_CODE_INTERNAL: grpc.StatusCode.INTERNAL,
     bus.ERROR_CODE_FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    bus.ERROR_CODE_PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
 }
 """bus.ErrorCode -> gRPC status code."""
 
@@ -77,7 +78,8 @@ _Abort = Abort
 
 
 def _invalid(err: ValidationError) -> _Abort:
-    return _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+    """A core refusal as the gRPC status of its kind (the one mapping: `convert.ERROR_CODE_OF_KIND`)."""
+    return _Abort(STATUS_OF[convert.ERROR_CODE_OF_KIND[err.kind]], str(err))
 
 
 STALE_METADATA = "jobtree-stale"

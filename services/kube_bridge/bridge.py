@@ -36,7 +36,7 @@ SERVICES = Resource("", "v1", "services", True)
 EVENTS = Resource("", "v1", "events", True)
 
 REFUSED = {bus.ERROR_CODE_INVALID_ARGUMENT: "Invalid", bus.ERROR_CODE_FAILED_PRECONDITION: "FailedPrecondition",
-           bus.ERROR_CODE_NOT_FOUND: "NotFound"}
+           bus.ERROR_CODE_NOT_FOUND: "NotFound", bus.ERROR_CODE_PERMISSION_DENIED: "OwnerForbidden"}
 """Admission's refusals that no retry changes: the Run says so and waits for a new generation."""
 TERMINAL = (Phase.COMPLETED, Phase.FAILED)
 WARNINGS = ("RunPreempted", "RunReclaimed", "RunRequeued", "RunFailed", "LendingRecalled")

@@ -27,8 +27,9 @@ from jobtree.api.crds import GROUP, VERSION, pod_name
 from jobtree.api.events import funding_words
 from jobtree.core import views
 from jobtree.core.engine import Cluster
+from jobtree.core.errors import Forbidden
 from jobtree.core.explain import explain_lines
-from jobtree.core.family import Family
+from jobtree.core.family import Family, owner_claim
 from jobtree.core.model import Lease, Node, NodeState, Phase, Reservation, Role
 from jobtree.core.timefmt import format_time
 
@@ -131,21 +132,11 @@ def owner_problem(cr: Json, namespace: Json | None, family: Family) -> str | Non
     """Why this Run may not claim its owner: the namespace binds its owners, and a Run may name
     one of them or a descendant (by the budgets' parents); None when it may."""
     ns = cr.get("metadata", {}).get("namespace", "default")
-    bound = namespace_owners(namespace)
-    if not bound:
-        return (f"namespace {ns} is not bound to an owner: annotate it with {OWNER_ANNOTATION}=<owner> "
-                "(a platform admin's act) before it can run work")
-    claimed = (cr.get("spec") or {}).get("owner")
-    if not claimed:
-        if len(bound) == 1:
-            return None
-        return f"spec.owner: required: namespace {ns} is shared by {', '.join(bound)}; name one of them"
-    ancestors = family.ancestors(claimed)
-    if any(claimed == b or b in ancestors for b in bound):
-        return None
-    names = " or ".join(repr(b) for b in bound)
-    return (f"spec.owner: {claimed!r} is neither {names} (the owner of namespace {ns}) nor a descendant; "
-            "a Run may only spend its namespace's budgets")
+    try:
+        owner_claim(ns, namespace_owners(namespace), (cr.get("spec") or {}).get("owner"), family)
+    except Forbidden as err:
+        return str(err)
+    return None
 
 
 def roles_problem(cr: Json) -> str | None:

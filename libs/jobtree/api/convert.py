@@ -732,6 +732,7 @@ ERROR_CODE_OF_KIND: dict[str, int] = {
     "invalid": bus.ERROR_CODE_INVALID_ARGUMENT,
     "not_found": bus.ERROR_CODE_NOT_FOUND,
     "precondition": bus.ERROR_CODE_FAILED_PRECONDITION,
+    "forbidden": bus.ERROR_CODE_PERMISSION_DENIED,
 }
 """The core's kinds of refusal (`jobtree.core.errors`) as bus ErrorCodes: the one mapping."""
 

@@ -6,8 +6,10 @@ line, and says what kind of refusal it is (`kind`), so the edges map it to a sta
 - `ValidationError` (`invalid`): the input itself is wrong (a field, a value, a cycle);
 - `NotFound` (`not_found`): well formed, but it names a run or node that does not exist;
 - `Precondition` (`precondition`): well formed and known, but the state does not allow it now
-  (a run that already ended, one that has not started, one that is not malleable).
-Both are ValidationErrors, so code that only cares that a command was refused catches one type.
+  (a run that already ended, one that has not started, one that is not malleable);
+- `Forbidden` (`forbidden`): well formed, but whoever asks may not (a Run naming an owner its
+  namespace is not bound to: `family.owner_claim`).
+All are ValidationErrors, so code that only cares that a command was refused catches one type.
 Not: a logging or reporting facility.
 """
 
@@ -44,6 +46,12 @@ class Precondition(ValidationError):
     """The input is well formed, but the state does not allow it now."""
 
     kind = "precondition"
+
+
+class Forbidden(ValidationError):
+    """The input is well formed, but whoever asks may not make it."""
+
+    kind = "forbidden"
 
 
 def field_path(path: str, key: str) -> str:

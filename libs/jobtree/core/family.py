@@ -3,6 +3,7 @@
 Contract: built from the union of all budgets' parent edges; answers the family relation
 between a claimant and an envelope owner as an integer tier that sorts in the calculus's
 proximity order (owner < ancestor, nearer first < sibling < cousin < sponsor). Detects cycles.
+`owner_claim` is who a namespace's Run may spend for (Forbidden otherwise).
 Not: the eligibility rules of sharing and lending (see `funding.tier_for`).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
+from jobtree.core.errors import Forbidden
 from jobtree.core.model import Budget
 
 OWNER = 0
@@ -106,3 +108,24 @@ class Family:
                 if found:
                     return found
         return None
+
+
+def owner_claim(namespace: str, bound: Iterable[str], claimed: str | None, family: Family) -> str:
+    """The owner a Run of `namespace` spends for: `claimed`, when it is one of the owners the
+    namespace is bound to (`bound`) or a descendant of one (by the budgets' parents); the one
+    bound owner when it claims none. Forbidden (naming `spec.owner`, or the namespace) otherwise."""
+    owners = list(bound)
+    if not owners:
+        raise Forbidden("", f"namespace {namespace} is not bound to an owner: annotate it with "
+                            "rq.davidlangworthy.io/owner=<owner> (a platform admin's act) before it can run work")
+    if not claimed:
+        if len(owners) == 1:
+            return owners[0]
+        raise Forbidden("spec.owner", f"required: namespace {namespace} is shared by {', '.join(owners)}; "
+                                      "name one of them")
+    ancestors = family.ancestors(claimed)
+    if any(claimed == b or b in ancestors for b in owners):
+        return claimed
+    names = " or ".join(repr(b) for b in owners)
+    raise Forbidden("spec.owner", f"{claimed!r} is neither {names} (the owner of namespace {namespace}) nor a "
+                                  "descendant; a Run may only spend its namespace's budgets")

@@ -43,6 +43,8 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     ERROR_CODE_INTERNAL: _ErrorCode.ValueType  # 6
     ERROR_CODE_FAILED_PRECONDITION: _ErrorCode.ValueType  # 7
     """Well formed and known, but the state does not allow it now (a run that already ended)."""
+    ERROR_CODE_PERMISSION_DENIED: _ErrorCode.ValueType  # 8
+    """Well formed, but whoever asks may not (an owner they may not spend for)."""
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
     """---- Replies -----------------------------------------------------------------------------"""
@@ -59,6 +61,8 @@ ERROR_CODE_UNAVAILABLE: ErrorCode.ValueType  # 5
 ERROR_CODE_INTERNAL: ErrorCode.ValueType  # 6
 ERROR_CODE_FAILED_PRECONDITION: ErrorCode.ValueType  # 7
 """Well formed and known, but the state does not allow it now (a run that already ended)."""
+ERROR_CODE_PERMISSION_DENIED: ErrorCode.ValueType  # 8
+"""Well formed, but whoever asks may not (an owner they may not spend for)."""
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
 @_typing.final
