@@ -10,19 +10,18 @@ gateway's runs and budgets are as they were.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import nats
 import pytest
 from cases import ids
 from test_bad_grpc import seen
-from test_gateway import System, start_system
+from test_gateway import System
 
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.api.jobtree.v1 import objects_pb2 as pb
 from jobtree.bus import codec, subjects
-from jobtree.bus.natsserver import NatsServer
 
 GARBAGE = b"\xff\xfe\x00garbage"
 
@@ -77,14 +76,6 @@ CASES = [
     Case("packer-plan-garbage", "packer", "plan", lambda: GARBAGE,
          "INVALID_ARGUMENT", 'request: not a valid jobtree.v1.PlanRunRequest: wire format was corrupt'),
 ]
-
-
-@pytest.fixture(scope="module")
-def system(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    sys_ = start_system(nats_server, tmp_path_factory.mktemp("badinput-bus"))
-    yield sys_
-    statuses = sys_.stop()
-    assert all(code == 0 for code in statuses.values()), (statuses, sys_.logs())
 
 
 def ask(system: System, case: Case) -> bus.Error:

@@ -6,17 +6,14 @@ and the ledger's last sequence and the gateway's runs and budgets as they were.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cases import CommandCase as Case
 from cases import ids
 from test_bad_grpc import seen
-from test_gateway import System, start_system
+from test_gateway import System
 from test_kubectl_runs import kubectl_runs, one_line_error
-
-from jobtree.bus.natsserver import NatsServer
 
 RUN = """\
 apiVersion: rq.davidlangworthy.io/v1
@@ -24,15 +21,6 @@ kind: Run
 metadata: {name: trainer}
 spec: {owner: org:a, resources: {gpuType: H100-80GB, totalGPUs: 8}}
 """
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    args: tuple[str, ...]
-    """Arguments; `FILE` is replaced by the path of a file holding `content`."""
-    content: str
-    message: str
 
 
 def submit(content: str) -> tuple[tuple[str, ...], str]:
@@ -78,14 +66,6 @@ CASES = [
          'TMP/input.yaml: colour: unknown key; allowed: server, token, tokenFile, '
          'certificateAuthority, clientCertificate, clientKey'),
 ]
-
-
-@pytest.fixture(scope="module")
-def system(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    sys_ = start_system(nats_server, tmp_path_factory.mktemp("badinput-cli"))
-    yield sys_
-    statuses = sys_.stop()
-    assert all(code == 0 for code in statuses.values()), (statuses, sys_.logs())
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))

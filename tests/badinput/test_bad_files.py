@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cases import CommandCase as Case
 from cases import ids
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,15 +31,6 @@ steps:
         metadata: {name: r1}
         spec: {owner: org:a, resources: {gpuType: H100-80GB, totalGPUs: 8}}
 """
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    args: tuple[str, ...]
-    """`jobtree` arguments; FILE is the file holding `content`, DIR a fresh data directory."""
-    content: str
-    message: str
 
 
 def sim(content: str) -> tuple[tuple[str, ...], str]:

@@ -2,7 +2,7 @@
 method and to admission, and generated manifests through `kubectl-runs submit`.
 
 Properties, for every generated input:
-- no crash: every process stays up, and its log holds no traceback;
+- no crash: every process stays up, and its log holds no traceback (the `system` fixture);
 - an answer, never a traceback: a gRPC status the API documents for bad input (or OK), with a
   one-line message; admission answers a `CommandReply`; the CLI exits 0 or 2 with one line;
 - no partial write: a refused input leaves the ledger's last sequence where it was (an Apply of
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -24,12 +23,11 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_gateway import BUDGET, System, budget_msg, last_sequence, run_doc, run_msg, start_system
+from test_gateway import BUDGET, System, budget_msg, last_sequence, run_doc, run_msg
 
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.api.jobtree.v1 import service_pb2 as api
 from jobtree.bus import subjects
-from jobtree.bus.natsserver import NatsServer
 from jobtree.cli.runs import main as kubectl_runs
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -121,19 +119,10 @@ def request(draw: st.DrawFn) -> tuple[str, bytes]:
     return method.name, draw(message(method.input_type)).SerializeToString()
 
 
-@pytest.fixture(scope="module")
-def system(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    sys_ = start_system(nats_server, tmp_path_factory.mktemp("fuzz"))
-    sys_.stub().ApplyBudget(api.ApplyBudgetRequest(budget=budget_msg(BUDGET)), timeout=10)
-    sys_.stub().SubmitRun(api.SubmitRunRequest(run=run_msg("steady", 8)), timeout=10)
-    yield sys_
-    alive = {name: sp.running for name, sp in sys_.supervisor.processes.items()}
-    logs = {name: sp.log_path.read_text() for name, sp in sys_.supervisor.processes.items()}
-    statuses = sys_.stop()
-    assert all(alive.values()), (alive, sys_.logs())
-    assert all(code == 0 for code in statuses.values()), (statuses, sys_.logs())
-    for name, log in logs.items():
-        assert "Traceback" not in log, f"{name} logged a traceback:\n{log[-3000:]}"
+@pytest.fixture(scope="module", autouse=True)
+def seeded(system: System) -> None:
+    system.stub().ApplyBudget(api.ApplyBudgetRequest(budget=budget_msg(BUDGET)), timeout=10)
+    system.stub().SubmitRun(api.SubmitRunRequest(run=run_msg("steady", 8)), timeout=10)
 
 
 @FUZZ

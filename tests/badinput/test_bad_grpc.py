@@ -8,7 +8,7 @@ and its whole message, then that the ledger's last sequence and everything the g
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,12 +16,11 @@ from typing import Any
 import grpc
 import pytest
 from cases import ids
-from test_gateway import BUDGET, System, budget_msg, last_sequence, run_msg, start_system
+from test_gateway import BUDGET, System, budget_msg, last_sequence, run_msg
 
 from jobtree.api.jobtree.v1 import objects_pb2 as pb
 from jobtree.api.jobtree.v1 import service_pb2 as api
 from jobtree.api.jobtree.v1 import service_pb2_grpc as api_grpc
-from jobtree.bus.natsserver import NatsServer
 
 
 @dataclass(frozen=True)
@@ -173,17 +172,14 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def system(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    sys_ = start_system(nats_server, tmp_path_factory.mktemp("badinput-grpc"))
-    stub = sys_.stub()
+@pytest.fixture(scope="module", autouse=True)
+def seeded(system: System) -> None:
+    """A budget, a running run (`steady`) and an ended one (`ended`)."""
+    stub = system.stub()
     stub.ApplyBudget(api.ApplyBudgetRequest(budget=budget_msg(BUDGET)), timeout=10)
     stub.SubmitRun(api.SubmitRunRequest(run=run_msg("steady", 8), request_id="steady-submit"), timeout=10)
     stub.SubmitRun(api.SubmitRunRequest(run=run_msg("ended", 8)), timeout=10)
     stub.CompleteRun(api.CompleteRunRequest(run=ref("ended")), timeout=10)
-    yield sys_
-    statuses = sys_.stop()
-    assert all(code == 0 for code in statuses.values()), (statuses, sys_.logs())
 
 
 def seen(system: System, stub: api_grpc.JobtreeStub) -> tuple[int, bytes, bytes]:
