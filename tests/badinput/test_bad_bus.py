@@ -54,7 +54,7 @@ CASES = [
          "INVALID_ARGUMENT", 'request: not a valid jobtree.v1.Command: wire format was corrupt'),
     Case("admission-no-command", "admission", "command", command(),
          "INVALID_ARGUMENT", 'command: is required: one of apply_budget, apply_run, delete_run, complete_run, fail_run, '
-         'fail_node, cordon_node, uncordon_node, add_node, shrink_run, report_eta, tick, batch'),
+         'fail_node, cordon_node, uncordon_node, add_node, shrink_run, report_eta, tick, batch, set_allowance'),
     Case("admission-bad-run", "admission", "command", command(apply_run=bus.ApplyRun(run=pb.Run())),
          "INVALID_ARGUMENT", 'apply_run.run.metadata: is required'),
     Case("admission-unknown-node", "admission", "command", command(cordon_node=bus.CordonNode(node="nosuch")),

@@ -427,6 +427,8 @@ COMMANDS: list[F.Command] = [
     F.ShrinkRun("ns/r", 16),
     F.ReportEta("ns/r", T0 + 3600),
     F.Tick(),
+    F.SetAllowance("org/west-total", 8, 3, 12.5),
+    F.SetAllowance("org/west-total", None, 4),
 ]
 
 
@@ -463,6 +465,7 @@ ENTRIES: list[F.JournalEntry] = [
     (T0, F.NodeStatePut(_nodes()[1])),
     (T0, F.ApplyBudget(_budgets()[0])),
     (T0 + 60, F.ClockAdvanced()),
+    (T0 + 60, F.SetAllowance("org/west-total", 8, 3, 12.5)),
 ]
 
 

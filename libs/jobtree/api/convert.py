@@ -586,6 +586,8 @@ def command_to_proto(
             msg.report_eta.at.seconds = at
         case facts.Tick():
             msg.tick.SetInParent()
+        case facts.SetAllowance():
+            msg.set_allowance.CopyFrom(_allowance_to_proto(cmd))
         case _:
             raise TypeError(f"not a command: {cmd!r}")
     return msg
@@ -645,6 +647,25 @@ def batch_to_proto(cmds: list[Command], *, command_id: str = "", instant: int | 
     return msg
 
 
+def _allowance_to_proto(cmd: facts.SetAllowance) -> bus.SetAllowance:
+    out = bus.SetAllowance(cap=cmd.cap, version=cmd.version)
+    if cmd.concurrency is not None:
+        out.concurrency = cmd.concurrency
+    if cmd.gpu_hours is not None:
+        out.gpu_hours = cmd.gpu_hours
+    return out
+
+
+def _allowance_from_proto(msg: bus.SetAllowance, path: str) -> facts.SetAllowance:
+    cap = _required_text(msg, "cap", path)
+    if "/" not in cap:
+        raise ValidationError(_at(path, "cap"), f"must name an aggregate cap as budget/capName, got {cap!r}")
+    if msg.version <= 0:
+        raise ValidationError(_at(path, "version"), "must be a positive grant version")
+    return facts.SetAllowance(cap, msg.concurrency if msg.HasField("concurrency") else None, msg.version,
+                              msg.gpu_hours if msg.HasField("gpu_hours") else None)
+
+
 _COMMANDS_FROM: dict[str, Callable[[Any, str], Command]] = {
     "apply_budget": lambda b, p: facts.ApplyBudget(budget_from_proto(b.budget, _at(p, "budget"))),
     "apply_run": lambda b, p: facts.ApplyRun(run_from_proto(b.run, _at(p, "run"))),
@@ -658,6 +679,7 @@ _COMMANDS_FROM: dict[str, Callable[[Any, str], Command]] = {
     "shrink_run": lambda b, p: facts.ShrinkRun(run_key(b.run, _at(p, "run")), b.desired_total_gpus),
     "report_eta": lambda b, p: facts.ReportEta(run_key(b.run, _at(p, "run")), _required_instant(b, "at", p)),
     "tick": lambda b, p: facts.Tick(),
+    "set_allowance": lambda b, p: _allowance_from_proto(b, p),
 }
 _COMMAND_FIELDS = tuple(f.name for f in bus.Command.DESCRIPTOR.oneofs_by_name["command"].fields)
 assert set(_COMMAND_FIELDS) == {*_COMMANDS_FROM, "batch"}, "bus.proto Command and convert disagree"
@@ -694,6 +716,8 @@ def entry_to_proto(entry: JournalEntry, *, command_id: str = "", epoch: int = 0)
             msg.budget_put.budget.CopyFrom(budget_to_proto(budget))
         case facts.ClockAdvanced():
             msg.clock_advanced.SetInParent()
+        case facts.SetAllowance():
+            msg.allowance_set.CopyFrom(_allowance_to_proto(what))
         case _:
             raise TypeError(f"not a fact or spec change: {what!r}")
     return msg
@@ -723,6 +747,7 @@ _FACTS_FROM: dict[str, Callable[[Any, str], Fact | SpecChange]] = {
     "node_state_put": lambda b, p: facts.NodeStatePut(node_from_proto(b.node, _at(p, "node"))),
     "budget_put": lambda b, p: facts.ApplyBudget(budget_from_proto(b.budget, _at(p, "budget"))),
     "clock_advanced": lambda b, p: facts.ClockAdvanced(),
+    "allowance_set": lambda b, p: _allowance_from_proto(b, p),
 }
 _FACT_FIELDS = tuple(f.name for f in bus.LedgerEntry.DESCRIPTOR.oneofs_by_name["fact"].fields)
 assert set(_FACT_FIELDS) == set(_FACTS_FROM), "bus.proto LedgerEntry and convert disagree"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 
 from jobtree.core.admission import Admission
-from jobtree.core.errors import Precondition, ValidationError
+from jobtree.core.errors import NotFound, Precondition, ValidationError
 from jobtree.core.facts import (
     AddNode,
     ApplyBudget,
@@ -36,6 +36,7 @@ from jobtree.core.facts import (
     NodeStatePut,
     ReportEta,
     RunStatusPut,
+    SetAllowance,
     ShrinkRun,
     SpecDeleted,
     SpecPut,
@@ -171,6 +172,8 @@ class Cluster(Admission):
             self._delete(cmd.run)
         elif isinstance(cmd, FailNode):
             self._fence(self._node(cmd.node, "failNode"))
+        elif isinstance(cmd, SetAllowance):
+            self._allowance(cmd)
         elif isinstance(cmd, CordonNode):
             name = self._node(cmd.node, "cordon")
             if self.topo.nodes[name].state is NodeState.READY:  # a fenced node stays failed
@@ -180,9 +183,26 @@ class Cluster(Admission):
             if self.topo.nodes[name].state is NodeState.CORDONED:
                 self._node_state(name, NodeState.READY)
 
+    def _allowance(self, cmd: SetAllowance) -> None:
+        """A grant of the federation (§9). One not newer than the grant in force changes nothing
+        (grants arrive late, twice or out of order); the allowance applies as the cap from now:
+        funded work above it turns unfunded at the next settle, nothing is stopped."""
+        budget, _, name = cmd.cap.partition("/")
+        caps = {c.name for c in self.budgets[budget].aggregate_caps} if budget in self.budgets else set()
+        if name not in caps:
+            known = sorted(f"{b.name}/{c.name}" for b in self.budgets.values() for c in b.aggregate_caps)
+            raise NotFound("allowance.cap", f"no aggregate cap {cmd.cap!r}; caps: {', '.join(known) or 'none'}")
+        if cmd.concurrency is not None and cmd.concurrency < 0:
+            raise ValidationError("allowance.concurrency", f"must be a non-negative integer, got {cmd.concurrency}")
+        if cmd.gpu_hours is not None and not 0 <= cmd.gpu_hours < float("inf"):
+            raise ValidationError("allowance.gpuHours", f"must be a non-negative number, got {cmd.gpu_hours}")
+        if cmd.version <= self.allowance_versions.get(cmd.cap, 0):
+            return
+        self.change_spec(cmd)
+
     def _apply_budget(self, budget: Budget) -> None:
         budgets = {**self.budgets, budget.name: budget}
-        rules = FundingRules(budgets.values(), dict(self.config.cap_allowances))
+        rules = FundingRules(budgets.values(), dict(self.allowances), dict(self.hour_allowances))
         cycle = rules.family.find_cycle()
         if cycle:
             raise ValidationError("spec.parents", "the family graph must be acyclic; cycle: " + " -> ".join(cycle))

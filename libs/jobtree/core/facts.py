@@ -78,8 +78,21 @@ class Tick:
     """Nothing but the passage of time: the caller advances the clock to the command's instant."""
 
 
+@dataclass(frozen=True, slots=True)
+class SetAllowance:
+    """This cluster's allowance of the aggregate cap `cap` (`budget/capName`): classify with
+    `concurrency` as its maxConcurrency and `gpu_hours` as its maxGPUHours (the GPU-hours this
+    cluster may debit under it; None: the cap's own bound), from grant `version` of the
+    federation on (CALCULUS §9). A command and, once applied, a spec change in the journal."""
+
+    cap: str
+    concurrency: int | None
+    version: int
+    gpu_hours: float | None = None
+
+
 Command = (ApplyBudget | ApplyRun | DeleteRun | CompleteRun | FailRun | FailNode | CordonNode
-           | UncordonNode | AddNode | ShrinkRun | ReportEta | Tick)
+           | UncordonNode | AddNode | ShrinkRun | ReportEta | Tick | SetAllowance)
 
 # --- facts ------------------------------------------------------------------------------
 
@@ -131,6 +144,6 @@ class ClockAdvanced:
 
 
 Fact = LeaseMinted | LeaseClosed | ReservationPut | RunStatusPut
-SpecChange = ApplyBudget | SpecPut | SpecDeleted | NodeStatePut | ClockAdvanced
+SpecChange = ApplyBudget | SpecPut | SpecDeleted | NodeStatePut | ClockAdvanced | SetAllowance
 JournalEntry = tuple[int, "Fact | SpecChange"]
 """(instant, what happened): the ledger plus the spec changes it was decided against."""

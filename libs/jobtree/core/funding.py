@@ -74,7 +74,10 @@ class RunTerms:
 class FundingRules:
     """Budgets and the family DAG, indexed: tiers and bounds of claims."""
 
-    def __init__(self, budgets: Iterable[Budget], allowances: dict[str, int] | None = None) -> None:
+    def __init__(self, budgets: Iterable[Budget], allowances: dict[str, int] | None = None,
+                 hour_allowances: dict[str, float] | None = None) -> None:
+        """`allowances` / `hour_allowances`: this cluster's share (CALCULUS §9) of an aggregate
+        cap (`budget/cap`) replaces its maxConcurrency / maxGPUHours."""
         self.budgets: dict[str, Budget] = {b.name: b for b in budgets}
         self.family = Family(self.budgets.values())
         self.envelopes: dict[EnvelopeRef, Envelope] = {}
@@ -82,6 +85,7 @@ class FundingRules:
         self.caps_of: dict[EnvelopeRef, list[tuple[Bound, int]]] = {}
         self.hour_caps: dict[Bound, float] = {}
         allowances = allowances or {}
+        hour_allowances = hour_allowances or {}
         for b in self.budgets.values():
             for e in b.envelopes:
                 ref = (b.name, e.name)
@@ -97,8 +101,9 @@ class FundingRules:
                 limit = allowances.get(f"{b.name}/{cap.name}", cap.max_concurrency)
                 for en in cap.envelopes:
                     self.caps_of[(b.name, en)].append((key, INF if limit is None else limit))
-                if cap.max_gpu_hours is not None:
-                    self.hour_caps[key] = cap.max_gpu_hours
+                hours = hour_allowances.get(f"{b.name}/{cap.name}", cap.max_gpu_hours)
+                if hours is not None:
+                    self.hour_caps[key] = hours
         self._tier_cache: dict[tuple[str, EnvelopeRef, bool], int | None] = {}
 
     def tier(self, owner: str, ref: EnvelopeRef, allow_borrow: bool) -> int | None:

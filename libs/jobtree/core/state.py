@@ -25,6 +25,7 @@ from jobtree.core.facts import (
     NodeStatePut,
     ReservationPut,
     RunStatusPut,
+    SetAllowance,
     SpecChange,
     SpecDeleted,
     SpecPut,
@@ -74,7 +75,13 @@ class ClusterState:
         self.initial_nodes: tuple[Node, ...] = tuple(nodes)
         self.topo = Topology(self.initial_nodes)
         self.budgets: dict[str, Budget] = {}
-        self.rules = FundingRules([], dict(config.cap_allowances))
+        self.allowances: dict[str, int] = dict(config.cap_allowances)
+        """Aggregate cap (`budget/cap`) -> this cluster's allowance of it (config, then SetAllowance)."""
+        self.hour_allowances: dict[str, float] = {}
+        """Aggregate cap -> the GPU-hours this cluster may debit under it (SetAllowance)."""
+        self.allowance_versions: dict[str, int] = {}
+        """Aggregate cap -> the version of the federation's grant in force (`SetAllowance`)."""
+        self.rules = FundingRules([], dict(self.allowances))
         self.funding = FundingView(self.rules, self.terms)
         self.meter = Meter()
         self.runs: dict[str, Run] = {}
@@ -172,13 +179,15 @@ class ClusterState:
             self.deleted[item.run] = self.now
         elif isinstance(item, ClockAdvanced):
             pass  # the instant is the entry's: replay has already moved the clock there
+        elif isinstance(item, SetAllowance):
+            self._set_allowance(item)
         elif item.node.name in self.topo.nodes:
             self.topo.set_state(item.node.name, item.node.state)
         else:
             self.topo.add_node(item.node)
         self._epoch += 1
-        if isinstance(item, (ApplyBudget, NodeStatePut)):
-            self._spec_epoch += 1  # what cover candidates depend on: budgets and nodes
+        if isinstance(item, (ApplyBudget, NodeStatePut, SetAllowance)):
+            self._spec_epoch += 1  # what cover candidates depend on: budgets, allowances and nodes
         self.journal.append((self.now, item))
 
     def apply(self, fact: Fact) -> None:
@@ -401,7 +410,21 @@ class ClusterState:
 
     def _set_budget(self, budget: Budget) -> None:
         self.budgets = {**self.budgets, budget.name: budget}
-        rules = FundingRules(self.budgets.values(), dict(self.config.cap_allowances))
+        self._set_rules()
+
+    def _set_allowance(self, item: SetAllowance) -> None:
+        self.allowances = {k: v for k, v in self.allowances.items() if k != item.cap}
+        if item.concurrency is not None:
+            self.allowances[item.cap] = item.concurrency
+        self.hour_allowances = {k: v for k, v in self.hour_allowances.items() if k != item.cap}
+        if item.gpu_hours is not None:
+            self.hour_allowances[item.cap] = item.gpu_hours
+        self.allowance_versions = {**self.allowance_versions, item.cap: item.version}
+        self._set_rules()
+
+    def _set_rules(self) -> None:
+        """Funding rules from the budgets and the allowances now (their GPU-hour meters kept)."""
+        rules = FundingRules(self.budgets.values(), dict(self.allowances), dict(self.hour_allowances))
         self.rules = rules
         for (b, e), env in rules.envelopes.items():
             self.meter.reset_window(env_bound((b, e)), env.start)

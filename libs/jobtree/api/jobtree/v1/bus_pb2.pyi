@@ -302,13 +302,54 @@ class ReportEta(_message.Message):
 Global___ReportEta: _TypeAlias = ReportEta  # noqa: Y015
 
 @_typing.final
-class Command(_message.Message):
+class SetAllowance(_message.Message):
     """A command as sent to a service. `command_id` is unique per logical command and reused on
     retries: it becomes the JetStream message id of what the command commits, so a retried
     command commits once. `epoch` is the fencing epoch of the sender's leadership (0 when the
     sender is not a leader-elected loop); a receiver rejects epochs older than the one it knows.
+    This cluster's allowance of an aggregate cap (CALCULUS §9): classify with `concurrency` as the
+    cap, from the federation's grant `version` on (a grant not newer than the one in force changes
+    nothing). A command to admission and, once applied, a ledger entry (`allowance_set`).
     """
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAP_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    GPU_HOURS_FIELD_NUMBER: _builtins.int
+    cap: _builtins.str
+    """The aggregate cap: `budget/capName`."""
+    concurrency: _builtins.int
+    """Absent: no allowance (classify with the cap itself)."""
+    version: _builtins.int
+    gpu_hours: _builtins.float
+    """The GPU-hours this cluster may debit under the cap. Absent: the cap's own maxGPUHours."""
+    def __init__(
+        self,
+        *,
+        cap: _builtins.str = ...,
+        concurrency: _builtins.int | None = ...,
+        version: _builtins.int = ...,
+        gpu_hours: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_concurrency", b"_concurrency", "_gpu_hours", b"_gpu_hours", "concurrency", b"concurrency", "gpu_hours", b"gpu_hours"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_concurrency", b"_concurrency", "_gpu_hours", b"_gpu_hours", "cap", b"cap", "concurrency", b"concurrency", "gpu_hours", b"gpu_hours", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__concurrency: _TypeAlias = _typing.Literal["concurrency"]  # noqa: Y015
+    _WhichOneofArgType__concurrency: _TypeAlias = _typing.Literal["_concurrency", b"_concurrency"]  # noqa: Y015
+    _WhichOneofReturnType__gpu_hours: _TypeAlias = _typing.Literal["gpu_hours"]  # noqa: Y015
+    _WhichOneofArgType__gpu_hours: _TypeAlias = _typing.Literal["_gpu_hours", b"_gpu_hours"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__concurrency) -> _WhichOneofReturnType__concurrency | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gpu_hours) -> _WhichOneofReturnType__gpu_hours | None: ...
+
+Global___SetAllowance: _TypeAlias = SetAllowance  # noqa: Y015
+
+@_typing.final
+class Command(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     COMMAND_ID_FIELD_NUMBER: _builtins.int
@@ -329,6 +370,7 @@ class Command(_message.Message):
     REPORT_ETA_FIELD_NUMBER: _builtins.int
     TICK_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
+    SET_ALLOWANCE_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     epoch: _builtins.int
     min_ledger_sequence: _builtins.int
@@ -368,6 +410,8 @@ class Command(_message.Message):
     def tick(self) -> Global___Tick: ...
     @_builtins.property
     def batch(self) -> Global___Batch: ...
+    @_builtins.property
+    def set_allowance(self) -> Global___SetAllowance: ...
     def __init__(
         self,
         *,
@@ -389,12 +433,13 @@ class Command(_message.Message):
         report_eta: Global___ReportEta | None = ...,
         tick: Global___Tick | None = ...,
         batch: Global___Batch | None = ...,
+        set_allowance: Global___SetAllowance | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["add_node", b"add_node", "apply_budget", b"apply_budget", "apply_run", b"apply_run", "batch", b"batch", "command", b"command", "complete_run", b"complete_run", "cordon_node", b"cordon_node", "delete_run", b"delete_run", "fail_node", b"fail_node", "fail_run", b"fail_run", "instant", b"instant", "report_eta", b"report_eta", "shrink_run", b"shrink_run", "tick", b"tick", "uncordon_node", b"uncordon_node"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["add_node", b"add_node", "apply_budget", b"apply_budget", "apply_run", b"apply_run", "batch", b"batch", "command", b"command", "complete_run", b"complete_run", "cordon_node", b"cordon_node", "delete_run", b"delete_run", "fail_node", b"fail_node", "fail_run", b"fail_run", "instant", b"instant", "report_eta", b"report_eta", "set_allowance", b"set_allowance", "shrink_run", b"shrink_run", "tick", b"tick", "uncordon_node", b"uncordon_node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_node", b"add_node", "apply_budget", b"apply_budget", "apply_run", b"apply_run", "batch", b"batch", "command", b"command", "command_id", b"command_id", "complete_run", b"complete_run", "cordon_node", b"cordon_node", "delete_run", b"delete_run", "epoch", b"epoch", "fail_node", b"fail_node", "fail_run", b"fail_run", "identity", b"identity", "instant", b"instant", "min_ledger_sequence", b"min_ledger_sequence", "report_eta", b"report_eta", "shrink_run", b"shrink_run", "tick", b"tick", "uncordon_node", b"uncordon_node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_node", b"add_node", "apply_budget", b"apply_budget", "apply_run", b"apply_run", "batch", b"batch", "command", b"command", "command_id", b"command_id", "complete_run", b"complete_run", "cordon_node", b"cordon_node", "delete_run", b"delete_run", "epoch", b"epoch", "fail_node", b"fail_node", "fail_run", b"fail_run", "identity", b"identity", "instant", b"instant", "min_ledger_sequence", b"min_ledger_sequence", "report_eta", b"report_eta", "set_allowance", b"set_allowance", "shrink_run", b"shrink_run", "tick", b"tick", "uncordon_node", b"uncordon_node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["apply_budget", "apply_run", "delete_run", "complete_run", "fail_run", "fail_node", "cordon_node", "uncordon_node", "add_node", "shrink_run", "report_eta", "tick", "batch"]  # noqa: Y015
+    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["apply_budget", "apply_run", "delete_run", "complete_run", "fail_run", "fail_node", "cordon_node", "uncordon_node", "add_node", "shrink_run", "report_eta", "tick", "batch", "set_allowance"]  # noqa: Y015
     _WhichOneofArgType_command: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_command) -> _WhichOneofReturnType_command | None: ...
 
@@ -711,6 +756,7 @@ class LedgerEntry(_message.Message):
     NODE_STATE_PUT_FIELD_NUMBER: _builtins.int
     BUDGET_PUT_FIELD_NUMBER: _builtins.int
     CLOCK_ADVANCED_FIELD_NUMBER: _builtins.int
+    ALLOWANCE_SET_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     epoch: _builtins.int
     command_digest: _builtins.bytes
@@ -740,6 +786,8 @@ class LedgerEntry(_message.Message):
     def budget_put(self) -> Global___BudgetPut: ...
     @_builtins.property
     def clock_advanced(self) -> Global___ClockAdvanced: ...
+    @_builtins.property
+    def allowance_set(self) -> Global___SetAllowance: ...
     def __init__(
         self,
         *,
@@ -757,12 +805,13 @@ class LedgerEntry(_message.Message):
         node_state_put: Global___NodeStatePut | None = ...,
         budget_put: Global___BudgetPut | None = ...,
         clock_advanced: Global___ClockAdvanced | None = ...,
+        allowance_set: Global___SetAllowance | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["budget_put", b"budget_put", "clock_advanced", b"clock_advanced", "fact", b"fact", "instant", b"instant", "lease_closed", b"lease_closed", "lease_minted", b"lease_minted", "node_state_put", b"node_state_put", "reservation_put", b"reservation_put", "run_status_put", b"run_status_put", "spec_deleted", b"spec_deleted", "spec_put", b"spec_put"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["allowance_set", b"allowance_set", "budget_put", b"budget_put", "clock_advanced", b"clock_advanced", "fact", b"fact", "instant", b"instant", "lease_closed", b"lease_closed", "lease_minted", b"lease_minted", "node_state_put", b"node_state_put", "reservation_put", b"reservation_put", "run_status_put", b"run_status_put", "spec_deleted", b"spec_deleted", "spec_put", b"spec_put"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_put", b"budget_put", "clock_advanced", b"clock_advanced", "command_digest", b"command_digest", "command_id", b"command_id", "epoch", b"epoch", "fact", b"fact", "identity", b"identity", "instant", b"instant", "lease_closed", b"lease_closed", "lease_minted", b"lease_minted", "node_state_put", b"node_state_put", "reservation_put", b"reservation_put", "run_status_put", b"run_status_put", "spec_deleted", b"spec_deleted", "spec_put", b"spec_put"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowance_set", b"allowance_set", "budget_put", b"budget_put", "clock_advanced", b"clock_advanced", "command_digest", b"command_digest", "command_id", b"command_id", "epoch", b"epoch", "fact", b"fact", "identity", b"identity", "instant", b"instant", "lease_closed", b"lease_closed", "lease_minted", b"lease_minted", "node_state_put", b"node_state_put", "reservation_put", b"reservation_put", "run_status_put", b"run_status_put", "spec_deleted", b"spec_deleted", "spec_put", b"spec_put"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_fact: _TypeAlias = _typing.Literal["lease_minted", "lease_closed", "reservation_put", "run_status_put", "spec_put", "spec_deleted", "node_state_put", "budget_put", "clock_advanced"]  # noqa: Y015
+    _WhichOneofReturnType_fact: _TypeAlias = _typing.Literal["lease_minted", "lease_closed", "reservation_put", "run_status_put", "spec_put", "spec_deleted", "node_state_put", "budget_put", "clock_advanced", "allowance_set"]  # noqa: Y015
     _WhichOneofArgType_fact: _TypeAlias = _typing.Literal["fact", b"fact"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_fact) -> _WhichOneofReturnType_fact | None: ...
 
