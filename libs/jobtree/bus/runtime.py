@@ -310,15 +310,33 @@ async def connect(settings: ServiceSettings, bus: BusState | None = None,
     raise nats.errors.NoServersError()
 
 
+HARD_STOP_SECONDS = 12.0
+"""A process told to stop (SIGTERM/SIGINT) exits within this, whatever it waits on: its parent
+(`jobtree up`, a test) may be gone, and with it the SIGKILL that would have followed."""
+DRAIN_SECONDS = 3.0
+
+
 async def run(main: Callable[[ServiceContext], Awaitable[None]], settings: ServiceSettings) -> int:
-    """Run one service until it is told to stop; returns the process exit status."""
+    """Run one service until it is told to stop; returns the process exit status (1 when it had
+    to be cut short after HARD_STOP_SECONDS)."""
     log = service_logger(settings.name)
     time_gc_pauses()
     stopping, bus = asyncio.Event(), BusState()
     loop = asyncio.get_running_loop()
+
+    def hard_exit() -> None:  # a stop stuck on a bus that is gone (a drain, a shielded shutdown)
+        log.error("did not stop in time; exiting", extra={"fields": {"seconds": HARD_STOP_SECONDS}})
+        logging.shutdown()
+        os._exit(1)
+
+    def on_signal() -> None:
+        if not stopping.is_set():
+            loop.call_later(HARD_STOP_SECONDS, hard_exit)
+        stopping.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stopping.set)
+            loop.add_signal_handler(sig, on_signal)
     try:
         nc = await connect(settings, bus, stopping)
     except nats.errors.NoServersError:
@@ -351,6 +369,8 @@ async def run(main: Callable[[ServiceContext], Awaitable[None]], settings: Servi
             await task
     stop.cancel()
     with contextlib.suppress(Exception):
-        await nc.drain()
+        await asyncio.wait_for(nc.drain(), DRAIN_SECONDS)
+    with contextlib.suppress(Exception):
+        await nc.close()
     log.info("stopped")
     return status
