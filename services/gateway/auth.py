@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from jobtree.auth.policy import OPEN, Action, Identity, Policy, load
+from jobtree.auth.policy import NOBODY, OPEN, Action, Identity, Policy, load
 from jobtree.auth.transport import Transport
 from jobtree.core.errors import ValidationError
 from jobtree.services.gateway.status import Abort
@@ -34,7 +34,7 @@ from jobtree.services.gateway.status import Abort
 __all__ = ["Gatekeeper", "allow", "caller"]
 
 RELOAD_EVERY = 1.0
-_CALLER: contextvars.ContextVar[Identity] = contextvars.ContextVar("jobtree_caller", default=OPEN)
+_CALLER: contextvars.ContextVar[Identity] = contextvars.ContextVar("jobtree_caller", default=NOBODY)
 
 
 def caller() -> Identity:

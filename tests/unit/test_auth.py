@@ -241,3 +241,14 @@ def test_a_certificate_needs_its_key(tmp_path: Path) -> None:
     crt, _ = pki.issue_client(tmp_path, "carol")
     with pytest.raises(RunsError, match="go together"):
         credentials_of(ns(client_certificate=str(crt)), {"HOME": str(tmp_path)})
+
+
+def test_an_unidentified_call_may_write_nothing() -> None:
+    from jobtree.auth.policy import NOBODY
+    from jobtree.services.gateway.auth import allow, caller
+    from jobtree.services.gateway.status import Abort
+
+    assert caller() is NOBODY, "before identification a call is nobody"
+    with pytest.raises(Abort) as info:
+        allow(Action.SUBMIT, "org:a")
+    assert info.value.message == "identity 'unidentified' may not submit runs of 'org:a': it has no researcher grant"

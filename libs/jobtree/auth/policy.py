@@ -50,7 +50,8 @@ import yaml
 
 from jobtree.core.errors import ValidationError, field_path, item_path, show_value
 
-__all__ = ["API_VERSION", "KIND", "Action", "Grant", "Identity", "Policy", "Role", "load", "parse", "token_digest"]
+__all__ = ["API_VERSION", "KIND", "NOBODY", "OPEN", "Action", "Grant", "Identity", "Policy", "Role", "load", "parse",
+           "token_digest"]
 
 API_VERSION = "rq.davidlangworthy.io/v1"
 KIND = "AccessPolicy"
@@ -122,6 +123,10 @@ class Identity:
 
 OPEN = Identity("anonymous", (Grant(Role.OPERATOR),))
 """The caller of a gateway serving without a policy (plain loopback, an explicit choice)."""
+
+NOBODY = Identity("unidentified")
+"""Who a call is before it is identified: no grant, so a path that skipped identification
+fails closed (PERMISSION_DENIED) instead of open."""
 
 
 @dataclass(frozen=True)
