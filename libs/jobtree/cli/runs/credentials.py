@@ -33,6 +33,8 @@ ENV_CLIENT_CERT = "JOBTREE_CLIENT_CERT"
 ENV_CLIENT_KEY = "JOBTREE_CLIENT_KEY"
 ENV_CONFIG = "JOBTREE_CONFIG"
 DEFAULT_CONFIG = Path("~/.config/jobtree/client.yaml")
+MAX_ANSWER_BYTES = 1 << 30
+"""gRPC's default 4 MiB is about 20,000 runs: `get -A` of a large cluster must not fail for size."""
 CONFIG_KEYS = ("server", "token", "tokenFile", "certificateAuthority", "clientCertificate", "clientKey")
 
 
@@ -51,13 +53,14 @@ class Credentials:
     def channel(self) -> Any:
         import grpc
 
+        options = [("grpc.max_receive_message_length", MAX_ANSWER_BYTES)]
         if not self.tls:
-            return grpc.insecure_channel(self.server)
+            return grpc.insecure_channel(self.server, options=options)
         creds = grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
                                              certificate_chain=self.cert)
         if self.token:
             creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(self.token))
-        return grpc.secure_channel(self.server, creds)
+        return grpc.secure_channel(self.server, creds, options=options)
 
 
 def add_credential_options(parser: argparse.ArgumentParser) -> None:
