@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["CA_DAYS", "CERT_DAYS", "Authority", "ensure_ca", "ensure_server", "issue_client"]
+__all__ = ["CA_DAYS", "CERT_DAYS", "Authority", "ensure_ca", "ensure_server", "issue_client", "write_file"]
 
 CA_DAYS = 3650
 CERT_DAYS = 825
@@ -42,7 +42,8 @@ class Authority:
     cert_path: Path
 
 
-def _write(path: Path, data: bytes, private: bool) -> None:
+def write_file(path: Path, data: bytes, private: bool) -> None:
+    """Write `data` to `path` atomically; mode 0600 when `private` (keys, tokens, policies)."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
     with os.fdopen(fd, "wb") as f:
@@ -52,9 +53,9 @@ def _write(path: Path, data: bytes, private: bool) -> None:
 
 def _save(directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    _write(directory / f"{stem}.key", key.private_bytes(
+    write_file(directory / f"{stem}.key", key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), private=True)
-    _write(directory / f"{stem}.crt", cert.public_bytes(serialization.Encoding.PEM), private=False)
+    write_file(directory / f"{stem}.crt", cert.public_bytes(serialization.Encoding.PEM), private=False)
 
 
 def _load(directory: Path, stem: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:

@@ -19,7 +19,6 @@ Not: the policy's rules (`jobtree.auth.policy`), the gateway's checks (`services
 
 from __future__ import annotations
 
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +72,7 @@ class Trust:
             if self.client_certs:
                 doc.update(clientCertificate=str(self.tls_dir / f"client-{ADMIN}.crt"),
                            clientKey=str(self.tls_dir / f"client-{ADMIN}.key"))
-        _private(self.client_file, yaml.safe_dump(doc, sort_keys=False))
+        pki.write_file(self.client_file, yaml.safe_dump(doc, sort_keys=False).encode(), private=True)
 
     def lines(self, server: str) -> list[str]:
         if self.insecure:
@@ -82,14 +81,6 @@ class Trust:
         return [f"auth: TLS (CA {self.tls_dir / 'ca.crt'}), callers need {how}; admin token in {self.token_file}; "
                 f"policy {self.policy_file}",
                 f"use: export JOBTREE_CONFIG={self.client_file}   # then: kubectl runs get"]
-
-
-def _private(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def admin_policy(token: str) -> str:
@@ -108,10 +99,10 @@ def prepare(data_dir: Path, insecure: bool = False, client_certs: bool = False) 
         return trust
     pki.ensure_server(trust.tls_dir)
     if not trust.token_file.exists():
-        _private(trust.token_file, secrets.token_urlsafe(32) + "\n")
+        pki.write_file(trust.token_file, (secrets.token_urlsafe(32) + "\n").encode(), private=True)
     token = trust.token_file.read_text(encoding="utf-8").strip()
     if not trust.policy_file.exists():
-        _private(trust.policy_file, admin_policy(token))
+        pki.write_file(trust.policy_file, admin_policy(token).encode(), private=True)
     try:
         policy = load(trust.policy_file)
     except ValidationError as err:
