@@ -16,7 +16,10 @@ the service decides nothing. It answers:
   `spec.funding.sponsors` may name), with what they can lend now: the envelope's headroom,
   lowered to its lending concurrency cap, and the GPU-hours left under its lending and
   envelope hours caps (absent when neither is capped).
-All three are request/reply handlers in the `budget` queue group (replicas share the load).
+- `jobtree.C.budget.caps` (service.ClusterCapsRequest -> service.ClusterCapsResponse): every
+  aggregate cap's bounds, allowance in force, funded use, demand and GPU-hours spent
+  (`views.caps_json`): what the federation service rebalances allowances by (CALCULUS §9).
+All four are request/reply handlers in the `budget` queue group (replicas share the load).
 It also derives the domain events from the ledger (`jobtree.api.events`) and publishes them
 into the cluster's events stream (`publisher`): the one publisher, so run one replica; and it
 exports the fleet's metrics (`metrics`: GPUs by owner, class and domain, envelopes, the queue,
@@ -107,6 +110,19 @@ def sponsors(cl: Cluster, req: svc.ListSponsorsRequest) -> svc.ListSponsorsRespo
     return out
 
 
+def caps(cl: Cluster, cluster: str, sequence: int) -> svc.ClusterCapsResponse:
+    out = svc.ClusterCapsResponse(cluster=cluster, ledger_sequence=sequence)
+    out.at.seconds = cl.now
+    for row in views.caps_json(cl):
+        item = out.caps.add(cap=row["cap"], flavor=row["flavor"], version=row["version"], funded=row["funded"],
+                            demand=row["demand"], spent_gpu_hours=row["spentGPUHours"])
+        for field, key in (("max_concurrency", "maxConcurrency"), ("max_gpu_hours", "maxGPUHours"),
+                           ("allowance", "allowance"), ("allowance_gpu_hours", "allowanceGPUHours")):
+            if row[key] is not None:
+                setattr(item, field, row[key])
+    return out
+
+
 async def main(ctx: ServiceContext) -> None:
     from jobtree.services.budget.publisher import start
 
@@ -136,7 +152,11 @@ async def main(ctx: ServiceContext) -> None:
 
     await ctx.serve(ctx.subject("state"), on_state, queue=True)
     await ctx.serve(ctx.subject("usage"), on_usage, queue=True)
+    async def on_caps(_: bytes) -> bytes:
+        return caps(follower.cluster, ctx.cluster, follower.sequence).SerializeToString()
+
     await ctx.serve(ctx.subject("sponsors"), on_sponsors, queue=True)
+    await ctx.serve(ctx.subject("caps"), on_caps, queue=True)
     try:
         await ctx.stopping.wait()
     finally:

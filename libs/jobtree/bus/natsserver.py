@@ -11,7 +11,13 @@ server down gracefully (SIGTERM, then SIGKILL after a timeout). Starting again o
 `data_dir` resumes its streams. The binary is found by `find_binary`; failures raise
 NatsServerError with the reason and the tail of the server's log.
 
-Not: a client (use nats-py), not cluster or leaf-node setup (later, for production).
+Leaf nodes (the federation's hub, CALCULUS §9): `leaf_port` (-1: chosen by the server, read back
+as `leaf_url`) opens a leaf-node listener whose connections authenticate as the `users`;
+`leaf_remotes` (`LeafRemote`: a URL and the nkey seed of a hub user) joins this server to hubs;
+`domain` names this server's JetStream domain, so the JetStream of a cluster and of its hub
+stay apart across the leaf connection.
+
+Not: a client (use nats-py), not route clustering.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["Account", "NatsServer", "NatsServerError", "Permissions", "User", "find_binary"]
+__all__ = ["Account", "LeafRemote", "NatsServer", "NatsServerError", "Permissions", "User", "find_binary"]
 
 BINARY_ENV = "JOBTREE_NATS_SERVER"
 """Environment variable that may name the nats-server binary to use."""
@@ -149,6 +155,19 @@ class Account:
     jetstream: bool = True
 
 
+@dataclass(frozen=True)
+class LeafRemote:
+    """A hub this server joins as a leaf node: its leaf URL (`nats-leaf://host:port`) and the
+    nkey seed of the hub user the connection authenticates as (the hub's permissions of that
+    user bound what crosses)."""
+
+    url: str
+    seed: str | None = None
+
+    def config(self) -> dict[str, object]:
+        return {"url": self.url, **({"nkey": self.seed} if self.seed else {})}
+
+
 @dataclass
 class NatsServer:
     data_dir: Path
@@ -165,11 +184,18 @@ class NatsServer:
     binary: Path | None = None
     extra_config: str = ""
     """Appended verbatim to the generated config."""
+    domain: str | None = None
+    """The JetStream domain (needed when leaf nodes join servers that have JetStream too)."""
+    leaf_port: int | None = None
+    """Listen for leaf nodes on this port (-1: a free one); None: no leaf-node listener."""
+    leaf_remotes: tuple[LeafRemote, ...] = ()
     die_with_parent: bool = True
     """Linux: the server gets SIGTERM when the thread that started it exits (so a killed test
     run or `jobtree up` leaves no orphan). Set False to start it from a short-lived thread."""
     url: str = field(default="", init=False)
     monitor_url: str = field(default="", init=False)
+    leaf_url: str = field(default="", init=False)
+    """`nats-leaf://host:port` once started with a `leaf_port`."""
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -219,7 +245,17 @@ class NatsServer:
         ]
         if self.sync_always:
             lines.append("  sync_interval: always")
+        if self.domain:
+            lines.append(f"  domain: {q(self.domain)}")
         lines.append("}")
+        if self.leaf_port is not None or self.leaf_remotes:
+            leaf: dict[str, object] = {}
+            if self.leaf_port is not None:
+                leaf["listen"] = f"{self.host}:{self.leaf_port}"
+            if self.leaf_remotes:
+                leaf["remotes"] = [r.config() for r in self.leaf_remotes]
+                leaf["reconnect"] = "1s"
+            lines.append(f"leafnodes: {q(leaf)}")
         if self.users:
             lines.append(f"authorization {{ users: {q([u.config() for u in self.users])} }}")
         if self.accounts:
@@ -272,7 +308,7 @@ class NatsServer:
                 with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
                     ports = json.loads(ports_file.read_text())
                     self.url, self.monitor_url = ports["nats"][0], ports["monitoring"][0]
-            if self.monitor_url and self._healthy():
+            if self.monitor_url and self._healthy() and (self.leaf_port is None or self._read_leaf_url()):
                 return
             if time.monotonic() > deadline:
                 raise NatsServerError(f"nats-server not ready after {timeout:.0f} s{self._log_tail()}")
@@ -286,6 +322,16 @@ class NatsServer:
         except (urllib.error.URLError, OSError, ValueError):
             return False
 
+    def _read_leaf_url(self) -> bool:
+        """The leaf-node port from `/varz` (the ports file does not list it)."""
+        try:
+            with urllib.request.urlopen(f"{self.monitor_url}/varz", timeout=1.0) as reply:
+                port = json.loads(reply.read())["leaf"]["port"]
+        except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
+            return False
+        self.leaf_url = f"nats-leaf://{self.host}:{port}"
+        return bool(port)
+
     def _log_tail(self, lines: int = 15) -> str:
         try:
             tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
@@ -296,7 +342,7 @@ class NatsServer:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop gracefully (SIGTERM); SIGKILL if it has not exited after `timeout` seconds."""
         proc, self._proc = self._proc, None
-        self.url = self.monitor_url = ""
+        self.url = self.monitor_url = self.leaf_url = ""
         if proc is None or proc.poll() is not None:
             return
         proc.send_signal(signal.SIGTERM)
@@ -313,13 +359,13 @@ class NatsServer:
         if self._proc is None or self._proc.poll() is None:
             return None
         proc, self._proc = self._proc, None
-        self.url = self.monitor_url = ""
+        self.url = self.monitor_url = self.leaf_url = ""
         return proc.returncode
 
     def kill(self) -> None:
         """Stop at once (SIGKILL), as a crash would."""
         proc, self._proc = self._proc, None
-        self.url = self.monitor_url = ""
+        self.url = self.monitor_url = self.leaf_url = ""
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()

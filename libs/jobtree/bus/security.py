@@ -75,7 +75,8 @@ ADMIN = "admin"
 """The user with full access (stream and bucket setup by `jobtree up`, tests)."""
 
 GRANTS: dict[str, tuple[str, ...]] = {
-    "gateway": ("follow ledger", "read snapshots", "call admission.command", "call budget.*", "call packer.*", "follow events"),
+    "gateway": ("follow ledger", "read snapshots", "call admission.command", "call budget.*", "call packer.*",
+                "follow events", "call federation.usage"),
     "admission": ("follow ledger", "write snapshots", "call binder.commit", "kv leader"),
     # The binder mirrors the specs of committed batches into the runs/budgets/nodes buckets.
     "binder": ("follow ledger", "write ledger", "kv runs", "kv budgets", "kv nodes"),
@@ -250,8 +251,8 @@ class Secrets:
     seeds: dict[str, str] = field(default_factory=dict)
 
     @staticmethod
-    def generate(cluster: str) -> Secrets:
-        return Secrets(subjects.check_cluster(cluster), {u: new_seed() for u in (ADMIN, *SERVICES)})
+    def generate(cluster: str, users: Iterable[str] = (ADMIN, *SERVICES)) -> Secrets:
+        return Secrets(subjects.check_cluster(cluster), {u: new_seed() for u in users})
 
     @staticmethod
     def load(path: Path) -> Secrets:
@@ -260,9 +261,11 @@ class Secrets:
         return Secrets(str(doc["cluster"]), {str(k): str(v) for k, v in doc["nkeys"].items()})
 
     @staticmethod
-    def load_or_create(path: Path, cluster: str) -> Secrets:
+    def load_or_create(path: Path, cluster: str, users: Iterable[str] = (ADMIN, *SERVICES)) -> Secrets:
         """The secrets in `path` (adding seeds for new users), or new ones written there. A file
-        of an older jobtree (passwords under `users`) is replaced by seeds for every user."""
+        of an older jobtree (passwords under `users`) is replaced by seeds for every user.
+        `users`: a cluster's (admin and every service) unless told (the federation's hub)."""
+        users = tuple(users)
         path = Path(path)
         if path.exists():
             try:
@@ -272,14 +275,14 @@ class Secrets:
                 raise ValueError(f"{path}: not a jobtree secrets file ({exc})") from None
             if found.cluster != cluster:
                 raise ValueError(f"{path} holds the users of cluster {found.cluster!r}, not {cluster!r}")
-            fresh = {u: new_seed() for u in (ADMIN, *SERVICES) if u not in found.seeds}
+            fresh = {u: new_seed() for u in users if u not in found.seeds}
             if fresh or "users" in doc:
                 found.seeds.update(fresh)
                 found.save(path)
             else:
                 os.chmod(path, 0o600)
             return found
-        made = Secrets.generate(cluster)
+        made = Secrets.generate(cluster, users)
         made.save(path)
         return made
 

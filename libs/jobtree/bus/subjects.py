@@ -33,6 +33,7 @@ from typing import NamedTuple
 __all__ = [
     "BUCKETS",
     "EVENT_KINDS",
+    "HUB_BUCKETS",
     "OBJECT_BUCKETS",
     "PREFIX",
     "SERVICE_VERBS",
@@ -64,7 +65,7 @@ SERVICE_VERBS: dict[str, tuple[str, ...]] = {
     # The per-cluster decision loop: bus.Command in, bus.CommandReply out.
     "admission": ("health", "command"),
     # The derived funding view: the STATE object, usage/headroom, sponsors.
-    "budget": ("health", "state", "usage", "sponsors"),
+    "budget": ("health", "state", "usage", "sponsors", "caps"),
     # Topology and what-if placement for forecasts.
     "packer": ("health", "nodes", "plan"),
     # The single writer of the ledger: a decision's facts in, the committed sequence out.
@@ -72,8 +73,9 @@ SERVICE_VERBS: dict[str, tuple[str, ...]] = {
     # Timers: sends Tick commands when reservations activate, deadlines and windows fall due.
     "resolver": ("health",),
     "notifier": ("health",),
-    # Per-cluster allowances of global aggregate caps.
-    "federation": ("health", "allowances"),
+    # Per-cluster allowances of aggregate caps that span clusters (on the hub; it answers `usage`
+    # on the subject of every member cluster, so a cluster's gateway asks under its own name).
+    "federation": ("health", "usage"),
     "kube-bridge": ("health",),
     # The web dashboard (its pages are HTTP; on the bus it only follows the ledger).
     "dashboard": ("health",),
@@ -95,8 +97,13 @@ BUCKETS: dict[str, str] = {
     "nodes": "nodes, topology and state (objects.Node), key kv_key(name)",
     "leader": "the decision-loop lock: holder and fencing epoch per loop",
     "notified": "the notifier's deliveries: key kv_key(receiver, event id), value delivered or dead (TTL)",
+    "grants": "the federation's books (on its hub, cluster name `fed`): per aggregate cap, the allowances "
+              "confirmed and the grants sent, key kv_key(budget, capName); written before a grant is sent",
 }
 """KV buckets per cluster and what they hold."""
+
+HUB_BUCKETS = ("grants",)
+"""Buckets only the federation's hub has (`jobtree up` does not create them in a cluster)."""
 
 OBJECT_BUCKETS: dict[str, str] = {
     "snapshots": "the view at a ledger sequence (object `view`, bus.snapshot), written by the admission leader",

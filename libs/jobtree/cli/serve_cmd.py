@@ -12,7 +12,8 @@ from `--nats` or JOBTREE_NATS_URL. `--config FILE` is a YAML mapping with the ke
 scenario's `config:` (cluster, period, reservationLead, preemptionHoldDown, capAllowances).
 `--grpc-port` is handed to the gateway as JOBTREE_GRPC_PORT; `--http-port`/`--http-host` to the
 dashboard as JOBTREE_HTTP_PORT/JOBTREE_HTTP_HOST. For the notifier, `--config FILE` is
-its receivers and routes (checked first: exit 2 with one line naming the field). An unknown NAME, or one whose
+its receivers and routes (checked first: exit 2 with one line naming the field); for the
+federation, its member clusters and caps (the same; its cluster name defaults to `fed`). An unknown NAME, or one whose
 package has no `main` yet, exits 2 with one line listing the services that can be served.
 Not: the services themselves, not process supervision (see `jobtree.bus.supervisor`).
 """
@@ -186,6 +187,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CliError(f"--config {args.config}: {e}") from None
         os.environ[ENV_NOTIFIER_CONFIG] = str(Path(args.config).resolve())
         config = ClusterConfig(cluster=cluster or DEFAULT_CLUSTER)
+    elif args.name == "federation":  # its --config is the federation's: member clusters and caps
+        if not args.config:
+            raise CliError("federation: --config FILE (member clusters and caps) is required")
+        from jobtree.services.federation import ENV_CONFIG, HUB
+        from jobtree.services.federation.config import ConfigError as FederationConfigError
+        from jobtree.services.federation.config import load as load_federation
+
+        try:
+            load_federation(args.config)
+        except FederationConfigError as e:
+            raise CliError(f"--config {args.config}: {e}") from None
+        os.environ[ENV_CONFIG] = str(Path(args.config).resolve())
+        config = ClusterConfig(cluster=cluster or HUB)
     else:
         config = read_config(Path(args.config), cluster) if args.config else ClusterConfig(
             cluster=cluster or DEFAULT_CLUSTER)

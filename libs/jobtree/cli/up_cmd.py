@@ -643,6 +643,8 @@ async def _prepare_streams(nc: Any, cluster: str) -> int:
     except LedgerError as e:
         raise UpError(str(e)) from None
     for name in subjects.BUCKETS:
+        if name in subjects.HUB_BUCKETS:
+            continue
         bucket = subjects.bucket(cluster, name)
         try:
             await js.key_value(bucket)

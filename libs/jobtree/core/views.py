@@ -13,7 +13,7 @@ from typing import Any
 from jobtree.core.engine import Cluster
 from jobtree.core.explain import Details
 from jobtree.core.funding import INF, env_bound
-from jobtree.core.model import FundingClass, Lease, Reservation, Role, slot_text
+from jobtree.core.model import FundingClass, Lease, Phase, Reservation, Role, slot_text
 from jobtree.core.timefmt import format_time
 
 Json = dict[str, Any]
@@ -159,3 +159,50 @@ def state_json(cl: Cluster) -> Json:
 
 
 
+
+
+def caps_json(cl: Cluster) -> list[Json]:
+    """Every aggregate cap of this cluster as the federation needs it (CALCULUS §9): its bounds,
+    the allowance in force and its grant version, the GPUs funded under it now, the demand on it
+    (funded use, plus the open leases and queued runs it could fund: their owner may draw on
+    one of its envelopes of the run's flavor) and the GPU-hours debited under it."""
+    out: list[Json] = []
+    rules = cl.rules
+    for budget in sorted(cl.budgets.values(), key=lambda b: b.name):
+        for cap in budget.aggregate_caps:
+            key = f"{budget.name}/{cap.name}"
+            bound = ("cap", budget.name, cap.name)
+            refs = [(budget.name, e) for e in cap.envelopes if (budget.name, e) in rules.envelopes]
+
+            def eligible(owner: str, flavor: str, borrow: bool, refs: list[tuple[str, str]] = refs) -> bool:
+                return any(rules.envelopes[r].flavor == flavor and rules.tier(owner, r, borrow) is not None
+                           for r in refs)
+
+            funded = cl.funding.used_now(bound)
+            extra = 0
+            for run_key, run in cl.runs.items():
+                st = cl.status.get(run_key)
+                if st is None or st.phase.terminal:
+                    continue
+                spec = run.spec
+                if not eligible(spec.owner, spec.gpu_type, spec.funding.allow_borrow):
+                    continue
+                if st.phase in (Phase.PENDING, Phase.RESERVED):
+                    extra += spec.desired_width
+                else:
+                    extra += sum(lease.gpus for lease in cl.open_by_run.get(run_key, {}).values()
+                                 if lease.role is not Role.SPARE
+                                 and cl.funding.class_of(lease.name) is FundingClass.UNFUNDED)
+            out.append({
+                "cap": key,
+                "flavor": cap.flavor,
+                "maxConcurrency": cap.max_concurrency,
+                "maxGPUHours": cap.max_gpu_hours,
+                "allowance": cl.allowances.get(key),
+                "allowanceGPUHours": cl.hour_allowances.get(key),
+                "version": cl.allowance_versions.get(key, 0),
+                "funded": funded,
+                "demand": funded + extra,
+                "spentGPUHours": round(cl.meter.hours(bound), 6),
+            })
+    return out

@@ -1262,3 +1262,281 @@ class ListNodesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListNodesResponse: _TypeAlias = ListNodesResponse  # noqa: Y015
+
+@_typing.final
+class CapUsage(_message.Message):
+    """---- Federation (CALCULUS §9) ----------------------------------------------------------------
+
+    One aggregate cap as one cluster's ledger holds it (the budget service's `caps` verb).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAP_FIELD_NUMBER: _builtins.int
+    FLAVOR_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    MAX_GPU_HOURS_FIELD_NUMBER: _builtins.int
+    ALLOWANCE_FIELD_NUMBER: _builtins.int
+    ALLOWANCE_GPU_HOURS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    FUNDED_FIELD_NUMBER: _builtins.int
+    DEMAND_FIELD_NUMBER: _builtins.int
+    SPENT_GPU_HOURS_FIELD_NUMBER: _builtins.int
+    cap: _builtins.str
+    """`budget/capName`."""
+    flavor: _builtins.str
+    max_concurrency: _builtins.int
+    """The cap's own bounds in the Budget spec (absent: unbounded)."""
+    max_gpu_hours: _builtins.float
+    allowance: _builtins.int
+    """This cluster's allowance in force (absent: none set, the cap's own bound applies) and the
+    federation grant version it came from (0: the cluster's config).
+    """
+    allowance_gpu_hours: _builtins.float
+    version: _builtins.int
+    funded: _builtins.int
+    """GPUs funded under the cap now."""
+    demand: _builtins.int
+    """Funded use plus what could be funded under the cap: its eligible unfunded leases and
+    pending runs (their desired width).
+    """
+    spent_gpu_hours: _builtins.float
+    """GPU-hours debited under the cap in this cluster."""
+    def __init__(
+        self,
+        *,
+        cap: _builtins.str = ...,
+        flavor: _builtins.str = ...,
+        max_concurrency: _builtins.int | None = ...,
+        max_gpu_hours: _builtins.float | None = ...,
+        allowance: _builtins.int | None = ...,
+        allowance_gpu_hours: _builtins.float | None = ...,
+        version: _builtins.int = ...,
+        funded: _builtins.int = ...,
+        demand: _builtins.int = ...,
+        spent_gpu_hours: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_allowance", b"_allowance", "_allowance_gpu_hours", b"_allowance_gpu_hours", "_max_concurrency", b"_max_concurrency", "_max_gpu_hours", b"_max_gpu_hours", "allowance", b"allowance", "allowance_gpu_hours", b"allowance_gpu_hours", "max_concurrency", b"max_concurrency", "max_gpu_hours", b"max_gpu_hours"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allowance", b"_allowance", "_allowance_gpu_hours", b"_allowance_gpu_hours", "_max_concurrency", b"_max_concurrency", "_max_gpu_hours", b"_max_gpu_hours", "allowance", b"allowance", "allowance_gpu_hours", b"allowance_gpu_hours", "cap", b"cap", "demand", b"demand", "flavor", b"flavor", "funded", b"funded", "max_concurrency", b"max_concurrency", "max_gpu_hours", b"max_gpu_hours", "spent_gpu_hours", b"spent_gpu_hours", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__allowance: _TypeAlias = _typing.Literal["allowance"]  # noqa: Y015
+    _WhichOneofArgType__allowance: _TypeAlias = _typing.Literal["_allowance", b"_allowance"]  # noqa: Y015
+    _WhichOneofReturnType__allowance_gpu_hours: _TypeAlias = _typing.Literal["allowance_gpu_hours"]  # noqa: Y015
+    _WhichOneofArgType__allowance_gpu_hours: _TypeAlias = _typing.Literal["_allowance_gpu_hours", b"_allowance_gpu_hours"]  # noqa: Y015
+    _WhichOneofReturnType__max_concurrency: _TypeAlias = _typing.Literal["max_concurrency"]  # noqa: Y015
+    _WhichOneofArgType__max_concurrency: _TypeAlias = _typing.Literal["_max_concurrency", b"_max_concurrency"]  # noqa: Y015
+    _WhichOneofReturnType__max_gpu_hours: _TypeAlias = _typing.Literal["max_gpu_hours"]  # noqa: Y015
+    _WhichOneofArgType__max_gpu_hours: _TypeAlias = _typing.Literal["_max_gpu_hours", b"_max_gpu_hours"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__allowance) -> _WhichOneofReturnType__allowance | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__allowance_gpu_hours) -> _WhichOneofReturnType__allowance_gpu_hours | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_concurrency) -> _WhichOneofReturnType__max_concurrency | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_gpu_hours) -> _WhichOneofReturnType__max_gpu_hours | None: ...
+
+Global___CapUsage: _TypeAlias = CapUsage  # noqa: Y015
+
+@_typing.final
+class ClusterCapsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterCapsRequest: _TypeAlias = ClusterCapsRequest  # noqa: Y015
+
+@_typing.final
+class ClusterCapsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    LEDGER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    CAPS_FIELD_NUMBER: _builtins.int
+    cluster: _builtins.str
+    ledger_sequence: _builtins.int
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def caps(self) -> _containers.RepeatedCompositeFieldContainer[Global___CapUsage]: ...
+    def __init__(
+        self,
+        *,
+        cluster: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        ledger_sequence: _builtins.int = ...,
+        caps: _abc.Iterable[Global___CapUsage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "caps", b"caps", "cluster", b"cluster", "ledger_sequence", b"ledger_sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterCapsResponse: _TypeAlias = ClusterCapsResponse  # noqa: Y015
+
+@_typing.final
+class GlobalUsageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAP_FIELD_NUMBER: _builtins.int
+    cap: _builtins.str
+    """Only this cap (`budget/capName`); empty: every cap."""
+    def __init__(
+        self,
+        *,
+        cap: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cap", b"cap"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GlobalUsageRequest: _TypeAlias = GlobalUsageRequest  # noqa: Y015
+
+@_typing.final
+class ClusterAllowance(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_FIELD_NUMBER: _builtins.int
+    ALLOWANCE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    ALLOWANCE_GPU_HOURS_FIELD_NUMBER: _builtins.int
+    FUNDED_FIELD_NUMBER: _builtins.int
+    DEMAND_FIELD_NUMBER: _builtins.int
+    SPENT_GPU_HOURS_FIELD_NUMBER: _builtins.int
+    REACHABLE_FIELD_NUMBER: _builtins.int
+    LAST_REPORT_FIELD_NUMBER: _builtins.int
+    cluster: _builtins.str
+    allowance: _builtins.int
+    """The allowance the cluster's ledger last confirmed, and its grant version."""
+    version: _builtins.int
+    held: _builtins.int
+    """What the federation counts the cluster at: the confirmed allowance or any grant in flight."""
+    pending: _builtins.int
+    """The latest grant sent and not yet confirmed (absent: none in flight)."""
+    target: _builtins.int
+    """Where the federation wants the allowance (by demand)."""
+    allowance_gpu_hours: _builtins.float
+    funded: _builtins.int
+    demand: _builtins.int
+    spent_gpu_hours: _builtins.float
+    reachable: _builtins.bool
+    """False when the cluster did not answer the last round (cut off, or down)."""
+    @_builtins.property
+    def last_report(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        cluster: _builtins.str = ...,
+        allowance: _builtins.int = ...,
+        version: _builtins.int = ...,
+        held: _builtins.int = ...,
+        pending: _builtins.int | None = ...,
+        target: _builtins.int = ...,
+        allowance_gpu_hours: _builtins.float | None = ...,
+        funded: _builtins.int = ...,
+        demand: _builtins.int = ...,
+        spent_gpu_hours: _builtins.float = ...,
+        reachable: _builtins.bool = ...,
+        last_report: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_allowance_gpu_hours", b"_allowance_gpu_hours", "_pending", b"_pending", "allowance_gpu_hours", b"allowance_gpu_hours", "last_report", b"last_report", "pending", b"pending"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allowance_gpu_hours", b"_allowance_gpu_hours", "_pending", b"_pending", "allowance", b"allowance", "allowance_gpu_hours", b"allowance_gpu_hours", "cluster", b"cluster", "demand", b"demand", "funded", b"funded", "held", b"held", "last_report", b"last_report", "pending", b"pending", "reachable", b"reachable", "spent_gpu_hours", b"spent_gpu_hours", "target", b"target", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__allowance_gpu_hours: _TypeAlias = _typing.Literal["allowance_gpu_hours"]  # noqa: Y015
+    _WhichOneofArgType__allowance_gpu_hours: _TypeAlias = _typing.Literal["_allowance_gpu_hours", b"_allowance_gpu_hours"]  # noqa: Y015
+    _WhichOneofReturnType__pending: _TypeAlias = _typing.Literal["pending"]  # noqa: Y015
+    _WhichOneofArgType__pending: _TypeAlias = _typing.Literal["_pending", b"_pending"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__allowance_gpu_hours) -> _WhichOneofReturnType__allowance_gpu_hours | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__pending) -> _WhichOneofReturnType__pending | None: ...
+
+Global___ClusterAllowance: _TypeAlias = ClusterAllowance  # noqa: Y015
+
+@_typing.final
+class GlobalCap(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAP_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    LOWERING_TO_FIELD_NUMBER: _builtins.int
+    MAX_GPU_HOURS_FIELD_NUMBER: _builtins.int
+    CLUSTERS_FIELD_NUMBER: _builtins.int
+    LAST_REBALANCE_FIELD_NUMBER: _builtins.int
+    CUT_SEED_FIELD_NUMBER: _builtins.int
+    cap: _builtins.str
+    max_concurrency: _builtins.int
+    """The cap in force, and a lowered cap not yet in force (absent: none pending)."""
+    lowering_to: _builtins.int
+    max_gpu_hours: _builtins.float
+    cut_seed: _builtins.str
+    """The seed and scope of cuts for this cap, published with each rebalance (§9)."""
+    @_builtins.property
+    def clusters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClusterAllowance]: ...
+    @_builtins.property
+    def last_rebalance(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        cap: _builtins.str = ...,
+        max_concurrency: _builtins.int = ...,
+        lowering_to: _builtins.int | None = ...,
+        max_gpu_hours: _builtins.float | None = ...,
+        clusters: _abc.Iterable[Global___ClusterAllowance] | None = ...,
+        last_rebalance: _timestamp_pb2.Timestamp | None = ...,
+        cut_seed: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_lowering_to", b"_lowering_to", "_max_gpu_hours", b"_max_gpu_hours", "last_rebalance", b"last_rebalance", "lowering_to", b"lowering_to", "max_gpu_hours", b"max_gpu_hours"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_lowering_to", b"_lowering_to", "_max_gpu_hours", b"_max_gpu_hours", "cap", b"cap", "clusters", b"clusters", "cut_seed", b"cut_seed", "last_rebalance", b"last_rebalance", "lowering_to", b"lowering_to", "max_concurrency", b"max_concurrency", "max_gpu_hours", b"max_gpu_hours"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__lowering_to: _TypeAlias = _typing.Literal["lowering_to"]  # noqa: Y015
+    _WhichOneofArgType__lowering_to: _TypeAlias = _typing.Literal["_lowering_to", b"_lowering_to"]  # noqa: Y015
+    _WhichOneofReturnType__max_gpu_hours: _TypeAlias = _typing.Literal["max_gpu_hours"]  # noqa: Y015
+    _WhichOneofArgType__max_gpu_hours: _TypeAlias = _typing.Literal["_max_gpu_hours", b"_max_gpu_hours"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lowering_to) -> _WhichOneofReturnType__lowering_to | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_gpu_hours) -> _WhichOneofReturnType__max_gpu_hours | None: ...
+
+Global___GlobalCap: _TypeAlias = GlobalCap  # noqa: Y015
+
+@_typing.final
+class GlobalUsageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_FIELD_NUMBER: _builtins.int
+    CAPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def caps(self) -> _containers.RepeatedCompositeFieldContainer[Global___GlobalCap]: ...
+    def __init__(
+        self,
+        *,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        caps: _abc.Iterable[Global___GlobalCap] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "caps", b"caps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GlobalUsageResponse: _TypeAlias = GlobalUsageResponse  # noqa: Y015

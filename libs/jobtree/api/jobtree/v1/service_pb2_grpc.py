@@ -135,6 +135,11 @@ class JobtreeStub:
                 request_serializer=jobtree_dot_v1_dot_service__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=jobtree_dot_v1_dot_service__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
+        self.GlobalUsage = channel.unary_unary(
+                '/jobtree.v1.Jobtree/GlobalUsage',
+                request_serializer=jobtree_dot_v1_dot_service__pb2.GlobalUsageRequest.SerializeToString,
+                response_deserializer=jobtree_dot_v1_dot_service__pb2.GlobalUsageResponse.FromString,
+                _registered_method=True)
 
 
 class JobtreeServicer:
@@ -268,6 +273,15 @@ class JobtreeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GlobalUsage(self, request, context):
+        """Aggregate caps that span clusters (CALCULUS §9): each cap's per-cluster allowances, funded
+        use and pending demand, and the last rebalance, as the federation service knows them from
+        every cluster's ledger. UNAVAILABLE when this cluster is not joined to a federation (or cut off).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobtreeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -370,6 +384,11 @@ def add_JobtreeServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=jobtree_dot_v1_dot_service__pb2.ListNodesRequest.FromString,
                     response_serializer=jobtree_dot_v1_dot_service__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'GlobalUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GlobalUsage,
+                    request_deserializer=jobtree_dot_v1_dot_service__pb2.GlobalUsageRequest.FromString,
+                    response_serializer=jobtree_dot_v1_dot_service__pb2.GlobalUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -912,6 +931,33 @@ class Jobtree:
             '/jobtree.v1.Jobtree/ListNodes',
             jobtree_dot_v1_dot_service__pb2.ListNodesRequest.SerializeToString,
             jobtree_dot_v1_dot_service__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GlobalUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtree.v1.Jobtree/GlobalUsage',
+            jobtree_dot_v1_dot_service__pb2.GlobalUsageRequest.SerializeToString,
+            jobtree_dot_v1_dot_service__pb2.GlobalUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

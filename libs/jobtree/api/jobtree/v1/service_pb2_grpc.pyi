@@ -67,6 +67,11 @@ class JobtreeStub:
     ListLeases: _grpc.UnaryUnaryMultiCallable[_service_pb2.ListLeasesRequest, _service_pb2.ListLeasesResponse]
     ListReservations: _grpc.UnaryUnaryMultiCallable[_service_pb2.ListReservationsRequest, _service_pb2.ListReservationsResponse]
     ListNodes: _grpc.UnaryUnaryMultiCallable[_service_pb2.ListNodesRequest, _service_pb2.ListNodesResponse]
+    GlobalUsage: _grpc.UnaryUnaryMultiCallable[_service_pb2.GlobalUsageRequest, _service_pb2.GlobalUsageResponse]
+    """Aggregate caps that span clusters (CALCULUS §9): each cap's per-cluster allowances, funded
+    use and pending demand, and the last rebalance, as the federation service knows them from
+    every cluster's ledger. UNAVAILABLE when this cluster is not joined to a federation (or cut off).
+    """
 
 @_typing.type_check_only
 class JobtreeAsyncStub(JobtreeStub):
@@ -100,6 +105,11 @@ class JobtreeAsyncStub(JobtreeStub):
     ListLeases: _aio.UnaryUnaryMultiCallable[_service_pb2.ListLeasesRequest, _service_pb2.ListLeasesResponse]  # type: ignore[assignment]
     ListReservations: _aio.UnaryUnaryMultiCallable[_service_pb2.ListReservationsRequest, _service_pb2.ListReservationsResponse]  # type: ignore[assignment]
     ListNodes: _aio.UnaryUnaryMultiCallable[_service_pb2.ListNodesRequest, _service_pb2.ListNodesResponse]  # type: ignore[assignment]
+    GlobalUsage: _aio.UnaryUnaryMultiCallable[_service_pb2.GlobalUsageRequest, _service_pb2.GlobalUsageResponse]  # type: ignore[assignment]
+    """Aggregate caps that span clusters (CALCULUS §9): each cap's per-cluster allowances, funded
+    use and pending demand, and the last rebalance, as the federation service knows them from
+    every cluster's ledger. UNAVAILABLE when this cluster is not joined to a federation (or cut off).
+    """
 
 class JobtreeServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -250,5 +260,16 @@ class JobtreeServicer(metaclass=_abc_1.ABCMeta):
         request: _service_pb2.ListNodesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_service_pb2.ListNodesResponse, _abc.Awaitable[_service_pb2.ListNodesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GlobalUsage(
+        self,
+        request: _service_pb2.GlobalUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_service_pb2.GlobalUsageResponse, _abc.Awaitable[_service_pb2.GlobalUsageResponse]]:
+        """Aggregate caps that span clusters (CALCULUS §9): each cap's per-cluster allowances, funded
+        use and pending demand, and the last rebalance, as the federation service knows them from
+        every cluster's ledger. UNAVAILABLE when this cluster is not joined to a federation (or cut off).
+        """
 
 def add_JobtreeServicer_to_server(servicer: JobtreeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

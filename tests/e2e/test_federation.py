@@ -1,0 +1,42 @@
+"""Federation over real nats-servers (CALCULUS §9): two clusters, each its own NATS system and
+services, joined to a hub as leaf nodes through TCP proxies; the federation service moves a
+cap's allowances as demand moves, in demarcation order."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fedworld import World, capped_budget, funded_series, merged_peaks, run, until
+
+CAP = ("vision", "all")
+KEY = "vision/all"
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    w = World.start(tmp_path, ["a", "b"], [{"cap": KEY, "maxConcurrency": 16}],
+                    allowances={"a": {KEY: 8}, "b": {KEY: 8}})
+    try:
+        for c in ("a", "b"):
+            w.send(c, [capped_budget(c, "vision", "org:vision", "all", 32, 16)])
+        yield w
+    finally:
+        w.stop()
+
+
+def test_allowance_follows_demand(world: World) -> None:
+    until("the federation books the cap", lambda: any(c.cap == KEY and c.clusters[0].version >= 0 and c.last_rebalance.seconds >= 0
+                                                      for c in world.usage().caps), world=world)
+    world.send("a", [run("big", "org:vision", 16)])
+    until("a's allowance rises to its demand", lambda: world.allowance("a", KEY) == 16, world=world)
+    assert world.allowance("b", KEY) == 0
+
+    def seen_from_a() -> list[tuple[str, int, int]]:
+        return [(c.cluster, c.allowance, c.funded) for c in world.usage("a").caps[0].clusters]
+
+    until("GlobalUsage, asked from cluster a, shows the move", lambda: seen_from_a() == [("a", 16, 16), ("b", 0, 0)],
+          world=world)
+    series = {c: funded_series(world.records(c), c, CAP, {KEY: 8}) for c in ("a", "b")}
+    assert all(total <= 16 for _, total, _ in merged_peaks(series)), merged_peaks(series)
