@@ -37,6 +37,7 @@ from jobtree.bus.security import Secrets
 from jobtree.bus.supervisor import Supervisor
 from jobtree.core import facts as F
 from jobtree.core.engine import Cluster
+from jobtree.core.invariants import check_all
 from jobtree.core.model import ClusterConfig, Node, labels_of
 
 FLAVOR = "H100-80GB"
@@ -342,6 +343,7 @@ def funded_series(records: Sequence[Record], cluster: str, cap: tuple[str, str],
     out = []
     for r in records:
         apply_batch(cl, r.batch)
+        check_all(cl)  # §10 in this cluster: nothing funded above its allowance or any other bound
         out.append((cl.now, cl.funding.used_now(("cap", *cap)), cl.allowances.get(key)))
     return out
 

@@ -4,11 +4,14 @@ cap's allowances as demand moves, in demarcation order."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fedworld import World, capped_budget, funded_series, merged_peaks, run, until
+
+from jobtree.core import facts as F
 
 CAP = ("vision", "all")
 KEY = "vision/all"
@@ -40,3 +43,23 @@ def test_allowance_follows_demand(world: World) -> None:
           world=world)
     series = {c: funded_series(world.records(c), c, CAP, {KEY: 8}) for c in ("a", "b")}
     assert all(total <= 16 for _, total, _ in merged_peaks(series)), merged_peaks(series)
+
+
+def test_a_cut_off_cluster_keeps_its_allowance_and_keeps_admitting(world: World) -> None:
+    until("the cap is booked", lambda: all(c.reachable for c in world.usage().caps[0].clusters), world=world)
+    world.cut("b")
+    until("the federation sees b cut off", lambda: not world.usage().caps[0].clusters[1].reachable, world=world)
+    world.send("a", [run("wide", "org:vision", 16)])
+    time.sleep(3)  # rounds pass: b's 8 stay counted, so a cannot get more than 8
+    assert world.allowance("a", KEY) == 8 and world.allowance("b", KEY) == 8
+    world.send("b", [run("local", "org:vision", 8), run("over", "org:vision", 8)])  # b decides alone
+    caps = {u.cap: u for u in world.caps("b").caps}
+    assert (caps[KEY].funded, caps[KEY].demand) == (8, 16), "b admits within its allowance; the rest runs unfunded"
+    world.heal("b")
+    until("allowances converge to demand after healing",
+          lambda: (world.allowance("a", KEY), world.allowance("b", KEY)) == (8, 8) and not any(
+              c.HasField("pending") for c in world.usage().caps[0].clusters), world=world)
+    world.send("b", [F.DeleteRun("default/over"), F.DeleteRun("default/local")])
+    until("b's demand gone, a gets the cap", lambda: world.allowance("a", KEY) == 16, world=world)
+    series = {c: funded_series(world.records(c), c, CAP, {KEY: 8}) for c in ("a", "b")}
+    assert all(total <= 16 for _, total, _ in merged_peaks(series))

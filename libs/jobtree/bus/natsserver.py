@@ -165,7 +165,7 @@ class LeafRemote:
     seed: str | None = None
 
     def config(self) -> dict[str, object]:
-        return {"url": self.url, **({"nkey": self.seed} if self.seed else {})}
+        return {"url": self.url, "ignore_discovered_servers": True, **({"nkey": self.seed} if self.seed else {})}
 
 
 @dataclass
@@ -252,6 +252,7 @@ class NatsServer:
             leaf: dict[str, object] = {}
             if self.leaf_port is not None:
                 leaf["listen"] = f"{self.host}:{self.leaf_port}"
+                leaf["no_advertise"] = True  # leaves reconnect only to the URL they were given
             if self.leaf_remotes:
                 leaf["remotes"] = [r.config() for r in self.leaf_remotes]
                 leaf["reconnect"] = "1s"
