@@ -18,6 +18,7 @@ from jobtree.api.events import KINDS
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.api.jobtree.v1 import objects_pb2 as pb
 from jobtree.api.jobtree.v1 import service_pb2 as api
+from jobtree.bus import subjects
 from jobtree.bus.eventstream import EventStream
 from jobtree.core import views
 from jobtree.core.engine import Cluster
@@ -235,6 +236,13 @@ class Reads(GatewayBase):
 
     async def Usage(self, request: api.UsageRequest, context: Context) -> api.UsageResponse:
         return await self._guard(context, lambda: self._forward("budget", "usage", request, api.UsageResponse, context))
+
+    async def GlobalUsage(self, request: api.GlobalUsageRequest, context: Context) -> api.GlobalUsageResponse:
+        """Forwarded to the federation service over the cluster's leaf connection to its hub."""
+        subject = subjects.request(self.ctx.cluster, "federation", "usage")
+        what = f"the federation service (on the hub cluster {self.ctx.cluster} joins as a leaf node)"
+        return await self._guard(context, lambda: self._ask(subject, request, api.GlobalUsageResponse, what, context,
+                                                            self.forward_timeout))
 
     async def ListSponsors(self, request: api.ListSponsorsRequest, context: Context) -> api.ListSponsorsResponse:
         return await self._guard(

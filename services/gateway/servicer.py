@@ -25,7 +25,8 @@ Contract:
   WatchRuns streams the matching runs (ADDED), then ADDED/MODIFIED/DELETED as the follower
   applies batches; `after_ledger_sequence` resumes with the current state of every run that
   changed after that sequence (intermediate states are coalesced).
-- Usage and ListSponsors are forwarded to the budget service, ListNodes and PlanRun to the
+- Usage and ListSponsors are forwarded to the budget service, GlobalUsage to the federation
+  (on its hub, over the cluster's leaf connection; UNAVAILABLE when none answers), ListNodes and PlanRun to the
   packer (request/reply over NATS with the same messages; a reply typed `jobtree.v1.Error`
   maps like a command error); no responder is UNAVAILABLE naming the service. ListBudgets is
   read from the follower (the ledger carries every applied budget).

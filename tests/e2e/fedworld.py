@@ -138,7 +138,9 @@ class World:
 
     @staticmethod
     def start(tmp: Path, clusters: Sequence[str], caps: list[dict[str, Any]], *,
-              allowances: dict[str, dict[str, int]], nodes_per_cluster: int = 4, every: str = "1s") -> World:
+              allowances: dict[str, dict[str, int]], nodes_per_cluster: int = 4, every: str = "1s",
+              gateways: Sequence[str] = ()) -> World:
+        """... `gateways`: clusters that also run a gateway (plain loopback gRPC)."""
         secrets = Secrets.load_or_create(tmp / "hub-secrets.json", HUB, hub_user_names(clusters))
         hub = NatsServer(tmp / "hub", name="hub", domain="hub", leaf_port=-1, users=hub_users(clusters, secrets)).start()
         members: dict[str, Member] = {}
@@ -159,13 +161,22 @@ class World:
                 setup_cluster(server.url, c)
                 for name in SERVICES:
                     sup.start(name, args=("--config", str(config_path)))
-                wait_healthy(server.url, c, SERVICES)
+                if c in gateways:
+                    sup.start("gateway", env={"JOBTREE_GRPC_INSECURE": "1"},
+                              args=("--config", str(config_path), "--grpc-port", "0"))
+                wait_healthy(server.url, c, (*SERVICES, *(("gateway",) if c in gateways else ())))
                 world.send(c, [F.AddNode(n) for n in nodes(c, nodes_per_cluster)])
             world.start_federation()
         except BaseException:
             world.stop()
             raise
         return world
+
+    def grpc_address(self, cluster: str) -> str:
+        from test_gateway import wait_for_port
+
+        m = self.members[cluster]
+        return f"127.0.0.1:{wait_for_port(m.sup.data_dir, m.sup)}"
 
     def start_federation(self) -> None:
         self.fed_sup.start(FEDERATION, env=self.secrets.env(FEDERATION), args=("--config", str(self.fed_config)))

@@ -4,9 +4,11 @@ cap's allowances as demand moves, in demarcation order."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from fedworld import World, capped_budget, funded_series, merged_peaks, run, until
@@ -17,10 +19,10 @@ CAP = ("vision", "all")
 KEY = "vision/all"
 
 
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
+@pytest.fixture(params=[()])
+def world(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[World]:
     w = World.start(tmp_path, ["a", "b"], [{"cap": KEY, "maxConcurrency": 16}],
-                    allowances={"a": {KEY: 8}, "b": {KEY: 8}})
+                    allowances={"a": {KEY: 8}, "b": {KEY: 8}}, gateways=request.param)
     try:
         for c in ("a", "b"):
             w.send(c, [capped_budget(c, "vision", "org:vision", "all", 32, 16)])
@@ -63,3 +65,32 @@ def test_a_cut_off_cluster_keeps_its_allowance_and_keeps_admitting(world: World)
     until("b's demand gone, a gets the cap", lambda: world.allowance("a", KEY) == 16, world=world)
     series = {c: funded_series(world.records(c), c, CAP, {KEY: 8}) for c in ("a", "b")}
     assert all(total <= 16 for _, total, _ in merged_peaks(series))
+
+
+@pytest.mark.parametrize("world", [("a",)], indirect=True)
+def test_kubectl_runs_global_usage_through_a_clusters_gateway(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    from jobtree.cli.runs import main as runs
+
+    server = ["--server", world.grpc_address("a")]
+    world.send("b", [run("there", "org:vision", 12)])
+    # b wants 12 of 16: it gets them, and the 4 nobody claims are shared evenly
+    until("b's allowance follows its demand", lambda: world.allowance("b", KEY) == 14, world=world)
+
+    def shown() -> dict[str, Any]:
+        capsys.readouterr()
+        assert runs(["global", "usage", "-o", "json", *server]) == 0
+        return cast(dict[str, Any], json.loads(capsys.readouterr().out))
+
+    until("kubectl runs global usage shows the move", lambda: [
+        (c["cluster"], c["allowance"], c.get("funded", 0), c.get("demand", 0), c["reachable"])
+        for c in shown()["caps"][0]["clusters"]] == [("a", 2, 0, 0, True), ("b", 14, 12, 12, True)], world=world)
+    assert runs(["global", "usage", *server]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("vision/all: cap 16 GPUs; last rebalance "), text
+    assert text.splitlines()[1].split()[:6] == ["CLUSTER", "ALLOWANCE", "HELD", "PENDING", "TARGET", "FUNDED"]
+    assert runs(["global", "usage", "--cap", "nosuch/cap", "-o", "json", *server]) == 0
+    assert "caps" not in json.loads(capsys.readouterr().out)
+    world.kill_federation()
+    assert runs(["global", "usage", "--timeout", "2", *server]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("kubectl-runs: UNAVAILABLE: the federation service (on the hub cluster a joins"), err

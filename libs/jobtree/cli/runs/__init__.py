@@ -2,7 +2,7 @@
 
 Contract: `main(argv) -> int`.
 - Commands: `submit -f FILE` (Runs and Budgets, YAML or JSON, several documents), `plan -f FILE`,
-  `get [NAME]`, `watch [NAME...]`, `explain NAME`, `budgets usage|list`, `sponsors list|add`,
+  `get [NAME]`, `watch [NAME...]`, `explain NAME`, `budgets usage|list`, `sponsors list|add`, `global usage [--cap B/C]`,
   `shrink NAME --to N`, `leases [NAME]`, `pods NAME`, `complete NAME`, `fail NAME`,
   `delete NAME`, `completions bash|zsh|fish`. Global options, accepted before or after the
   command: `-n/--namespace` (default `default`), `--server HOST:PORT` (default

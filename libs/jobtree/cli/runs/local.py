@@ -454,6 +454,9 @@ def run_local(args: argparse.Namespace, opts: Options, out: TextIO) -> int:
         return local_explain(st, _run_key(args.name, opts.namespace), out)
     if cmd == "budgets":
         return local_budgets(st, args, out)
+    if cmd == "global":
+        raise RunsError("global usage: the simulator plays one cluster; ask a gateway whose cluster is joined "
+                        "to a federation (without --local)")
     if cmd == "sponsors":
         return local_sponsors(st, args, opts.namespace, out)
     if cmd in ("leases", "pods"):

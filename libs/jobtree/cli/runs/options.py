@@ -74,6 +74,7 @@ COMMANDS: dict[str, str] = {
     "explain": "why a run is where it is",
     "budgets": "budgets and their usage",
     "sponsors": "owners that may lend to an owner; add a sponsor to a run",
+    "global": "aggregate caps across clusters: each cluster's allowance, funded use and demand (federation)",
     "shrink": "set the desired width of an elastic run",
     "leases": "GPU leases (open ones; --all for the closed too)",
     "events": "what happened: run, budget and node events (-w to follow)",
@@ -129,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = bsub.add_parser("list", help="the budgets as applied")
     _global_options(b)
     b.add_argument("--owner")
+    p = command("global")
+    gsub = p.add_subparsers(dest="global_command", metavar="WHAT", required=True, parser_class=_Parser)
+    g_usage = gsub.add_parser("usage", help="per cap: allowances, held values and targets, funded use, demand, "
+                                            "reachability and the last rebalance, per cluster")
+    _global_options(g_usage)
+    g_usage.add_argument("--cap", metavar="BUDGET/CAP", help="only this aggregate cap")
     p = command("sponsors")
     ssub = p.add_subparsers(dest="sponsors_command", metavar="WHAT", required=True, parser_class=_Parser)
     s_list = ssub.add_parser("list", help="envelopes outside OWNER's family that lend to OWNER")

@@ -164,6 +164,34 @@ def _usage_table(envelopes: Sequence[Json], unfunded: Mapping[str, float]) -> st
     return text
 
 
+def global_usage_text(resp: Any) -> str:
+    """`global usage` as text: a line per cap (the cap in force, a lower pending, the last
+    rebalance and the cut seed), then a row per cluster."""
+    from jobtree.core.timefmt import format_time
+
+    if not resp.caps:
+        return "no aggregate caps span clusters"
+    parts = []
+    for cap in resp.caps:
+        head = f"{cap.cap}: cap {cap.max_concurrency} GPUs"
+        if cap.HasField("lowering_to"):
+            head += f" (lowering to {cap.lowering_to})"
+        if cap.HasField("max_gpu_hours"):
+            head += f", {cap.max_gpu_hours:g} GPU-hours"
+        head += (f"; last rebalance {format_time(cap.last_rebalance.seconds)}, cut seed {cap.cut_seed}"
+                 if cap.last_rebalance.seconds else "; not rebalanced yet")
+        rows = [[c.cluster, c.allowance, c.held, c.pending if c.HasField("pending") else None, c.target, c.funded,
+                 c.demand, round(c.spent_gpu_hours, 3),
+                 c.allowance_gpu_hours if c.HasField("allowance_gpu_hours") else None,
+                 "yes" if c.reachable else "no",
+                 format_time(c.last_report.seconds) if c.last_report.seconds else None] for c in cap.clusters]
+        parts.append(head + "\n" + _table(
+            ["CLUSTER", "ALLOWANCE", "HELD", "PENDING", "TARGET", "FUNDED", "DEMAND", "GPU-HOURS", "ALLOWED GPU-HOURS",
+             "REACHABLE", "LAST REPORT"], rows,
+            [False, True, True, True, True, True, True, True, True, False, False]))
+    return "\n\n".join(parts)
+
+
 def _plan_text(plan: Json) -> str:
     lines = [f"{plan['run']}: fits now: {_cell(plan['fitsNow'])}"]
     if plan.get("earliestStart"):

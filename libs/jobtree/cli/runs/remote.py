@@ -39,6 +39,7 @@ from jobtree.cli.runs.output import (
     _split_key,
     _table,
     _to_dict,
+    global_usage_text,
     kinds_of,
     pods_of,
     print_burn,
@@ -377,6 +378,17 @@ def remote_budgets(r: Remote, args: argparse.Namespace, out: TextIO) -> int:
 
 
 
+def remote_global(r: Remote, args: argparse.Namespace, out: TextIO) -> int:
+    from jobtree.api.jobtree.v1 import service_pb2 as api
+
+    resp = r.call("GlobalUsage", api.GlobalUsageRequest(cap=args.cap or ""))
+    if r.opts.output == "json":
+        _dump(_to_dict(resp), out)
+    else:
+        out.write(global_usage_text(resp) + "\n")
+    return EXIT_OK
+
+
 def remote_sponsors(r: Remote, args: argparse.Namespace, out: TextIO) -> int:
     from jobtree.api.jobtree.v1 import service_pb2 as api
 
@@ -464,6 +476,8 @@ def run_remote(args: argparse.Namespace, opts: Options, out: TextIO) -> int:
             return remote_budgets(r, args, out)
         if cmd == "sponsors":
             return remote_sponsors(r, args, out)
+        if cmd == "global":
+            return remote_global(r, args, out)
         if cmd == "leases":
             rows = remote_leases(r, args.name, args.all, out)
             if opts.output == "table":
