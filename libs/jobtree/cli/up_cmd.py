@@ -133,6 +133,13 @@ def add_up_parser(subparsers: Any) -> None:
                    help="with --kubeconfig: seconds a node may be NotReady before it is fenced (default 40)")
     p.add_argument("--pod-grace", metavar="S", type=int, default=30,
                    help="with --kubeconfig: seconds a workload pod gets to stop when its lease closes (default 30)")
+    p.add_argument("--clusters", metavar="A,B[,C]",
+                   help="a federation: one nats-server and every service per cluster, joined as leaf nodes to a "
+                        "hub that runs the federation service, with a demo cap spanning the clusters "
+                        "(docs/operator-guide/federation.md)")
+    p.add_argument("--join", metavar="URL", help=argparse.SUPPRESS)
+    """Join a federation hub as a leaf node (the leaf user's nkey seed in $JOBTREE_LEAF_NKEY_SEED):
+    how `up --clusters` starts each cluster."""
     p.set_defaults(handler=cmd_up)
 
 
@@ -300,6 +307,8 @@ class Options:
     config_args: tuple[str, ...] = ()
     notify: Path | None = None
     dashboard_port: int = DEFAULT_DASHBOARD_PORT
+    join: str | None = None
+    """A federation hub's leaf URL this cluster's nats-server joins (`up --clusters`)."""
     trust: Any = None
     """`up_trust.Trust`: the gateway's TLS, policy and admin token (or --insecure)."""
 
@@ -322,6 +331,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     from jobtree.bus import subjects
     from jobtree.bus.security import SERVICES
 
+    if args.clusters is not None:
+        from jobtree.cli.up_federation import cmd_up_clusters
+
+        return cmd_up_clusters(args)
     try:
         subjects.check_cluster(args.cluster)
     except ValueError as e:
@@ -384,7 +397,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                    args.metrics_port_base, kubeconfig=kubeconfig,
                    bridge_args=("--kubeconfig", str(kubeconfig), "--node-grace", f"{args.node_grace:g}",
                                 "--pod-grace", str(args.pod_grace)) if kubeconfig else (),
-                   config_args=config_args, notify=notify, dashboard_port=board, trust=trust)
+                   config_args=config_args, notify=notify, dashboard_port=board, join=args.join, trust=trust)
     with data_dir_lock(data_dir):
         try:
             return asyncio.run(_up(opts))
@@ -415,6 +428,11 @@ async def _up(opts: Options) -> int:
         raise UpError(f"{e}; pass the cluster it was made for, or another --data-dir") from None
     server = NatsServer(opts.data_dir / "nats", users=server_users(opts.cluster, secrets),
                         port=_kept_nats_port(opts.data_dir / "nats"))
+    if opts.join:  # a member of a federation: its own JetStream domain, a leaf of the hub
+        from jobtree.bus.natsserver import LeafRemote
+
+        server.name, server.domain = f"jobtree-{opts.cluster}", opts.cluster
+        server.leaf_remotes = (LeafRemote(opts.join, os.environ.get(LEAF_SEED_ENV) or None),)
     supervisor: Supervisor | None = None
     nc: Any = None
     state_path = opts.data_dir / "up.json"
@@ -518,6 +536,8 @@ async def _up(opts: Options) -> int:
             _say("jobtree up: stopped")
 
 
+LEAF_SEED_ENV = "JOBTREE_LEAF_NKEY_SEED"
+"""The nkey seed of the hub's leaf user a `--join`ing cluster authenticates as (never on argv)."""
 SUPERVISE_EVERY = 0.1
 """Seconds between looks at the processes `up` supervises."""
 NATS = "nats-server"
@@ -737,8 +757,9 @@ async def _poll(sp: Any, name: str, ok: Any, what: str, deadline: float) -> None
         await asyncio.sleep(0.1)
 
 
-async def _load_demo(nc: Any, cluster: str) -> None:
-    """Send the demo's commands to admission, one decision each, in order."""
+async def _load_demo(nc: Any, cluster: str, commands: list[tuple[str, Any]] | None = None) -> None:
+    """Send the demo's commands (or `commands`: (command id, core command)) to admission, one
+    decision each, in order."""
     import nats.errors
 
     from jobtree.api import convert
@@ -747,7 +768,7 @@ async def _load_demo(nc: Any, cluster: str) -> None:
 
     subject = subjects.request(cluster, "admission", "command")
     now = int(time.time())
-    for command_id, cmd in demo_commands(cluster):
+    for command_id, cmd in demo_commands(cluster) if commands is None else commands:
         msg = convert.command_to_proto(cmd, command_id=command_id, instant=now)
         msg.identity = "service:jobtree-up"
         deadline = time.monotonic() + READY_TIMEOUT
