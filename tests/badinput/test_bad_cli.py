@@ -58,8 +58,11 @@ CASES = [
          '--local needs --state FILE (a scenario file to play and append to)'),
     Case("unknown-command", ("launch",), "",
          "argument COMMAND: invalid choice: 'launch' (choose from 'submit', 'plan', 'get', 'watch', "
-         "'explain', 'budgets', 'sponsors', 'shrink', 'leases', 'top', 'events', 'pods', 'complete', "
+         "'explain', 'budgets', 'global', 'sponsors', 'shrink', 'leases', 'top', 'events', 'pods', 'complete', "
          "'fail', 'delete', 'completions') (see `kubectl-runs --help`)"),
+    Case("global-usage-local", ("global", "usage", "--local", "--state", "FILE"), "",
+         "global usage: the simulator plays one cluster; ask a gateway whose cluster is joined to a federation "
+         "(without --local)"),
     Case("certificate-without-key", ("get", "--client-certificate", "FILE"), "-----BEGIN CERTIFICATE-----\n",
          '--client-certificate and --client-key go together (a certificate needs its key)'),
     Case("config-unknown-key", ("get", "--config", "FILE"), "server: 127.0.0.1:1\ncolour: red\n",

@@ -428,6 +428,9 @@ def local_events(st: LocalState, args: argparse.Namespace, out: TextIO) -> int:
 def run_local(args: argparse.Namespace, opts: Options, out: TextIO) -> int:
     assert opts.state is not None
     cmd = args.command
+    if cmd == "global":
+        raise RunsError("global usage: the simulator plays one cluster; ask a gateway whose cluster is joined "
+                        "to a federation (without --local)")
     if cmd in ("submit", "plan"):
         manifests = read_manifests(args.filename, opts.namespace, ("Run", "Budget") if cmd == "submit" else ("Run",))
         st = LocalState(opts.state, opts.at, opts.output)
@@ -454,9 +457,7 @@ def run_local(args: argparse.Namespace, opts: Options, out: TextIO) -> int:
         return local_explain(st, _run_key(args.name, opts.namespace), out)
     if cmd == "budgets":
         return local_budgets(st, args, out)
-    if cmd == "global":
-        raise RunsError("global usage: the simulator plays one cluster; ask a gateway whose cluster is joined "
-                        "to a federation (without --local)")
+
     if cmd == "sponsors":
         return local_sponsors(st, args, opts.namespace, out)
     if cmd in ("leases", "pods"):
