@@ -18,8 +18,10 @@ nodes), under the cluster name `fed` for its own subjects and KV bucket, with th
 4. stores the book in the KV bucket `jobtree_fed_grants` (key: the cap) and only then sends
    each grant to `jobtree.<c>.admission.command` as a `SetAllowance` command (command id
    `federation:<cap>:<cluster>:<version>`, so a resend is decided once), resending every
-   unconfirmed grant each round until a report confirms it. Admission commits it as an
-   `allowance_set` ledger entry: every allowance change is audited with the leases it governs.
+   unconfirmed grant each round. Admission commits it as an `allowance_set` ledger entry (every
+   allowance change is audited with the leases it governs); its answer that the grant is
+   committed (or already in force) confirms it, as does a later report; the raises that
+   confirmed lowers make room for are then granted in the same round.
 It answers `jobtree.<c>.federation.usage` for every member cluster `c` (service.GlobalUsageRequest
 -> service.GlobalUsageResponse: each cap's allowances, held values, targets, funded use, demand,
 reachability, the last rebalance and the cut seed), so a cluster's gateway asks under its own name.
@@ -137,7 +139,29 @@ class Federation:
         sends: list[Grant] = []
         for cap in self.config.caps:
             sends += await self.cap_round(cap)
-        await asyncio.gather(*(self.send(g) for g in sends))
+        confirmed = await asyncio.gather(*(self.send(g) for g in sends))
+        if any(g.version and ok for g, ok in zip(sends, confirmed, strict=True)):
+            # lowers just committed free room: grant the raises now, not a round later
+            more: list[Grant] = []
+            for cap in self.config.caps:
+                more += await self.replan(cap)
+            await asyncio.gather(*(self.send(g) for g in more))
+
+    async def replan(self, cap: Cap) -> list[Grant]:
+        """The grants toward the goal of this round, after confirmations from admission replies."""
+        book = self.books.get(cap.name)
+        if book is None or not book.goal:
+            return []
+        grants = book.plan(book.goal)
+        if not grants:
+            return []
+        book.last_rebalance = self.ctx.clock.now() or 0
+        try:
+            await self.save(book)
+        except Exception as exc:
+            self.ctx.log.warning("book not stored; grants held back", extra={"fields": {"error": repr(exc)}})
+            return []
+        return grants
 
     async def cap_round(self, cap: Cap) -> list[Grant]:
         book = self.books.get(cap.name)
@@ -188,7 +212,11 @@ class Federation:
             goal_h = targets(hours, {c: spent[c] + max(1, demand[c]) * hours for c in demand}, spent)
         return {c: (goal_g[c], goal_h[c]) for c in demand}
 
-    async def send(self, grant: Grant) -> None:
+    async def send(self, grant: Grant) -> bool:
+        """Send a grant; True once admission answered that it is committed (or already in force:
+        a repeat of a decided command id, or an older version). Such an answer confirms it: the
+        cluster's ledger holds this version or a newer one, and any newer one is still counted
+        as sent, so `held` can only stay above what the cluster may use."""
         cmd = facts.SetAllowance(grant.cap, grant.gpus, grant.version,
                                  None if grant.milli_hours is None else grant.milli_hours / MILLI)
         msg = convert.command_to_proto(cmd, command_id=f"federation:{grant.cap}:{grant.cluster}:{grant.version}")
@@ -197,20 +225,24 @@ class Federation:
         try:
             raw = await self.ctx.nc.request(subject, codec.encode(msg), timeout=ASK_TIMEOUT, headers=codec.headers(msg))
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError):
-            return  # resent next round
+            return False  # resent next round
         try:
             reply = codec.decode(raw.data, bus.CommandReply)
         except codec.CodecError as exc:
             self.ctx.log.warning("grant answered garbage", extra={"fields": {"cluster": grant.cluster, "error": str(exc)}})
-            return
+            return False
         if reply.error.code != bus.ERROR_CODE_UNSPECIFIED:
             self.ctx.log.warning("grant refused", extra={"fields": {
                 "cluster": grant.cluster, "cap": grant.cap, "version": grant.version,
                 "code": bus.ErrorCode.Name(reply.error.code), "problem": reply.error.problem}})
-            return
+            return False
+        book = self.books.get(grant.cap)
+        if book is not None:
+            book.confirm(grant.cluster, grant.version, grant.gpus, grant.milli_hours)
         self.ctx.log.info("grant committed", extra={"fields": {
             "cluster": grant.cluster, "cap": grant.cap, "version": grant.version, "gpus": grant.gpus,
             "ledger_sequence": reply.ledger_sequence}})
+        return True
 
     # -- the global view -------------------------------------------------------------------
 
