@@ -94,3 +94,30 @@ def test_kubectl_runs_global_usage_through_a_clusters_gateway(world: World, caps
     assert runs(["global", "usage", "--timeout", "2", *server]) == 1
     err = capsys.readouterr().err
     assert err.startswith("kubectl-runs: UNAVAILABLE: the federation service (on the hub cluster a joins"), err
+
+
+def test_gpu_hours_are_divided_by_demand_and_never_sum_above_the_cap(tmp_path: Path) -> None:
+    world = World.start(tmp_path, ["a", "b"], [{"cap": KEY, "maxConcurrency": 16, "maxGPUHours": 100}],
+                        allowances={"a": {KEY: 8}, "b": {KEY: 8}})
+    try:
+        for c in ("a", "b"):
+            world.send(c, [capped_budget(c, "vision", "org:vision", "all", 32, 16, hours=100)])
+
+        def hours() -> dict[str, float]:
+            return {u.cluster: next(x.allowance_gpu_hours for x in world.caps(u.cluster).caps if x.cap == KEY)
+                    for u in world.usage().caps[0].clusters}
+
+        until("both clusters hold a GPU-hour allowance", lambda: all(h > 0 for h in hours().values()), world=world)
+        assert sum(hours().values()) <= 100
+        world.send("a", [run("big", "org:vision", 12)])
+        until("a's share of the GPU-hours follows its demand",
+              lambda: hours()["a"] > 90 and world.allowance("a", KEY) == 14, world=world)
+        assert sum(hours().values()) <= 100
+        rows = world.usage().caps[0]
+        assert rows.max_gpu_hours == 100
+        assert all(c.HasField("allowance_gpu_hours") for c in rows.clusters)
+        entries = [e.allowance_set for r in world.records("a") for e in r.batch.entries
+                   if e.WhichOneof("fact") == "allowance_set"]
+        assert entries and all(e.HasField("gpu_hours") for e in entries), "every grant carries both bounds"
+    finally:
+        world.stop()
