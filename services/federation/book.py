@@ -84,8 +84,8 @@ class Book:
         """A cluster's ledger holds `version` with these values (stale reports change nothing)."""
         from jobtree.core.allowances import Confirmation
 
-        if cluster not in self.gpus.clusters:
-            return
+        if cluster not in self.gpus.clusters or version >= self.gpus.next_version[cluster]:
+            return  # not a member, or a version never granted: nothing this book can vouch for
         self.gpus.confirmed(Confirmation(self.cap, cluster, version, gpus))
         if self.hours is not None:
             value = self.hours.clusters[cluster] if milli_hours is None else milli_hours

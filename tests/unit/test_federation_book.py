@@ -65,4 +65,5 @@ def test_stale_and_repeated_confirmations_change_nothing() -> None:
     book.confirm("a", 1, 4, None)
     book.confirm("a", 0, 8, None)
     book.confirm("nosuch", 5, 99, None)
-    assert book.gpus.clusters == {"a": 4, "b": 8}
+    book.confirm("b", 7, 0, None)
+    assert book.gpus.clusters == {"a": 4, "b": 8}, "a version never granted confirms nothing"
