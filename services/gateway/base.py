@@ -341,11 +341,12 @@ class GatewayBase(api_grpc.JobtreeServicer):
         return asyncio.get_running_loop().time() + timeout
 
     async def _ask(self, subject: str, payload: Message, reply_cls: type[M], what: str,
-                   context: Context, timeout: float) -> M:
+                   context: Context, timeout: float, *, absent: str | None = None) -> M:
         """Request/reply over NATS until the deadline: re-sent while nobody answers, and after
         RESEND_AFTER seconds without an answer (the same bytes, so the same command id: a
         request that reached a leader as it died is answered by its successor; admission
-        decides a command id once)."""
+        decides a command id once). With `absent`, nobody subscribed is answered at once:
+        UNAVAILABLE with that problem (a service that may not exist here at all)."""
         loop = asyncio.get_running_loop()
         deadline = self._deadline(context, timeout)
         data, headers = codec.encode(payload), codec.headers(payload)
@@ -362,6 +363,8 @@ class GatewayBase(api_grpc.JobtreeServicer):
             try:
                 msg = await self.ctx.nc.request(subject, data, timeout=min(remaining, RESEND_AFTER), headers=headers)
             except nats.errors.NoRespondersError:
+                if absent is not None:
+                    raise _Abort(grpc.StatusCode.UNAVAILABLE, absent) from None
                 problem = f"{what} is not running (nobody answers {subject})"
                 await asyncio.sleep(min(0.1, max(0.0, deadline - loop.time())))
                 continue

@@ -241,8 +241,10 @@ class Reads(GatewayBase):
         """Forwarded to the federation service over the cluster's leaf connection to its hub."""
         subject = subjects.request(self.ctx.cluster, "federation", "usage")
         what = f"the federation service (on the hub cluster {self.ctx.cluster} joins as a leaf node)"
+        absent = (f"no federation answers for cluster {self.ctx.cluster}: it is not joined to a federation hub "
+                  "(docs/operator-guide/federation.md)")
         return await self._guard(context, lambda: self._ask(subject, request, api.GlobalUsageResponse, what, context,
-                                                            self.forward_timeout))
+                                                            self.forward_timeout, absent=absent))
 
     async def ListSponsors(self, request: api.ListSponsorsRequest, context: Context) -> api.ListSponsorsResponse:
         return await self._guard(

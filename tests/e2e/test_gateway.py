@@ -589,3 +589,11 @@ def test_reservation_listed_and_explained(nats_server: NatsServer, tmp_path: Pat
     finally:
         statuses = virtual.stop()
     assert all(code == 0 for code in statuses.values()), statuses
+
+
+def test_global_usage_on_a_cluster_not_joined_to_a_federation(system: System) -> None:
+    started = time.monotonic()
+    assert code_of(lambda: system.stub().GlobalUsage(api.GlobalUsageRequest(), timeout=10)) == (
+        grpc.StatusCode.UNAVAILABLE, f"no federation answers for cluster {system.cluster}: "
+                                  "it is not joined to a federation hub (docs/operator-guide/federation.md)")
+    assert time.monotonic() - started < 3, "answered at once, not after the forward timeout"

@@ -355,11 +355,11 @@ def test_up_names_the_services_it_cannot_start_in_one_line(
     from jobtree.bus import security
     from jobtree.cli.main import main
 
-    monkeypatch.setattr(security, "SERVICES", (*ALL_SERVICES, "federation"))  # listed in subjects, not built
+    monkeypatch.setattr(security, "SERVICES", (*ALL_SERVICES, "accountant"))  # a service with no package yet
     assert main(["up", "--data-dir", str(tmp_path / "jt"), "--grpc-port", "0"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
-    assert err.startswith("jobtree: cannot start: service(s) not available yet: federation ")
+    assert err.startswith("jobtree: cannot start: service(s) not available yet: accountant ")
     assert "jobtree demo" in err and not (tmp_path / "jt").exists()
 
 

@@ -46,19 +46,16 @@ from pathlib import Path
 from typing import Any
 
 from jobtree.cli.sim_cmd import CliError
-from jobtree.cli.up_cmd import (
-    DEFAULT_CLUSTER,
+from jobtree.cli.up_cmd import DEFAULT_CLUSTER, LEAF_SEED_ENV, _load_demo, data_dir_lock
+from jobtree.cli.up_processes import (
     HOST,
-    LEAF_SEED_ENV,
     SUPERVISE_EVERY,
     UpError,
     _keep_nats_port,
     _Keeper,
     _kept_nats_port,
-    _load_demo,
     _say,
     _until,
-    data_dir_lock,
     port_in_use,
 )
 
