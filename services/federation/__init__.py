@@ -26,7 +26,9 @@ It answers `jobtree.<c>.federation.usage` for every member cluster `c` (service.
 -> service.GlobalUsageResponse: each cap's allowances, held values, targets, funded use, demand,
 reachability, the last rebalance and the cut seed), so a cluster's gateway asks under its own name.
 Killed at any instant, it restarts from the bucket (grants in flight included): `held` never
-shrinks by a restart. Editing the config file changes caps within a round; a config that does
+shrinks by a restart. A book is stored by compare-and-set on its KV revision, and grants leave
+only from a book that was stored: a second instance (by mistake, or a restart racing the old
+process) cannot grant the same room twice — the one that loses the race takes the stored book. Editing the config file changes caps within a round; a config that does
 not parse is not taken (the previous one stays in force, the error is logged).
 Not: a scheduler (clusters decide alone within their allowances), not a cluster-side component.
 """
@@ -55,6 +57,7 @@ from jobtree.services.federation.book import MILLI, Book, Grant
 from jobtree.services.federation.config import Cap, Config, ConfigError, load
 
 ENV_CONFIG = "JOBTREE_FEDERATION_CONFIG"
+"""Where `jobtree serve federation --config FILE` hands over the file (serve_cmd.ENV_FEDERATION_CONFIG)."""
 IDENTITY = "service:federation"
 ASK_TIMEOUT = 0.8
 """Seconds a cluster has to answer a round's question (or a grant) before it counts as unreachable."""
@@ -75,6 +78,8 @@ class Federation:
         self.reports: dict[str, svc.ClusterCapsResponse] = {}
         self.reachable: dict[str, bool] = {}
         self.kv: Any = None
+        self.revisions: dict[str, int] = {}
+        """Cap -> the KV revision of the book as last read or stored (0: none stored)."""
 
     def _stat(self) -> float:
         try:
@@ -103,16 +108,37 @@ class Federation:
         try:
             self.kv = await self.ctx.js.key_value(name)
         except nats.js.errors.BucketNotFoundError:
-            self.kv = await self.ctx.js.create_key_value(bucket=name, history=1)
+            with contextlib.suppress(nats.js.errors.BadRequestError):  # another instance made it first
+                await self.ctx.js.create_key_value(bucket=name, history=1)
+            self.kv = await self.ctx.js.key_value(name)
         with contextlib.suppress(nats.js.errors.NoKeysError):
             for key in await self.kv.keys():
-                entry = await self.kv.get(key)
-                book = Book.from_json(json.loads(entry.value))
-                self.books[book.cap] = book
+                self._take(await self.kv.get(key))
         self.ctx.log.info("books restored", extra={"fields": {"caps": sorted(self.books)}})
 
-    async def save(self, book: Book) -> None:
-        await self.kv.put(subjects.kv_key(*book.cap.split("/", 1)), json.dumps(book.to_json()).encode())
+    def _take(self, entry: Any) -> None:
+        book = Book.from_json(json.loads(entry.value))
+        self.books[book.cap] = book
+        self.revisions[book.cap] = entry.revision
+
+    async def save(self, book: Book) -> bool:
+        """Store the book if nobody stored another since this one was read (compare-and-set on
+        the KV revision). False when another federation instance did: its book is taken instead,
+        and nothing is sent this round — every grant goes out only from the latest stored book,
+        so two instances can never grant the same room twice."""
+        key = subjects.kv_key(*book.cap.split("/", 1))
+        try:
+            self.revisions[book.cap] = await self.kv.update(key, json.dumps(book.to_json()).encode(),
+                                                            last=self.revisions.get(book.cap, 0))
+            return True
+        except nats.js.errors.KeyWrongLastSequenceError:
+            self.ctx.log.warning("the book changed under us (another federation?); taking the stored one",
+                                 extra={"fields": {"cap": book.cap}})
+            self.books.pop(book.cap, None)
+            self.revisions.pop(book.cap, None)
+            with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+                self._take(await self.kv.get(key))
+            return False
 
     # -- a round ---------------------------------------------------------------------------
 

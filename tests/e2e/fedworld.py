@@ -24,12 +24,10 @@ from typing import Any
 import nats
 import nats.errors
 import yaml
-from test_gateway import setup_cluster, wait_healthy
+from test_gateway import send_commands, setup_cluster, wait_healthy
 
-from jobtree.api import convert
-from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.api.jobtree.v1 import service_pb2 as svc
-from jobtree.bus import codec, subjects
+from jobtree.bus import subjects
 from jobtree.bus.hub import FEDERATION, HUB, hub_user_names, hub_users, leaf_user
 from jobtree.bus.ledger import Ledger, Record
 from jobtree.bus.natsserver import LeafRemote, NatsServer
@@ -114,6 +112,8 @@ class TcpProxy:
     def stop(self) -> None:
         self._stopped = True
         self.cut()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread (close alone does not)
         self._listener.close()
 
 
@@ -134,7 +134,10 @@ class World:
     members: dict[str, Member]
     fed_sup: Supervisor
     fed_config: Path
-    extra: list[Any] = field(default_factory=list)
+    twin_sup: Supervisor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.twin_sup = Supervisor(self.tmp / "fed-twin", HUB, self.hub.url)
 
     @staticmethod
     def start(tmp: Path, clusters: Sequence[str], caps: list[dict[str, Any]], *,
@@ -178,11 +181,14 @@ class World:
         m = self.members[cluster]
         return f"127.0.0.1:{wait_for_port(m.sup.data_dir, m.sup)}"
 
-    def start_federation(self) -> None:
-        self.fed_sup.start(FEDERATION, env=self.secrets.env(FEDERATION), args=("--config", str(self.fed_config)))
+    def start_federation(self, twin: bool = False) -> None:
+        """Start the federation (`twin`: a second instance beside it, as a mistake or a restart
+        racing the old process would)."""
+        sup = self.twin_sup if twin else self.fed_sup
+        sup.start(FEDERATION, env=self.secrets.env(FEDERATION), args=("--config", str(self.fed_config)))
 
-    def kill_federation(self) -> None:
-        self.fed_sup.kill(FEDERATION)
+    def kill_federation(self, twin: bool = False) -> None:
+        (self.twin_sup if twin else self.fed_sup).kill(FEDERATION)
 
     def cut(self, cluster: str) -> None:
         self.members[cluster].proxy.cut()
@@ -209,13 +215,14 @@ class World:
 
     def logs(self) -> str:
         out = []
-        for sup in [self.fed_sup, *(m.sup for m in self.members.values())]:
+        for sup in [self.fed_sup, self.twin_sup, *(m.sup for m in self.members.values())]:
             for name, sp in sup.processes.items():
                 out.append(f"--- {sup.cluster}/{name}\n{sp.log_tail(30)}")
         return "\n".join(out)
 
     def stop(self) -> None:
         self.fed_sup.stop(timeout=5)
+        self.twin_sup.stop(timeout=5)
         for m in self.members.values():
             m.sup.stop(timeout=5)
             m.proxy.stop()
@@ -225,32 +232,9 @@ class World:
     # -- asking --------------------------------------------------------------------------
 
     def send(self, cluster: str, cmds: Sequence[F.Command]) -> list[int]:
-        """Send commands to the cluster's admission (each its own command id), retrying while
-        nobody answers; the ledger sequences."""
-        async def go() -> list[int]:
-            nc = await nats.connect(self.members[cluster].server.url, connect_timeout=2, allow_reconnect=False)
-            out = []
-            try:
-                for cmd in cmds:
-                    msg = convert.command_to_proto(cmd, command_id=str(uuid.uuid4()))
-                    deadline = time.monotonic() + 30
-                    while True:
-                        try:
-                            raw = await nc.request(subjects.request(cluster, "admission", "command"),
-                                                   codec.encode(msg), timeout=5, headers=codec.headers(msg))
-                            break
-                        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-                            if time.monotonic() > deadline:
-                                raise
-                            await asyncio.sleep(0.2)
-                    reply = codec.decode(raw.data, bus.CommandReply)
-                    assert not reply.HasField("error"), reply
-                    out.append(reply.ledger_sequence)
-            finally:
-                await nc.close()
-            return out
-
-        return asyncio.run(go())
+        """Send commands to the cluster's admission (ids of their own), retrying while nobody
+        answers; the ledger sequences."""
+        return send_commands(self.members[cluster].server.url, cluster, cmds, prefix=str(uuid.uuid4()))
 
     def usage(self, cluster: str | None = None) -> svc.GlobalUsageResponse:
         """GlobalUsage as a member cluster's gateway would ask it (over the leaf connection),

@@ -13,6 +13,7 @@ from typing import Any, cast
 import pytest
 from fedworld import World, capped_budget, funded_series, merged_peaks, run, until
 
+from jobtree.bus.natsserver import NatsServer
 from jobtree.core import facts as F
 
 CAP = ("vision", "all")
@@ -121,3 +122,50 @@ def test_gpu_hours_are_divided_by_demand_and_never_sum_above_the_cap(tmp_path: P
         assert entries and all(e.HasField("gpu_hours") for e in entries), "every grant carries both bounds"
     finally:
         world.stop()
+
+
+def test_two_federations_cannot_grant_from_different_books(nats_server: NatsServer, tmp_path: Path) -> None:
+    """Compare-and-set on the stored book: an instance whose book is not the stored one sends
+    nothing and takes the stored one (a second instance by mistake, or a restart racing the old
+    process)."""
+    import asyncio
+    import logging
+
+    import nats as nats_client
+    import yaml
+
+    from jobtree.bus.runtime import ServiceContext, ServiceSettings
+    from jobtree.services.federation import Federation
+    from jobtree.services.federation.book import Book
+
+    config = tmp_path / "federation.yaml"
+    config.write_text(yaml.safe_dump({"kind": "Federation", "clusters": ["a", "b"], "caps": [
+        {"cap": KEY, "maxConcurrency": 16}]}))
+
+    async def go() -> None:
+        nc = await nats_client.connect(nats_server.url)
+        try:
+            def instance() -> Federation:
+                ctx = ServiceContext(ServiceSettings("federation", "fed", nats_server.url), nc, nc.jetstream(),
+                                     logging.getLogger("test.federation"))
+                return Federation(ctx, config)
+
+            one, two = instance(), instance()
+            await one.open()
+            await two.open()
+            mine = Book.start(KEY, 16, None, {"a": (8, None, 0), "b": (8, None, 0)})
+            theirs = Book.start(KEY, 16, None, {"a": (8, None, 0), "b": (8, None, 0)})
+            one.books[KEY], two.books[KEY] = mine, theirs
+            assert mine.plan({"a": (16, None), "b": (0, None)}) and await one.save(mine)
+            assert theirs.plan({"a": (0, None), "b": (16, None)})
+            assert not await two.save(theirs), "a book not based on the stored one is not stored"
+            assert two.books[KEY].to_json() == mine.to_json(), "the loser takes the stored book"
+            took = two.books[KEY]
+            took.confirm("b", 1, 0, None)
+            assert took.plan({"a": (16, None), "b": (0, None)}) and await two.save(took)
+            assert not await one.save(mine), "now the first one is behind"
+            assert one.books[KEY].to_json() == took.to_json()
+        finally:
+            await nc.close()
+
+    asyncio.run(go())

@@ -27,8 +27,11 @@ def converged(world: World, cap: int) -> bool:
             and all(world.allowance(r.cluster, KEY) == r.allowance for r in rows))
 
 
-@pytest.mark.parametrize(("seed", "clusters"), [(7, ("a", "b")), (11, ("a", "b", "c"))])
-def test_caps_hold_through_faults_and_allowances_converge(tmp_path: Path, seed: int, clusters: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(("seed", "clusters", "twin"), [(7, ("a", "b"), True), (11, ("a", "b", "c"), False)])
+def test_caps_hold_through_faults_and_allowances_converge(tmp_path: Path, seed: int, clusters: tuple[str, ...],
+                                                         twin: bool) -> None:
+    """`twin`: a second federation instance runs beside the first all along (killed and restarted
+    with it): compare-and-set on the stored books keeps them from granting the same room twice."""
     rnd = random.Random(seed)
     share = 8
     cap = share * len(clusters)
@@ -38,6 +41,8 @@ def test_caps_hold_through_faults_and_allowances_converge(tmp_path: Path, seed: 
     try:
         for c in clusters:
             world.send(c, [capped_budget(c, "vision", "org:vision", "all", cap, cap)])
+        if twin:
+            world.start_federation(twin=True)
         until("the cap is booked", lambda: all(r.reachable for r in world.usage().caps[0].clusters), world=world)
         live: dict[str, list[str]] = {c: [] for c in clusters}
         cut: dict[str, int] = {}
@@ -49,6 +54,8 @@ def test_caps_hold_through_faults_and_allowances_converge(tmp_path: Path, seed: 
                 del cut[c]
             if fed_down and fed_down <= step:
                 world.start_federation()
+                if twin:
+                    world.start_federation(twin=True)
                 fed_down = 0
             roll = rnd.random()
             if step == 8:  # the cap lowered mid-run, once
@@ -61,6 +68,8 @@ def test_caps_hold_through_faults_and_allowances_converge(tmp_path: Path, seed: 
                 did["cut"] += 1
             elif step in (5, 13) or (roll < 0.2 and not fed_down):
                 world.kill_federation()  # SIGKILL: whatever it was doing
+                if twin:
+                    world.kill_federation(twin=True)
                 fed_down = step + 1
                 did["kill"] += 1
             elif step in (6, 14):
@@ -79,6 +88,8 @@ def test_caps_hold_through_faults_and_allowances_converge(tmp_path: Path, seed: 
             world.heal(c)
         if fed_down:
             world.start_federation()
+            if twin:
+                world.start_federation(twin=True)
         until("allowances converge to demand under the lowered cap", lambda: converged(world, lowered),
               timeout=60, world=world)
         series = {c: funded_series(world.records(c), c, CAP, {KEY: share}) for c in clusters}

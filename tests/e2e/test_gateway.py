@@ -102,8 +102,10 @@ def setup_cluster(url: str, cluster: str) -> None:
     asyncio.run(go())
 
 
-def send_commands(url: str, cluster: str, cmds: Sequence[F.Command], timeout: float = 30.0) -> list[int]:
-    """Send commands straight to admission (as an operator would), retrying until it answers."""
+def send_commands(url: str, cluster: str, cmds: Sequence[F.Command], timeout: float = 30.0,
+                  prefix: str = "setup") -> list[int]:
+    """Send commands straight to admission (as an operator would), retrying until it answers;
+    command ids `<prefix>-<cluster>-<i>` (a new prefix for each call that must not be deduplicated)."""
 
     async def go() -> list[int]:
         nc = await _nats(url)
@@ -111,7 +113,7 @@ def send_commands(url: str, cluster: str, cmds: Sequence[F.Command], timeout: fl
         try:
             subject = subjects.request(cluster, "admission", "command")
             for i, cmd in enumerate(cmds):
-                msg = convert.command_to_proto(cmd, command_id=f"setup-{cluster}-{i}")
+                msg = convert.command_to_proto(cmd, command_id=f"{prefix}-{cluster}-{i}")
                 deadline = time.monotonic() + timeout
                 while True:
                     try:

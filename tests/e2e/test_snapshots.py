@@ -107,6 +107,13 @@ def test_a_follower_starts_from_the_snapshot_and_ignores_one_that_does_not_match
         await f.stop()
         assert f.restored_from == 0 and "needs the whole ledger" in f.snapshot_refusal
         assert seen == list(range(1, len(batches) + 1))
+        # a read that does not finish (its chunks purged by a newer snapshot) gives up: replay
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(snap, "READ_SECONDS", 0.0)
+            mp.setattr(snap, "READ_BYTES_PER_SECOND", 1 << 60)
+            f = await follower(nc, cluster)
+        assert f.restored_from == 0 and "did not finish in time" in f.snapshot_refusal, f.snapshot_refusal
+        assert view_of(f.cluster) == view_of(whole.cluster)
 
     on(nats_server.url, scenario)
 

@@ -76,6 +76,11 @@ __all__ = [
 MAGIC = b"JTSNAP\x00"
 FORMAT = 1
 OBJECT = "view"
+READ_SECONDS = 5.0
+READ_BYTES_PER_SECOND = 5 << 20
+"""Reading a snapshot gives up after READ_SECONDS plus its size at this rate: the object store's
+reader waits for every chunk without a deadline, and chunks purged by a newer snapshot written
+meanwhile never come (the caller then replays the ledger instead)."""
 EVERY_ENV = "JOBTREE_SNAPSHOT_EVERY"
 """Ledger messages between two snapshots (default EVERY; 0 turns the writer off)."""
 MIN_SECONDS_ENV = "JOBTREE_SNAPSHOT_MIN_SECONDS"
@@ -257,8 +262,10 @@ class SnapshotStore:
         """The stored snapshot bytes (None when there is none)."""
         try:
             store = await self._store(create=False)
+            info = await store.get_info(OBJECT)
             out = io.BytesIO()
-            await store.get(OBJECT, writeinto=out)
+            await asyncio.wait_for(store.get(OBJECT, writeinto=out),
+                                   READ_SECONDS + (info.size or 0) / READ_BYTES_PER_SECOND)
         except nats.js.errors.NotFoundError:
             return None
         return out.getvalue()
@@ -270,6 +277,9 @@ class SnapshotStore:
             blob = await self.read()
         except nats.js.errors.DigestMismatchError:
             self.last_refusal = "its bytes do not match the object store's digest"
+            return None
+        except TimeoutError:
+            self.last_refusal = "reading it did not finish in time (replaced while it was read?)"
             return None
         if blob is None:
             self.last_refusal = "there is no snapshot"

@@ -43,12 +43,20 @@ ENV_HTTP_PORT = "JOBTREE_HTTP_PORT"
 ENV_HTTP_HOST = "JOBTREE_HTTP_HOST"
 ENV_KUBECONFIG = "JOBTREE_KUBECONFIG"
 ENV_NOTIFIER_CONFIG = "JOBTREE_NOTIFIER_CONFIG"
+ENV_FEDERATION_CONFIG = "JOBTREE_FEDERATION_CONFIG"
 ENV_NODE_GRACE = "JOBTREE_NODE_GRACE"
 ENV_POD_GRACE = "JOBTREE_POD_GRACE"
 DEFAULT_URL = "nats://127.0.0.1:4222"
 DEFAULT_CLUSTER = "default"
 
 ServiceMain = Callable[[Any], Awaitable[None]]
+
+OWN_CONFIG: dict[str, tuple[str, str, str, str]] = {
+    "notifier": ("receivers and routes", ENV_NOTIFIER_CONFIG, "jobtree.services.notifier.config", DEFAULT_CLUSTER),
+    "federation": ("member clusters and caps", ENV_FEDERATION_CONFIG, "jobtree.services.federation.config", "fed"),
+}
+"""Services whose `--config FILE` is their own (what it holds, the variable it is handed in, the
+module whose `load` checks it and raises `ConfigError`, the default cluster name)."""
 
 
 def services_dir() -> Path:
@@ -176,30 +184,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             transport_from_env(grpc_address()[0])
         except ValueError as e:
             raise CliError(str(e)) from None
-    if args.name == "notifier":  # its --config is the notifier's: receivers and routes
+    if args.name in OWN_CONFIG:  # its --config is its own file, not the cluster's
+        what, env, module, default_cluster = OWN_CONFIG[args.name]
         if not args.config:
-            raise CliError("notifier: --config FILE (receivers and routes) is required")
-        from jobtree.services.notifier.config import ConfigError, load
-
+            raise CliError(f"{args.name}: --config FILE ({what}) is required")
+        loader = importlib.import_module(module)
         try:
-            load(args.config)
-        except ConfigError as e:
+            loader.load(args.config)
+        except loader.ConfigError as e:
             raise CliError(f"--config {args.config}: {e}") from None
-        os.environ[ENV_NOTIFIER_CONFIG] = str(Path(args.config).resolve())
-        config = ClusterConfig(cluster=cluster or DEFAULT_CLUSTER)
-    elif args.name == "federation":  # its --config is the federation's: member clusters and caps
-        if not args.config:
-            raise CliError("federation: --config FILE (member clusters and caps) is required")
-        from jobtree.services.federation import ENV_CONFIG, HUB
-        from jobtree.services.federation.config import ConfigError as FederationConfigError
-        from jobtree.services.federation.config import load as load_federation
-
-        try:
-            load_federation(args.config)
-        except FederationConfigError as e:
-            raise CliError(f"--config {args.config}: {e}") from None
-        os.environ[ENV_CONFIG] = str(Path(args.config).resolve())
-        config = ClusterConfig(cluster=cluster or HUB)
+        os.environ[env] = str(Path(args.config).resolve())
+        config = ClusterConfig(cluster=cluster or default_cluster)
     else:
         config = read_config(Path(args.config), cluster) if args.config else ClusterConfig(
             cluster=cluster or DEFAULT_CLUSTER)

@@ -468,13 +468,7 @@ async def _up(opts: Options) -> int:
         ready = True
         keeper = _Keeper(server, supervisor, start, lambda: _write_state(state_path, opts, server, supervisor,
                                                                           ready=True, restarts=keeper.restarts))
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), SUPERVISE_EVERY)
-            if not stop.is_set() and not keeper.tend(time.monotonic()):
-                return 1
-        _say("jobtree up: stopping")
-        return 0
+        return await keeper.run(stop)
     finally:
         if supervisor is not None:
             statuses = supervisor.stop(timeout=STOP_TIMEOUT)

@@ -49,7 +49,6 @@ from jobtree.cli.sim_cmd import CliError
 from jobtree.cli.up_cmd import DEFAULT_CLUSTER, LEAF_SEED_ENV, _load_demo, data_dir_lock
 from jobtree.cli.up_processes import (
     HOST,
-    SUPERVISE_EVERY,
     UpError,
     _keep_nats_port,
     _Keeper,
@@ -284,14 +283,7 @@ async def _up_clusters(data_dir: Path, clusters: list[str], ports: dict[str, int
             if states[c].get("tls"):
                 _say(f"use {c}: export JOBTREE_CONFIG={states[c]['client_config']}", sys.stdout)
         _say(f"federation: {fed_config}", sys.stdout)
-        keeper = _Keeper(hub, sup, start, lambda: _write(state_path, hub, clusters, states, sup, fed_config))
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), SUPERVISE_EVERY)
-            if not stop.is_set() and not keeper.tend(time.monotonic()):
-                return 1
-        _say("jobtree up: stopping")
-        return 0
+        return await _Keeper(hub, sup, start, lambda: _write(state_path, hub, clusters, states, sup, fed_config)).run(stop)
     finally:
         if sup is not None:
             sup.stop([FEDERATION], timeout=10)

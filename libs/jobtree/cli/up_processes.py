@@ -136,6 +136,16 @@ class _Keeper:
              f"(restart {self.policy.recent(name, now) + 1} within {self.policy.window:.0f} s); see {log}")
         return True
 
+    async def run(self, stop: asyncio.Event) -> int:
+        """Tend until `stop` is set: 0, or 1 once the nats-server is crash-looping."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), SUPERVISE_EVERY)
+            if not stop.is_set() and not self.tend(time.monotonic()):
+                return 1
+        _say("jobtree up: stopping")
+        return 0
+
     def tend(self, now: float) -> bool:
         from jobtree.bus.natsserver import NatsServerError
         from jobtree.bus.supervisor import SupervisorError
