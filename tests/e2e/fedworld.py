@@ -206,6 +206,16 @@ class World:
         server.stop()
         server.start()
 
+    def restart_hub(self) -> None:
+        """Stop the hub's nats-server and start it again on the same client and leaf ports (the
+        federation reconnects; its books are in the hub's JetStream on disk)."""
+        from urllib.parse import urlsplit
+
+        self.hub.port = urlsplit(self.hub.url).port or -1
+        self.hub.leaf_port = int(self.hub.leaf_url.rsplit(":", 1)[1])
+        self.hub.stop()
+        self.hub.start()
+
     def set_caps(self, caps: list[dict[str, Any]]) -> None:
         doc = yaml.safe_load(self.fed_config.read_text())
         doc["caps"] = caps

@@ -1,8 +1,9 @@
 """The §9 property over random demand shifts with every fault the issue names, on real
 nats-servers and processes: a partition of one cluster (its leaf connection cut at a TCP proxy),
-kill -9 of the federation service, a restart of a cluster's nats-server, and the cap lowered
-mid-run. Replaying every cluster's ledger merged by instant, the GPUs funded under the cap — and
-the allowances in force — never sum above it; after healing, allowances converge to demand."""
+kill -9 of the federation service, a restart of a cluster's nats-server and of the hub's, and
+the cap lowered mid-run. Replaying every cluster's ledger merged by instant, the GPUs funded
+under the cap — and the allowances in force — never sum above it; after healing, allowances
+converge to demand."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def test_caps_hold_through_faults_and_allowances_converge(tmp_path: Path, seed: 
         live: dict[str, list[str]] = {c: [] for c in clusters}
         cut: dict[str, int] = {}
         fed_down = 0
-        did = {"cut": 0, "kill": 0, "nats": 0, "lower": 0}
+        did = {"cut": 0, "kill": 0, "nats": 0, "hub": 0, "lower": 0}
         for step in range(16):
             for c in [c for c, until_step in cut.items() if until_step <= step]:
                 world.heal(c)
@@ -61,6 +62,9 @@ def test_caps_hold_through_faults_and_allowances_converge(tmp_path: Path, seed: 
             if step == 8:  # the cap lowered mid-run, once
                 world.set_caps([{"cap": KEY, "maxConcurrency": lowered}])
                 did["lower"] += 1
+            elif step == 10:  # the hub's nats-server: the federation reconnects to its books
+                world.restart_hub()
+                did["hub"] += 1
             elif step in (3, 11) or (roll < 0.1 and not cut):
                 c = rnd.choice(clusters)
                 world.cut(c)
@@ -75,6 +79,7 @@ def test_caps_hold_through_faults_and_allowances_converge(tmp_path: Path, seed: 
             elif step in (6, 14):
                 world.restart_nats(rnd.choice([c for c in clusters if c not in cut] or list(clusters)))
                 did["nats"] += 1
+
             c = rnd.choice(clusters)  # a demand shift every step
             if live[c] and rnd.random() < 0.4:
                 world.send(c, [F.DeleteRun(f"default/{live[c].pop(rnd.randrange(len(live[c])))}")])
