@@ -58,7 +58,7 @@ class Elasticity(Failures):
             spec = self.runs[key].spec
             m = spec.malleable
             assert m is not None
-            width = sum(self._active(ls) for ls in self._groups(key).values())
+            width = self._width.get(key, 0)
             if width + m.step > m.desired:
                 continue
             self._grow_tried[key] = self._world()

@@ -87,6 +87,15 @@ def check_gang(cl: Cluster) -> None:
             raise InvariantViolation(f"gang: {key} is {st.phase.value} but holds {active} GPUs")
 
 
+def check_widths(cl: Cluster) -> None:
+    """The run-width index (`_width`, what elasticity reads) equals the open active leases."""
+    widths = {k: sum(x.gpus for x in ls.values() if x.role is Role.ACTIVE) for k, ls in cl.open_by_run.items()}
+    widths = {k: w for k, w in widths.items() if w}
+    if widths != cl._width:
+        wrong = sorted(k for k in widths.keys() | cl._width.keys() if widths.get(k) != cl._width.get(k))
+        raise InvariantViolation(f"derivation: the width index is wrong for run(s) {', '.join(wrong)}")
+
+
 def check_audit(cl: Cluster, start: int, nodes: list | None = None) -> None:  # type: ignore[type-arg]
     base = nodes if nodes is not None else list(cl.initial_nodes)
     again = Cluster.replay(cl.config, base, start, cl.journal)
@@ -99,6 +108,7 @@ def check_all(cl: Cluster, audit: bool = False) -> None:
     check_exclusivity(cl)
     check_no_overdraft(cl)
     check_derivation(cl)
+    check_widths(cl)
     check_gang(cl)
     if audit:
         check_audit(cl, cl.started)

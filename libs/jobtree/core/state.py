@@ -118,6 +118,8 @@ class ClusterState:
         self._cand_epoch = -1
         self._cand_cache: dict[object, list[Candidate]] = {}
         self._grow_tried: dict[str, tuple[int, int]] = {}
+        self._width: dict[str, int] = {}
+        """Run -> GPUs of its open active leases (its width), kept by `apply`."""
         self._queue_index = AdmissionQueue()
         """The queued runs in admission order; those waiting for capacity asleep (core.queue)."""
         self._queue_epoch = self._spec_epoch
@@ -198,6 +200,8 @@ class ClusterState:
             self.open_by_run.setdefault(lease.run, {})[lease.name] = lease
             self.funding.add(self._claim(lease))
             self._count_admitted(lease, +1)
+            if lease.role is Role.ACTIVE:
+                self._width[lease.run] = self._width.get(lease.run, 0) + lease.gpus
             prefix, seq = lease.name.rsplit(".", 1)
             self._lease_seq[prefix] = max(self._lease_seq.get(prefix, 0), int(seq) + 1)
         elif isinstance(fact, LeaseClosed):
@@ -207,6 +211,12 @@ class ClusterState:
             del self.open_by_run[old.run][old.name]
             self.funding.remove(old.name)
             self._count_admitted(old, -1)
+            if old.role is Role.ACTIVE:
+                left = self._width[old.run] - old.gpus
+                if left:
+                    self._width[old.run] = left
+                else:
+                    del self._width[old.run]
             self._epoch += 1
         elif isinstance(fact, ReservationPut):
             r = fact.reservation
