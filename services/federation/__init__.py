@@ -3,7 +3,8 @@
 Contract: runs on the federation's hub (a nats-server the member clusters' servers join as leaf
 nodes), under the cluster name `fed` for its own subjects and KV bucket, with the config of
 `config` (`jobtree serve federation --config FILE`: member clusters and caps). Every round
-(`every`, default 1 s) it:
+(`every`, default 1 s, and at once when a member publishes a run event — a run queued, started
+or ended moves demand) it:
 1. asks every member cluster `jobtree.<c>.budget.caps` (the budget service's view of that
    cluster's ledger): each cap's allowance in force and its grant version, funded use, demand
    and GPU-hours spent. A cluster that does not answer within the round is *unreachable*: it
@@ -59,6 +60,9 @@ from jobtree.services.federation.config import Cap, Config, ConfigError, load
 ENV_CONFIG = "JOBTREE_FEDERATION_CONFIG"
 """Where `jobtree serve federation --config FILE` hands over the file (serve_cmd.ENV_FEDERATION_CONFIG)."""
 IDENTITY = "service:federation"
+NUDGE_GAP = 0.2
+"""Seconds between a member's run event and the round it starts: a burst makes one round, and a
+busy cluster starts at most about five rounds a second (each asks every member for its caps)."""
 ASK_TIMEOUT = 0.8
 """Seconds a cluster has to answer a round's question (or a grant) before it counts as unreachable."""
 
@@ -316,12 +320,26 @@ async def main(ctx: ServiceContext) -> None:
 
     for cluster in (HUB, *fed.config.clusters):
         await ctx.serve(subjects.request(cluster, "federation", "usage"), on_usage, queue=True)
+    nudge = asyncio.Event()
+
+    async def on_run_event(_: Any) -> None:  # a run queued, started or ended: demand moved
+        nudge.set()
+
+    for cluster in fed.config.clusters:
+        await ctx.nc.subscribe(subjects.events_filter(cluster, "run"), cb=on_run_event)
+    loop = asyncio.get_running_loop()
     while not ctx.stopping.is_set():
-        started = asyncio.get_running_loop().time()
+        started = loop.time()
+        nudge.clear()
         try:
             await fed.round()
         except Exception:
             ctx.log.exception("federation round failed")
-        left = fed.config.every - (asyncio.get_running_loop().time() - started)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(ctx.stopping.wait(), max(0.05, left))
+        left = fed.config.every - (loop.time() - started)
+        woken = asyncio.ensure_future(nudge.wait())
+        halt = asyncio.ensure_future(ctx.stopping.wait())
+        await asyncio.wait({woken, halt}, timeout=max(NUDGE_GAP, left), return_when=asyncio.FIRST_COMPLETED)
+        woken.cancel()
+        halt.cancel()
+        if nudge.is_set() and not ctx.stopping.is_set():
+            await asyncio.sleep(NUDGE_GAP)  # let a burst of events land: one round for all of them

@@ -6,7 +6,8 @@ Contract: `hub_users(clusters, secrets)` gives the users of the hub's nats-serve
 - `admin`: everything (`jobtree up` and tests);
 - `federation` (the service): asks every member cluster's budget service for its caps and sends
   grants to its admission (`jobtree.<c>.budget.caps`, `jobtree.<c>.admission.command`); answers
-  `jobtree.<c>.federation.*` for every member and `jobtree.fed.federation.*`; keeps its books in
+  `jobtree.<c>.federation.*` for every member and `jobtree.fed.federation.*`; hears the members'
+  run events (`jobtree.<c>.evt.run.>`: a demand shift starts a round at once); keeps its books in
   the KV bucket `jobtree_fed_grants`;
 - `leaf-<c>`: the leaf-node connection of member cluster `c` (its nats-server's remote holds
   the seed). On a leaf connection, the user's `publish` is what the cluster may send into the hub
@@ -46,13 +47,14 @@ def federation_permissions(clusters: Iterable[str]) -> Permissions:
     subscribe = [subjects.service_filter(HUB, FEDERATION), subjects.inbox_prefix(HUB, FEDERATION) + ".>"]
     for c in clusters:
         publish += [subjects.request(c, "budget", "caps"), subjects.request(c, "admission", "command")]
-        subscribe.append(subjects.service_filter(c, FEDERATION))
+        subscribe += [subjects.service_filter(c, FEDERATION), subjects.events_filter(c, "run")]
     return Permissions(publish=tuple(publish), subscribe=tuple(subscribe))
 
 
 def leaf_permissions(cluster: str) -> Permissions:
     return Permissions(
-        publish=(subjects.inbox_prefix(HUB, FEDERATION) + ".>", subjects.request(cluster, FEDERATION, "usage")),
+        publish=(subjects.inbox_prefix(HUB, FEDERATION) + ".>", subjects.request(cluster, FEDERATION, "usage"),
+                 subjects.events_filter(cluster, "run")),
         subscribe=(subjects.request(cluster, "budget", "caps"), subjects.request(cluster, "admission", "command"),
                    subjects.inbox_prefix(cluster, "gateway") + ".>"),
     )
