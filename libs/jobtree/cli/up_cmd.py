@@ -72,6 +72,7 @@ from jobtree.cli.up_processes import (  # noqa: F401 - part of this module's int
     READY_TIMEOUT,
     SUPERVISE_EVERY,
     UpError,
+    _finish,
     _keep_nats_port,
     _Keeper,
     _kept_nats_port,
@@ -478,13 +479,7 @@ async def _up(opts: Options) -> int:
         if nc is not None:
             with contextlib.suppress(Exception):
                 await nc.close()
-        server.stop()
-        with contextlib.suppress(FileNotFoundError):
-            state_path.unlink()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        if ready:
-            _say("jobtree up: stopped")
+        _finish(server, state_path, loop, ready)
 
 
 LEAF_SEED_ENV = "JOBTREE_LEAF_NKEY_SEED"

@@ -50,6 +50,7 @@ from jobtree.cli.up_cmd import DEFAULT_CLUSTER, LEAF_SEED_ENV, _load_demo, data_
 from jobtree.cli.up_processes import (
     HOST,
     UpError,
+    _finish,
     _keep_nats_port,
     _Keeper,
     _kept_nats_port,
@@ -288,13 +289,7 @@ async def _up_clusters(data_dir: Path, clusters: list[str], ports: dict[str, int
         if sup is not None:
             sup.stop([FEDERATION], timeout=10)
             sup.stop(timeout=STOP_TIMEOUT)
-        hub.stop()
-        with contextlib.suppress(FileNotFoundError):
-            state_path.unlink()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        if ready:
-            _say("jobtree up: stopped")
+        _finish(hub, state_path, loop, ready)
 
 
 async def _wait_clusters(stop: asyncio.Event, data_dir: Path, clusters: list[str], sup: Any) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import signal
 import socket
 import sys
 import time
@@ -27,6 +28,17 @@ class UpError(Exception):
 
 def _say(text: str, stream: IO[str] | None = None) -> None:
     print(text, file=stream or sys.stderr, flush=True)
+
+
+def _finish(server: Any, state_path: Path, loop: asyncio.AbstractEventLoop, ready: bool) -> None:
+    """The end of `up`: its nats-server stopped, `up.json` removed, the signal handlers given back."""
+    server.stop()
+    with contextlib.suppress(FileNotFoundError):
+        state_path.unlink()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+    if ready:
+        _say("jobtree up: stopped")
 
 
 def port_in_use(port: int, host: str = HOST) -> bool:
