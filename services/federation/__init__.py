@@ -186,12 +186,15 @@ class Federation:
         if not grants:
             return []
         book.last_rebalance = self.ctx.clock.now() or 0
+        return grants if await self._stored(book) else []
+
+    async def _stored(self, book: Book) -> bool:
+        """`save`, a failure to store logged: nothing is sent unless this book is the stored one."""
         try:
-            await self.save(book)
+            return await self.save(book)
         except Exception as exc:
             self.ctx.log.warning("book not stored; grants held back", extra={"fields": {"error": repr(exc)}})
-            return []
-        return grants
+            return False
 
     async def cap_round(self, cap: Cap) -> list[Grant]:
         book = self.books.get(cap.name)
@@ -220,10 +223,7 @@ class Federation:
             book.last_rebalance = self.ctx.clock.now() or 0
             book.rounds += 1
         resend = [g for g in book.resend() if g not in grants]
-        try:
-            await self.save(book)  # before any grant leaves: a restart must remember it
-        except Exception as exc:
-            self.ctx.log.warning("book not stored; grants held back", extra={"fields": {"error": repr(exc)}})
+        if not await self._stored(book):  # before any grant leaves: a restart must remember it
             return []
         return grants + resend
 

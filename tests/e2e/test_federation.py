@@ -134,9 +134,11 @@ def test_two_federations_cannot_grant_from_different_books(nats_server: NatsServ
     import nats as nats_client
     import yaml
 
+    from jobtree.api.jobtree.v1 import service_pb2 as svc
     from jobtree.bus.runtime import ServiceContext, ServiceSettings
     from jobtree.services.federation import Federation
     from jobtree.services.federation.book import Book
+    from jobtree.services.federation.config import Cap
 
     config = tmp_path / "federation.yaml"
     config.write_text(yaml.safe_dump({"kind": "Federation", "clusters": ["a", "b"], "caps": [
@@ -163,7 +165,12 @@ def test_two_federations_cannot_grant_from_different_books(nats_server: NatsServ
             took = two.books[KEY]
             took.confirm("b", 1, 0, None)
             assert took.plan({"a": (16, None), "b": (0, None)}) and await two.save(took)
-            assert not await one.save(mine), "now the first one is behind"
+            # now the first one is behind: its round plans grants, but sends none of them
+            for c, demand in (("a", 16), ("b", 0)):
+                report = svc.ClusterCapsResponse(cluster=c)
+                report.caps.add(cap=KEY, allowance=8, version=0, demand=demand)
+                one.reports[c], one.reachable[c] = report, True
+            assert await one.cap_round(Cap(KEY, 16)) == [], "grants leave only from the stored book"
             assert one.books[KEY].to_json() == took.to_json()
         finally:
             await nc.close()
