@@ -152,9 +152,8 @@ class World:
                                               "clusters": list(clusters), "every": every, "caps": caps}))
         world = World(tmp, hub, secrets, members, Supervisor(tmp / "fed", HUB, hub.url), fed_config)
         try:
-            leaf_port = int(hub.leaf_url.rsplit(":", 1)[1])
             for c in clusters:
-                proxy = TcpProxy(("127.0.0.1", leaf_port))
+                proxy = TcpProxy(("127.0.0.1", hub.leaf_port or 0))
                 server = NatsServer(tmp / c / "nats", name=f"jobtree-{c}", domain=c,
                                     leaf_remotes=(LeafRemote(proxy.url, secrets.seeds[leaf_user(c)]),)).start()
                 config_path = tmp / c / "config.yaml"
@@ -207,12 +206,11 @@ class World:
         server.start()
 
     def restart_hub(self) -> None:
-        """Stop the hub's nats-server and start it again on the same client and leaf ports (the
-        federation reconnects; its books are in the hub's JetStream on disk)."""
+        """Stop the hub's nats-server and start it again on the same client port (the leaf port
+        is kept by the server; the federation reconnects; its books are on disk)."""
         from urllib.parse import urlsplit
 
         self.hub.port = urlsplit(self.hub.url).port or -1
-        self.hub.leaf_port = int(self.hub.leaf_url.rsplit(":", 1)[1])
         self.hub.stop()
         self.hub.start()
 

@@ -187,7 +187,8 @@ class NatsServer:
     domain: str | None = None
     """The JetStream domain (needed when leaf nodes join servers that have JetStream too)."""
     leaf_port: int | None = None
-    """Listen for leaf nodes on this port (-1: a free one); None: no leaf-node listener."""
+    """Listen for leaf nodes on this port (-1: a free one, kept here once chosen, so a restart
+    listens on it again); None: no leaf-node listener."""
     leaf_remotes: tuple[LeafRemote, ...] = ()
     die_with_parent: bool = True
     """Linux: the server gets SIGTERM when the thread that started it exits (so a killed test
@@ -330,8 +331,11 @@ class NatsServer:
                 port = json.loads(reply.read())["leaf"]["port"]
         except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
             return False
+        if not port:
+            return False
         self.leaf_url = f"nats-leaf://{self.host}:{port}"
-        return bool(port)
+        self.leaf_port = port  # a restart listens there again: the leaves know this URL
+        return True
 
     def _log_tail(self, lines: int = 15) -> str:
         try:

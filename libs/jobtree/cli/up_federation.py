@@ -238,7 +238,6 @@ async def _up_clusters(data_dir: Path, clusters: list[str], ports: dict[str, int
         except NatsServerError as e:
             raise UpError(f"hub nats-server: {e}") from None
         _keep_nats_port(hub)
-        hub.leaf_port = int(hub.leaf_url.rsplit(":", 1)[1])
         leaf_file.write_text(f"{hub.leaf_port}\n")
         _say(f"jobtree up: hub nats-server {hub.url} (leaf nodes at {hub.leaf_url}), clusters {', '.join(clusters)}")
         sup = _fed_supervisor(data_dir, hub.url, "system")
