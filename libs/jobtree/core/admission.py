@@ -91,7 +91,7 @@ class Admission(Elasticity):
         if cov.funded_gpus > 0 and not self._in_hold_down(key):
             if self._reclaim_then_bind(key, cov):
                 return True
-            return self._reserve(key, needs, None)
+            return self._reserve(key, needs, None, free_tried=True)
         return self._park(key)
 
     def _window_opening(self, key: str, needs: list[GroupNeed]) -> int | None:

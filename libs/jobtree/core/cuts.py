@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import InitVar, dataclass, field
 
 from jobtree.core.model import FundingClass, Lease, Role, RunSpec, RunStatus, Slot
 from jobtree.core.timefmt import format_time
@@ -65,12 +65,28 @@ class CutPlan:
     cut) and the seed and conflict set are only published."""
 
 
+RunDomains = Sequence[tuple[str, Sequence[Lease]]]
+"""A run's open leases grouped by domain: (domain, leases by name), domains in order."""
+
+
+def run_domains(leases: Iterable[Lease], domain_of: Callable[[str], str]) -> RunDomains:
+    by_dom: dict[str, list[Lease]] = {}
+    for lease in leases:
+        by_dom.setdefault(domain_of(lease.node), []).append(lease)
+    return [(d, by_dom[d]) for d in sorted(by_dom)]
+
+
 @dataclass
 class CutWorld:
-    """A snapshot of what the cut order may touch."""
+    """A snapshot of what the cut order may touch.
+
+    Built from its leases alone (`derive`, the default), or handed the per-run indexes the
+    engine keeps (`by_run`, `unfunded_runs`, `domains_of`), so a world costs nothing per open
+    lease it never looks at."""
 
     leases: dict[str, Lease]
-    """Open leases by name."""
+    """Open leases by name (an index handing the world its runs may hold more: only the leases
+    of `by_run` are ever looked up)."""
     classes: dict[str, FundingClass]
     runs: dict[str, tuple[RunSpec, RunStatus]]
     domain_of: Callable[[str], str]
@@ -80,16 +96,29 @@ class CutWorld:
     now: int
     protect_bound_now: bool = True
     """Runs bound at `now` cannot be cut now; a reservation planning a later activation counts them."""
-    by_run: dict[str, list[Lease]] = field(default_factory=dict)
+    by_run: dict[str, Sequence[Lease]] = field(default_factory=dict)
+    """Run -> its open leases in the world, by name."""
     unfunded_runs: set[str] = field(default_factory=set)
     """Runs holding at least one unfunded lease (the only ones step 1 can take from)."""
+    domains_of: Callable[[str], RunDomains] | None = None
+    """A run's leases by domain (derived from `by_run` when not handed in)."""
+    wholly_unfunded: set[str] = field(default_factory=set)
+    """Runs known to hold unfunded leases only (a shortcut: others are checked lease by lease)."""
+    derive: InitVar[bool] = True
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, derive: bool) -> None:
+        if not derive:
+            return
         unfunded = FundingClass.UNFUNDED
         for lease in sorted(self.leases.values(), key=lambda x: x.name):
-            self.by_run.setdefault(lease.run, []).append(lease)
+            self.by_run.setdefault(lease.run, []).append(lease)  # type: ignore[attr-defined]
             if self.classes.get(lease.name) is unfunded:
                 self.unfunded_runs.add(lease.run)
+
+    def run_domains(self, run: str) -> RunDomains:
+        if self.domains_of is not None:
+            return self.domains_of(run)
+        return run_domains(self.by_run[run], self.domain_of)
 
     def cuttable(self, run: str) -> bool:
         if run == self.placing or run not in self.runs:
@@ -110,7 +139,7 @@ def _youngest_first(world: CutWorld, runs: Iterable[str]) -> list[str]:
     return sorted(by_key_desc, key=lambda k: -world.admitted(k))
 
 
-def _groups(leases: list[Lease]) -> dict[int, list[Lease]]:
+def _groups(leases: Iterable[Lease]) -> dict[int, list[Lease]]:
     out: dict[int, list[Lease]] = {}
     for lease in leases:
         out.setdefault(lease.group, []).append(lease)
@@ -138,15 +167,13 @@ def _reclaim_units(world: CutWorld, domains: set[str] | None) -> list[Cut]:
     out: list[Cut] = []
     # Every reclaim unit is made of unfunded leases only: runs without one yield none, so they
     # are left out before the ordering (which keeps the others' relative order).
-    keys = [k for k in world.by_run if k in world.unfunded_runs and world.cuttable(k)]
+    keys = [k for k in world.unfunded_runs if k in world.by_run and world.cuttable(k)]
     for key in _youngest_first(world, keys):
         leases = world.by_run[key]
-        by_dom: dict[str, list[Lease]] = {}
-        for lease in leases:
-            by_dom.setdefault(world.lease_domain(lease), []).append(lease)
-        for d in sorted(by_dom):
-            if _in(domains, d) and all(world.classes.get(x.name) is FundingClass.UNFUNDED for x in by_dom[d]):
-                out.append(Cut(RECLAIM, key, tuple(x.name for x in by_dom[d])))
+        whole = key in world.wholly_unfunded
+        for d, members in world.run_domains(key):
+            if _in(domains, d) and (whole or all(world.classes.get(x.name) is FundingClass.UNFUNDED for x in members)):
+                out.append(Cut(RECLAIM, key, tuple(x.name for x in members)))
         spec = world.runs[key][0]
         if spec.malleable is None:
             continue
@@ -212,67 +239,119 @@ def freed_slots(world: CutWorld, cuts: Iterable[Cut]) -> set[Slot]:
         cut_names.setdefault(c.run, set()).update(c.leases)
     slots: set[Slot] = set()
     for key, names in cut_names.items():
-        leases = world.by_run.get(key, [])
-        spec = world.runs[key][0]
-        lost_active = any(x.role is Role.ACTIVE and x.name in names for x in leases)
-        if not lost_active:
-            freed = [x for x in leases if x.name in names]
-        elif spec.malleable is None:
-            freed = leases
-        else:
-            groups = _groups(leases)
-            broken = {g for g, ms in groups.items() if any(x.role is Role.ACTIVE and x.name in names for x in ms)}
-            intact = sum(_active_width(ms) for g, ms in groups.items() if g not in broken)
-            freed = leases if intact < spec.min_width else [x for x in leases if x.group in broken or x.name in names]
-        for x in freed:
+        for x in _run_freed(world, key, names):
             slots.update(x.slots)
     return slots
 
 
-class _Deficit:
-    def __init__(self, world: CutWorld, deficit: dict[str, int]) -> None:
-        self.world, self.deficit = world, {d: n for d, n in deficit.items() if n > 0}
+def _run_freed(world: CutWorld, key: str, names: set[str]) -> Sequence[Lease]:
+    """The leases of one run that cutting `names` frees (with the gang it breaks)."""
+    leases = world.by_run.get(key, [])
+    spec = world.runs[key][0]
+    lost_active = any(x.role is Role.ACTIVE and x.name in names for x in leases)
+    if not lost_active:
+        return [x for x in leases if x.name in names]
+    if spec.malleable is None:
+        return leases
+    groups = _groups(leases)
+    broken = {g for g, ms in groups.items() if any(x.role is Role.ACTIVE and x.name in names for x in ms)}
+    intact = sum(_active_width(ms) for g, ms in groups.items() if g not in broken)
+    return leases if intact < spec.min_width else [x for x in leases if x.group in broken or x.name in names]
 
-    def short(self, cuts: Iterable[Cut]) -> dict[str, int]:
+
+class _Tally:
+    """What a list of cuts still leaves short, per domain, kept as cuts join and leave it.
+
+    Open leases of different runs hold different slots, so the usable GPUs the cuts free add up
+    run by run: a cut joining or leaving re-derives its own run's share only (what `freed_slots`
+    over the whole list would give, without walking the list)."""
+
+    def __init__(self, world: CutWorld, deficit: dict[str, int]) -> None:
+        self.world = world
+        self.deficit = {d: n for d, n in deficit.items() if n > 0}
+        self._cut: dict[str, dict[str, int]] = {}
+        """Run -> lease name -> how many kept cuts name it."""
+        self._share: dict[str, dict[str, int]] = {}
+        """Run -> usable GPUs per domain its cut leases free."""
+        self.got: dict[str, int] = {}
+
+    def names(self) -> set[str]:
+        return {n for counts in self._cut.values() for n in counts}
+
+    def _share_of(self, run: str, names: set[str]) -> dict[str, int]:
         got: dict[str, int] = {}
-        for s in freed_slots(self.world, cuts):
-            if self.world.usable(s):
-                d = self.world.domain_of(s[0])
-                got[d] = got.get(d, 0) + 1
+        if not names:
+            return got
+        usable, domain_of = self.world.usable, self.world.domain_of
+        for x in _run_freed(self.world, run, names):
+            for s in x.slots:
+                if usable(s):
+                    d = domain_of(s[0])
+                    got[d] = got.get(d, 0) + 1
+        return got
+
+    def _short(self, got: dict[str, int]) -> dict[str, int]:
         return {d: n - got.get(d, 0) for d, n in self.deficit.items() if n - got.get(d, 0) > 0}
 
-    def helps(self, cut: Cut, kept: list[Cut], short: dict[str, int]) -> bool:
-        before = self.short(kept)
-        after = self.short([*kept, cut])
-        return any(after.get(d, 0) < n for d, n in before.items() if d in short)
+    def short(self) -> dict[str, int]:
+        return self._short(self.got)
+
+    def _changed(self, cut: Cut, sign: int) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+        """(the run's names after, its share after, the total got after) were `cut` added (+1) or
+        removed (-1)."""
+        counts = dict(self._cut.get(cut.run, {}))
+        for n in cut.leases:
+            left = counts.get(n, 0) + sign
+            if left:
+                counts[n] = left
+            else:
+                counts.pop(n, None)
+        share = self._share_of(cut.run, set(counts))
+        got = dict(self.got)
+        for d, n in self._share.get(cut.run, {}).items():
+            got[d] -= n
+        for d, n in share.items():
+            got[d] = got.get(d, 0) + n
+        return counts, share, got
+
+    def short_with(self, cut: Cut, sign: int = 1) -> dict[str, int]:
+        return self._short(self._changed(cut, sign)[2])
+
+    def change(self, cut: Cut, sign: int = 1) -> None:
+        counts, share, self.got = self._changed(cut, sign)
+        self._cut[cut.run], self._share[cut.run] = counts, share
 
 
 def plan(world: CutWorld, deficit: dict[str, int], source: str, max_step: int = LOTTERY) -> CutPlan:
     """The cut order for a per-domain deficit (`cleared` False, and no cuts, when even every cut
     cannot clear it)."""
-    need = _Deficit(world, deficit)
-    scope = set(need.deficit)
+    tally = _Tally(world, deficit)
+    scope = set(tally.deficit)
     seed = lottery_seed(source, world.now)
     chosen: list[Cut] = []
+    cut_names: set[str] = set()
     for step in (RECLAIM, DROP_SPARE, SHRINK):
         if step > max_step:
             break
         stopped: set[str] = set()  # runs whose current top group did not help: keep their lower groups
         for cut in units(world, step, scope):
-            short = need.short(chosen)
+            short = tally.short()
             if not short:
                 break
-            if set(cut.leases) <= {name for c in chosen for name in c.leases}:
+            if set(cut.leases) <= cut_names:
                 continue  # already cut by an earlier step (e.g. a top group reclaimed in step 1)
             if cut.group is not None and cut.run in stopped:
                 continue
-            if need.helps(cut, chosen, short):
+            after = tally.short_with(cut)
+            if any(after.get(d, 0) < n for d, n in short.items()):  # it helps
                 chosen.append(cut)
+                tally.change(cut)
+                cut_names.update(cut.leases)
             elif cut.group is not None:
                 stopped.add(cut.run)
     conflict: list[str] = []
     victims: list[str] = []
-    if need.short(chosen) and max_step >= LOTTERY:
+    if tally.short() and max_step >= LOTTERY:
         freed = freed_slots(world, chosen)
         conflict = sorted(
             k for k, leases in world.by_run.items()
@@ -281,21 +360,28 @@ def plan(world: CutWorld, deficit: dict[str, int], source: str, max_step: int = 
             )
         )
         owner_of = {k: world.runs[k][0].owner for k in conflict}
+        drawn: list[str] = []
 
         def still_short(vs: list[str]) -> bool:
-            return bool(need.short([*chosen, *(_victim(world, v) for v in vs)]))
+            # `draw` asks with the victims so far, one more each time: add only the new ones.
+            for v in vs[len(drawn):]:
+                tally.change(_victim(world, v))
+                drawn.append(v)
+            return bool(tally.short())
 
         victims = draw(seed, conflict, owner_of.__getitem__, still_short)
+        for v in victims[len(drawn):]:
+            tally.change(_victim(world, v))
     kept = [*chosen, *(_victim(world, v) for v in victims)]
-    if need.short(kept):
+    if tally.short():
         return CutPlan((), seed, tuple(conflict), frozenset(), cleared=False)
     order = [*(c for c in kept if c.step == LOTTERY)]
     for step in (SHRINK, DROP_SPARE, RECLAIM):
         order.extend(reversed([c for c in chosen if c.step == step]))
     for cut in order:
-        rest = [c for c in kept if c is not cut]
-        if not need.short(rest):
-            kept = rest
+        if not tally.short_with(cut, -1):
+            kept = [c for c in kept if c is not cut]
+            tally.change(cut, -1)
     return CutPlan(tuple(kept), seed, tuple(conflict), frozenset(freed_slots(world, kept)))
 
 
@@ -307,16 +393,29 @@ def capacity_levels(world: CutWorld, max_level: int = LOTTERY) -> Iterator[set[S
     """Extra slots each level of §7 may count, computed only as far as asked: step 1; +2; +3;
     + every slot of a cuttable run."""
     acc: set[Slot] = set()
+    for added in capacity_steps(world, max_level):
+        acc |= added
+        yield set(acc)
+
+
+def capacity_steps(world: CutWorld, max_level: int = LOTTERY) -> Iterator[set[Slot]]:
+    """What each level of `capacity_levels` adds to the one before (the same levels, as
+    differences: a caller keeping its own union copies nothing)."""
+    acc: set[Slot] = set()
     for step in (RECLAIM, DROP_SPARE, SHRINK):
         if step > max_level:
             return
+        added: set[Slot] = set()
         for cut in units(world, step, None):
             for name in cut.leases:
-                acc.update(world.leases[name].slots)
-        yield set(acc)
+                added.update(world.leases[name].slots)
+        added -= acc
+        acc |= added
+        yield added
     if max_level >= LOTTERY:
+        added = set()
         for key, leases in world.by_run.items():
             if world.cuttable(key):
                 for x in leases:
-                    acc.update(x.slots)
-        yield set(acc)
+                    added.update(x.slots)
+        yield added - acc

@@ -5,6 +5,7 @@ gang re-established after it lost leases. A layer of `engine.Cluster`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 from jobtree.core import cuts as cutorder
@@ -34,7 +35,9 @@ class Cutting(Placement):
     def _cut_world(self, key: str, cov: Cover, max_step: int = cutorder.LOTTERY,
                    planning: bool = False) -> cutorder.CutWorld:
         """Open leases and their classes with the new claim's funded part ranked in, for the
-        runs the allowed cut steps could touch."""
+        runs the allowed cut steps could touch. Built from indexes the view keeps: each run's
+        leases by name and by domain (`_shape`), the runs holding an unfunded claim, and one
+        copy of the classes; nothing is classified or sorted per open lease."""
         hypothetical: list[str] = []
         run = self.runs[key]
         for g in cov.groups:
@@ -45,23 +48,27 @@ class Cutting(Placement):
                     self.funding.add(Claim(name, key, run.spec.owner, g.index, p.role, p.count, pay.payer))
                     hypothetical.append(name)
         try:
-            self.funding.refresh()
-            opened: dict[str, Lease] = {}
-            classes: dict[str, FundingClass] = {}
-            # Step 1 touches only runs with an unfunded lease: the view indexes them, so a
-            # reclaim world is built from those alone rather than by classifying every lease.
-            holders = list(self.funding.unfunded_claims if max_step == cutorder.RECLAIM else self.open_by_run)
-            for k in holders:
-                ls = self.open_by_run.get(k)
-                if not ls:
-                    continue
-                cls = self.funding.classes_of(ls)
-                if max_step >= cutorder.LOTTERY or self._cuttable_by(k, ls, cls, max_step):
-                    opened.update(ls)
-                    classes.update(cls)
+            classes = self.funding.class_snapshot()
+            unfunded_counts = dict(self.funding.unfunded_claims)
         finally:
             for name in hypothetical:
                 self.funding.remove(name)
+        # Every claim of another run is one of its open leases; the placing run's hypothetical
+        # claims are not leases: count its open ones only.
+        own = self.open_by_run.get(key, {})
+        unfunded_counts.pop(key, None)
+        if n_own := sum(classes[n] is FundingClass.UNFUNDED for n in own):
+            unfunded_counts[key] = n_own
+        unfunded_claims = unfunded_counts.keys()
+        # Step 1 touches only runs with an unfunded lease: a reclaim world is built from those
+        # alone rather than from every run holding leases.
+        holders = unfunded_claims if max_step == cutorder.RECLAIM else self._holding
+        by_run: dict[str, Sequence[Lease]] = {}
+        for k in holders:
+            if k not in self._holding:
+                continue
+            if max_step >= cutorder.LOTTERY or self._cuttable_by(k, k in unfunded_claims, max_step):
+                by_run[k] = self._shape(k)[0]
         flavor = run.spec.gpu_type
         topo = self.topo
 
@@ -69,29 +76,42 @@ class Cutting(Placement):
             node = topo.nodes[s[0]]
             return node.state is NodeState.READY and node.flavor == flavor
 
-        runs = {k: (self.runs[k].spec, self.status[k]) for k in {x.run for x in opened.values()} if k in self.runs}
-        return cutorder.CutWorld(opened, classes, runs, topo.domain_of, usable, key, self.now,
-                                 protect_bound_now=not planning)
+        runs = {k: (self.runs[k].spec, self.status[k]) for k in by_run if k in self.runs}
+        in_world = unfunded_claims & by_run.keys()
+        return cutorder.CutWorld(self.leases, classes, runs, topo.domain_of, usable, key, self.now,
+                                 protect_bound_now=not planning, by_run=by_run, unfunded_runs=in_world,
+                                 domains_of=lambda k: self._shape(k)[1], derive=False,
+                                 wholly_unfunded={k for k in in_world if unfunded_counts[k] == len(by_run[k])})
 
-    def _cuttable_by(self, key: str, leases: dict[str, Lease], cls: dict[str, FundingClass], max_step: int) -> bool:
-        if any(c is FundingClass.UNFUNDED for c in cls.values()):
+    def _shape(self, key: str) -> tuple[tuple[Lease, ...], cutorder.RunDomains]:
+        """A run's open leases by name, and grouped by domain; kept until they change (`apply`)."""
+        got = self._shapes.get(key)
+        if got is None:
+            leases = tuple(sorted(self.open_by_run[key].values(), key=lambda x: x.name))
+            got = self._shapes[key] = (leases, cutorder.run_domains(leases, self.topo.domain_of))
+        return got
+
+    def _cuttable_by(self, key: str, has_unfunded: bool, max_step: int) -> bool:
+        if has_unfunded:
             return True
-        if max_step >= cutorder.DROP_SPARE and any(x.role is Role.SPARE for x in leases.values()):
+        if max_step >= cutorder.DROP_SPARE and any(x.role is Role.SPARE for x in self.open_by_run[key].values()):
             return True
         run = self.runs.get(key)
         return max_step >= cutorder.SHRINK and run is not None and run.spec.malleable is not None
 
     def _intended_slice(self, key: str, cov: Cover, max_level: int = 4,
-                        world: cutorder.CutWorld | None = None) -> list[PlacedGroup] | None:
+                        world: cutorder.CutWorld | None = None, free_tried: bool = False) -> list[PlacedGroup] | None:
         """The placement needing the gentlest cuts (§7): free slots, then what each cut step could
-        free, then every slot; None when even that does not fit."""
-        placed = self._pack(key, cov.groups)
-        if placed is not None:
-            return placed
+        free, then every slot; None when even that does not fit. `free_tried`: the caller has
+        just packed this cover on the free slots alone, and it did not fit."""
+        if not free_tried:
+            placed = self._pack(key, cov.groups)
+            if placed is not None:
+                return placed
         world = world or self._cut_world(key, cov, max_level, planning=True)
-        for level in cutorder.capacity_levels(world, max_level):
-            extra: dict[str, set[int]] = {}
-            for node, i in level:
+        extra: dict[str, set[int]] = {}
+        for added in cutorder.capacity_steps(world, max_level):
+            for node, i in added:
                 extra.setdefault(node, set()).add(i)
             placed = self._pack(key, cov.groups, extra)
             if placed is not None:
@@ -120,7 +140,7 @@ class Cutting(Placement):
         """§5.3: end unfunded work in the way (cut step 1 only) if that alone restores a fit."""
         if not self._reclaim_could_fit(key):
             return False
-        return self._cut_and_bind(key, cov, key, cutorder.RECLAIM, None)
+        return self._cut_and_bind(key, cov, key, cutorder.RECLAIM, None)  # caller: cov did not fit free slots
 
     def _reclaim_could_fit(self, key: str) -> bool:
         """A necessary condition for reclaim to restore a fit, in O(log n): step 1 frees only
@@ -137,9 +157,10 @@ class Cutting(Placement):
         return bool(self.topo.flavor_free(spec.gpu_type) + could >= need)
 
     def _cut_and_bind(self, key: str, cov: Cover, source: str, max_step: int, res: Reservation | None) -> bool:
-        """Choose the slice, plan the cuts that clear its deficit, apply them and bind into it."""
+        """Choose the slice, plan the cuts that clear its deficit, apply them and bind into it.
+        Callers have just found that `cov` does not fit the free slots."""
         world = self._cut_world(key, cov, max_step)
-        intended = self._intended_slice(key, cov, max_step, world)
+        intended = self._intended_slice(key, cov, max_step, world, free_tried=True)
         if intended is None:
             return False
         _, deficit = self._slice_of(key, intended)

@@ -365,6 +365,11 @@ class FundingView:
         cls = self._cls
         return {n: cls[n] for n in names}
 
+    def class_snapshot(self) -> dict[str, FundingClass]:
+        """Every claim's class now, as a copy (one refresh, no per-claim work)."""
+        self.refresh()
+        return dict(self._cls)
+
     def tier_of(self, name: str) -> int | None:
         self.refresh()
         return self._tier_of.get(name)

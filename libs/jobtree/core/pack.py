@@ -145,13 +145,16 @@ class VirtualView:
         extra_by_domain: dict[str, list[str]] = {}
         for name in extra:
             extra_by_domain.setdefault(topo.domain_of(name), []).append(name)
+        nodes, ready = topo.nodes, NodeState.READY
         for domain in topo.domains(flavor):
             names = []
-            for name in sorted({*topo.nodes_by_free(flavor, domain), *extra_by_domain.get(domain, ())}):
-                node = topo.nodes[name]
-                if node.state is not NodeState.READY or node.flavor != flavor or not labels_match(selector, node.labels):
+            with_free = set(topo.nodes_by_free(flavor, domain))  # Ready, of the flavor, a slot free
+            for name in sorted(with_free.union(extra_by_domain.get(domain, ()))):
+                if name not in with_free and (topo.flavor_of(name) != flavor or nodes[name].state is not ready):
                     continue
-                free = set(topo.free_ordinals(name))
+                if selector and not labels_match(selector, nodes[name].labels):
+                    continue
+                free = set(topo.free_ordinals(name)) if name in with_free else set()
                 if name in extra:
                     free |= extra[name]
                 if free:

@@ -64,13 +64,18 @@ class Placement(ClusterState):
         terms = self.terms(key)
         spec = run.spec
         ck = (spec.owner, spec.gpu_type, spec.locality.selector, terms.allow_borrow, spec.funding.sponsors)
-        if self._cand_epoch != self._spec_epoch:
-            self._cand_cache.clear()
-            self._cand_epoch = self._spec_epoch
+        self._check_spec_caches()
         static = self._cand_cache.get(ck)
         if static is None:
             static = self._cand_cache[ck] = candidates(self.rules, self.topo, run, terms)
         return static
+
+    def _check_spec_caches(self) -> None:
+        """Forget what was cached under earlier budgets and nodes."""
+        if self._cand_epoch != self._spec_epoch:
+            self._cand_cache.clear()
+            self._empty_fit_cache.clear()
+            self._cand_epoch = self._spec_epoch
 
     def admission_cover(self, key: str) -> Cover:
         """Who would pay for the run's runnable width if it were admitted now (a read: what

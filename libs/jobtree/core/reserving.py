@@ -19,6 +19,7 @@ from jobtree.core.model import (
     Reservation,
     ReservationState,
 )
+from jobtree.core.pack import GroupRequest, Piece, pack, view_for
 from jobtree.core.state import (
     R_RESERVED,
     R_UNSCHEDULABLE,
@@ -38,12 +39,15 @@ class Reserving(Cutting):
         self._bind(key, placed, MintReason.START)
         return True
 
-    def _reserve(self, key: str, needs: list[GroupNeed], opens: int | None, window_only: bool = False) -> bool:
+    def _reserve(self, key: str, needs: list[GroupNeed], opens: int | None, window_only: bool = False,
+                 free_tried: bool = False) -> bool:
+        """`free_tried`: the caller has just found that the cover of `needs` now does not fit the
+        free slots (and changed nothing since)."""
         st = self.status[key]
         if st.reservation is not None and self.reservations[st.reservation].state is ReservationState.PENDING:
             return False
         cov = self._cover(key, needs, opens, reserve=opens is not None)
-        placed = self._intended_slice(key, cov)
+        placed = self._intended_slice(key, cov, free_tried=free_tried and opens is None)
         if placed is None:
             return self._park(key)
         slice_, deficit = self._slice_of(key, placed)
@@ -120,9 +124,19 @@ class Reserving(Cutting):
         return self._cut_and_bind(key, cov, res.name, cutorder.LOTTERY, res)
 
     def _fits_empty(self, key: str, cov: Cover) -> bool:
-        """Whether the request fits the Ready nodes of its flavor if every slot were free."""
-        everything = {n: set(range(self.topo.nodes[n].gpus)) for n in self.topo.nodes}
-        return self._pack(key, cov.groups, everything) is not None
+        """Whether the request fits the Ready nodes of its flavor if every slot were free
+        (remembered per request until budgets or nodes change: it reads no occupancy)."""
+        # Tags (who pays) ride along with the slots and place nothing: the key leaves them out.
+        request = self._pack_request(key, tuple(
+            GroupRequest(g.index, tuple(Piece(p.role, p.count, p.selector) for p in g.pieces)) for g in cov.groups))
+        self._check_spec_caches()
+        got = self._empty_fit_cache.get(request)
+        if got is None:
+            spec = self.runs[key].spec
+            everything = {n: set(range(self.topo.nodes[n].gpus)) for n in self.topo.nodes}
+            view = view_for(self.topo, spec.gpu_type, spec.locality.selector, everything)
+            got = self._empty_fit_cache[request] = pack(view, request) is not None
+        return got
 
     def _fail_reservation_and_park(self, key: str, res: Reservation, message: str) -> bool:
         self.apply(ReservationPut(replace(res, state=ReservationState.FAILED)))

@@ -7,7 +7,7 @@ of `engine.Cluster`; it decides nothing.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any, Self
 
@@ -46,6 +46,7 @@ from jobtree.core.model import (
     Run,
     RunStatus,
 )
+from jobtree.core.pack import PackRequest
 from jobtree.core.queue import AdmissionQueue
 from jobtree.core.topology import Topology
 
@@ -117,6 +118,9 @@ class ClusterState:
         self._spec_epoch = 0
         self._cand_epoch = -1
         self._cand_cache: dict[object, list[Candidate]] = {}
+        self._empty_fit_cache: dict[PackRequest, bool] = {}
+        """Whether a pack request fits its flavor's Ready nodes were every slot free (cleared
+        with `_cand_cache` when budgets or nodes change)."""
         self._grow_tried: dict[str, tuple[int, int]] = {}
         self._width: dict[str, int] = {}
         """Run -> GPUs of its open active leases (its width), kept by `apply`."""
@@ -124,6 +128,11 @@ class ClusterState:
         """The queued runs in admission order; those waiting for capacity asleep (core.queue)."""
         self._queue_epoch = self._spec_epoch
         self._act_tried: dict[str, tuple[int, int]] = {}
+        self._holding: dict[str, None] = {}
+        """The runs holding an open lease (`open_by_run` keeps an empty entry once they close)."""
+        self._shapes: dict[str, tuple[tuple[Lease, ...], Sequence[tuple[str, Sequence[Lease]]]]] = {}
+        """Run -> its open leases by name and by domain, as cut worlds read them (`_shape`);
+        dropped by `apply` when they change."""
         self.funding.set_clock(now, frozenset())
 
     def __getstate__(self) -> dict[str, object]:
@@ -131,11 +140,15 @@ class ClusterState:
         lists start empty (callers slice them from a mark taken after the copy) and no observer
         is attached. What snapshots store and what a what-if plan copies."""
         state = dict(self.__dict__)
-        state.update(journal=[], facts=[], observer=None)
+        state.update(journal=[], facts=[], observer=None, _shapes={})
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_shapes", {})
+        self.__dict__.setdefault("_empty_fit_cache", {})
+        if "_holding" not in state:
+            self._holding = {k: None for k, ls in self.open_by_run.items() if ls}
 
     def forget_history(self) -> None:
         """Empty the journal and fact lists (a follower or the decision loop, once the ledger
@@ -198,6 +211,8 @@ class ClusterState:
             self.topo.take(lease.slots, lease.name)
             self.leases[lease.name] = lease
             self.open_by_run.setdefault(lease.run, {})[lease.name] = lease
+            self._shapes.pop(lease.run, None)
+            self._holding[lease.run] = None
             self.funding.add(self._claim(lease))
             self._count_admitted(lease, +1)
             if lease.role is Role.ACTIVE:
@@ -209,6 +224,9 @@ class ClusterState:
             self.topo.release(old.slots, old.name)
             self.leases[fact.name] = replace(old, end=fact.end, closure_reason=fact.reason)
             del self.open_by_run[old.run][old.name]
+            self._shapes.pop(old.run, None)
+            if not self.open_by_run[old.run]:
+                self._holding.pop(old.run, None)
             self.funding.remove(old.name)
             self._count_admitted(old, -1)
             if old.role is Role.ACTIVE:

@@ -26,6 +26,7 @@ class Topology:
         self._holder: dict[str, list[str | None]] = {}
         self._free: dict[str, int] = {}
         self._domain: dict[str, str] = {}
+        self._flavor: dict[str, str] = {}
         self._dom_nodes: dict[tuple[str, str], SortedList] = {}  # (flavor, domain) -> (-free, name), Ready
         self._dom_free: dict[tuple[str, str], int] = {}  # Ready free GPUs
         self._dom_order: dict[str, SortedList] = {}  # flavor -> (-free, domain)
@@ -45,6 +46,7 @@ class Topology:
         self._holder[node.name] = [None] * node.gpus
         self._free[node.name] = node.gpus
         self._domain[node.name] = node.domain
+        self._flavor[node.name] = node.flavor
         key = (node.flavor, node.domain)
         self._all_nodes_of.setdefault(key, []).append(node.name)
         self._all_nodes_of[key].sort()
@@ -69,6 +71,9 @@ class Topology:
 
     def domain_of(self, node: str) -> str:
         return self._domain[node]
+
+    def flavor_of(self, node: str) -> str:
+        return self._flavor[node]
 
     def flavors(self) -> list[str]:
         return sorted(self._dom_order)
