@@ -9,7 +9,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterator
 
-from jobtree.core.cover import GroupNeed, candidates
+from jobtree.core.cover import GroupNeed, eligible_at
 from jobtree.core.elasticity import Elasticity
 from jobtree.core.model import (
     MintReason,
@@ -97,10 +97,8 @@ class Admission(Elasticity):
     def _window_opening(self, key: str, needs: list[GroupNeed]) -> int | None:
         """The earliest future window start of an envelope that may reserve for the run and would
         fund it then, when nothing funds it now and no envelope admits it early."""
-        run = self.runs[key]
-        terms = self.terms(key)
         if any(c.envelope.pre_activation.allow_admission and not c.envelope.window_open(self.now)
-               for c in candidates(self.rules, self.topo, run, terms, self.now)):
+               for c in self._static_candidates(key) if eligible_at(c.envelope, self.now)):
             return None
         starts = sorted({e.start for e in self.rules.envelopes.values()
                          if e.start is not None and e.start > self.now and e.pre_activation.allow_reservations})

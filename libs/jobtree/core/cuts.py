@@ -393,29 +393,25 @@ def capacity_levels(world: CutWorld, max_level: int = LOTTERY) -> Iterator[set[S
     """Extra slots each level of §7 may count, computed only as far as asked: step 1; +2; +3;
     + every slot of a cuttable run."""
     acc: set[Slot] = set()
-    for added in capacity_steps(world, max_level):
-        acc |= added
+    for added in capacity_leases(world, max_level):
+        for lease in added:
+            acc.update(lease.slots)
         yield set(acc)
 
 
-def capacity_steps(world: CutWorld, max_level: int = LOTTERY) -> Iterator[set[Slot]]:
-    """What each level of `capacity_levels` adds to the one before (the same levels, as
-    differences: a caller keeping its own union copies nothing)."""
-    acc: set[Slot] = set()
+def capacity_leases(world: CutWorld, max_level: int = LOTTERY) -> Iterator[list[Lease]]:
+    """The leases each level of `capacity_levels` adds to the one before (each level's slots are
+    those of whole leases: a caller keeping its own union copies nothing)."""
+    seen: set[str] = set()
     for step in (RECLAIM, DROP_SPARE, SHRINK):
         if step > max_level:
             return
-        added: set[Slot] = set()
+        added: list[Lease] = []
         for cut in units(world, step, None):
             for name in cut.leases:
-                added.update(world.leases[name].slots)
-        added -= acc
-        acc |= added
+                if name not in seen:
+                    seen.add(name)
+                    added.append(world.leases[name])
         yield added
     if max_level >= LOTTERY:
-        added = set()
-        for key, leases in world.by_run.items():
-            if world.cuttable(key):
-                for x in leases:
-                    added.update(x.slots)
-        yield added - acc
+        yield [x for key, leases in world.by_run.items() if world.cuttable(key) for x in leases if x.name not in seen]

@@ -36,7 +36,7 @@ class Cutting(Placement):
                    planning: bool = False) -> cutorder.CutWorld:
         """Open leases and their classes with the new claim's funded part ranked in, for the
         runs the allowed cut steps could touch. Built from indexes the view keeps: each run's
-        leases by name and by domain (`_shape`), the runs holding an unfunded claim, and one
+        leases by name and by domain (`_refresh_sorted`, `_domains_of`), the runs holding an unfunded claim, and one
         copy of the classes; nothing is classified or sorted per open lease."""
         hypothetical: list[str] = []
         run = self.runs[key]
@@ -62,13 +62,15 @@ class Cutting(Placement):
         unfunded_claims = unfunded_counts.keys()
         # Step 1 touches only runs with an unfunded lease: a reclaim world is built from those
         # alone rather than from every run holding leases.
-        holders = unfunded_claims if max_step == cutorder.RECLAIM else self._holding
-        by_run: dict[str, Sequence[Lease]] = {}
-        for k in holders:
-            if k not in self._holding:
-                continue
-            if max_step >= cutorder.LOTTERY or self._cuttable_by(k, k in unfunded_claims, max_step):
-                by_run[k] = self._shape(k)[0]
+        self._refresh_sorted()
+        if max_step >= cutorder.LOTTERY:
+            by_run: dict[str, Sequence[Lease]] = dict(self._open_sorted)
+        else:
+            # Steps 1-3 touch only runs with an unfunded lease, a spare or room to shrink; a
+            # reclaim world is built from the runs with an unfunded lease alone.
+            holders = unfunded_claims if max_step == cutorder.RECLAIM else self._open_sorted
+            by_run = {k: self._open_sorted[k] for k in holders
+                      if k in self._open_sorted and self._cuttable_by(k, k in unfunded_claims, max_step)}
         flavor = run.spec.gpu_type
         topo = self.topo
 
@@ -80,15 +82,24 @@ class Cutting(Placement):
         in_world = unfunded_claims & by_run.keys()
         return cutorder.CutWorld(self.leases, classes, runs, topo.domain_of, usable, key, self.now,
                                  protect_bound_now=not planning, by_run=by_run, unfunded_runs=in_world,
-                                 domains_of=lambda k: self._shape(k)[1], derive=False,
+                                 domains_of=self._domains_of, derive=False,
                                  wholly_unfunded={k for k in in_world if unfunded_counts[k] == len(by_run[k])})
 
-    def _shape(self, key: str) -> tuple[tuple[Lease, ...], cutorder.RunDomains]:
-        """A run's open leases by name, and grouped by domain; kept until they change (`apply`)."""
-        got = self._shapes.get(key)
+    def _refresh_sorted(self) -> None:
+        """Bring `_open_sorted` (each holder's open leases by name) up to date."""
+        for k in self._stale_runs:
+            leases = self.open_by_run.get(k)
+            if leases:
+                self._open_sorted[k] = tuple(sorted(leases.values(), key=lambda x: x.name))
+            else:
+                self._open_sorted.pop(k, None)
+        self._stale_runs.clear()
+
+    def _domains_of(self, key: str) -> cutorder.RunDomains:
+        """A run's open leases by domain (for a world just built: `_open_sorted` is current)."""
+        got = self._run_domains.get(key)
         if got is None:
-            leases = tuple(sorted(self.open_by_run[key].values(), key=lambda x: x.name))
-            got = self._shapes[key] = (leases, cutorder.run_domains(leases, self.topo.domain_of))
+            got = self._run_domains[key] = cutorder.run_domains(self._open_sorted[key], self.topo.domain_of)
         return got
 
     def _cuttable_by(self, key: str, has_unfunded: bool, max_step: int) -> bool:
@@ -110,9 +121,9 @@ class Cutting(Placement):
                 return placed
         world = world or self._cut_world(key, cov, max_level, planning=True)
         extra: dict[str, set[int]] = {}
-        for added in cutorder.capacity_steps(world, max_level):
-            for node, i in added:
-                extra.setdefault(node, set()).add(i)
+        for added in cutorder.capacity_leases(world, max_level):
+            for lease in added:  # a lease's slots are on one node
+                extra.setdefault(lease.node, set()).update(i for _, i in lease.slots)
             placed = self._pack(key, cov.groups, extra)
             if placed is not None:
                 return placed

@@ -387,6 +387,8 @@ class FundingView:
         if lst[-1][0] < rank:
             return self.used.get(bound, 0)
         cut = bisect_left(lst, (rank, -1))
+        if cut * 2 > len(lst):  # the same sum, from the shorter side
+            return self.used.get(bound, 0) - sum(g for _, g in lst[cut:])
         return sum(g for _, g in lst[:cut])
 
     def refresh(self) -> None:

@@ -128,11 +128,11 @@ class ClusterState:
         """The queued runs in admission order; those waiting for capacity asleep (core.queue)."""
         self._queue_epoch = self._spec_epoch
         self._act_tried: dict[str, tuple[int, int]] = {}
-        self._holding: dict[str, None] = {}
-        """The runs holding an open lease (`open_by_run` keeps an empty entry once they close)."""
-        self._shapes: dict[str, tuple[tuple[Lease, ...], Sequence[tuple[str, Sequence[Lease]]]]] = {}
-        """Run -> its open leases by name and by domain, as cut worlds read them (`_shape`);
-        dropped by `apply` when they change."""
+        self._open_sorted: dict[str, tuple[Lease, ...]] = {}
+        self._run_domains: dict[str, Sequence[tuple[str, Sequence[Lease]]]] = {}
+        self._stale_runs: set[str] = set()
+        """Run -> its open leases by name, and by domain, as cut worlds read them (`_sorted_open`,
+        `_domains_of`): kept across decisions; `apply` marks a run stale when its leases change."""
         self.funding.set_clock(now, frozenset())
 
     def __getstate__(self) -> dict[str, object]:
@@ -140,15 +140,17 @@ class ClusterState:
         lists start empty (callers slice them from a mark taken after the copy) and no observer
         is attached. What snapshots store and what a what-if plan copies."""
         state = dict(self.__dict__)
-        state.update(journal=[], facts=[], observer=None, _shapes={})
+        state.update(journal=[], facts=[], observer=None, _open_sorted={}, _run_domains={},
+                     _stale_runs=self._stale_runs | self._open_sorted.keys())
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
-        self.__dict__.setdefault("_shapes", {})
+        self.__dict__.setdefault("_open_sorted", {})
+        self.__dict__.setdefault("_run_domains", {})
         self.__dict__.setdefault("_empty_fit_cache", {})
-        if "_holding" not in state:
-            self._holding = {k: None for k, ls in self.open_by_run.items() if ls}
+        if "_stale_runs" not in state:
+            self._stale_runs = {k for k, ls in self.open_by_run.items() if ls}
 
     def forget_history(self) -> None:
         """Empty the journal and fact lists (a follower or the decision loop, once the ledger
@@ -211,8 +213,8 @@ class ClusterState:
             self.topo.take(lease.slots, lease.name)
             self.leases[lease.name] = lease
             self.open_by_run.setdefault(lease.run, {})[lease.name] = lease
-            self._shapes.pop(lease.run, None)
-            self._holding[lease.run] = None
+            self._stale_runs.add(lease.run)
+            self._run_domains.pop(lease.run, None)
             self.funding.add(self._claim(lease))
             self._count_admitted(lease, +1)
             if lease.role is Role.ACTIVE:
@@ -224,9 +226,8 @@ class ClusterState:
             self.topo.release(old.slots, old.name)
             self.leases[fact.name] = replace(old, end=fact.end, closure_reason=fact.reason)
             del self.open_by_run[old.run][old.name]
-            self._shapes.pop(old.run, None)
-            if not self.open_by_run[old.run]:
-                self._holding.pop(old.run, None)
+            self._stale_runs.add(old.run)
+            self._run_domains.pop(old.run, None)
             self.funding.remove(old.name)
             self._count_admitted(old, -1)
             if old.role is Role.ACTIVE:
