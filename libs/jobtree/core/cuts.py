@@ -300,18 +300,18 @@ class _Tally:
         """(the run's names after, its share after, the total got after) were `cut` added (+1) or
         removed (-1)."""
         counts = dict(self._cut.get(cut.run, {}))
-        for n in cut.leases:
-            left = counts.get(n, 0) + sign
+        for name in cut.leases:
+            left = counts.get(name, 0) + sign
             if left:
-                counts[n] = left
+                counts[name] = left
             else:
-                counts.pop(n, None)
+                counts.pop(name, None)
         share = self._share_of(cut.run, set(counts))
         got = dict(self.got)
-        for d, n in self._share.get(cut.run, {}).items():
-            got[d] -= n
-        for d, n in share.items():
-            got[d] = got.get(d, 0) + n
+        for d, gpus in self._share.get(cut.run, {}).items():
+            got[d] -= gpus
+        for d, gpus in share.items():
+            got[d] = got.get(d, 0) + gpus
         return counts, share, got
 
     def short_with(self, cut: Cut, sign: int = 1) -> dict[str, int]:
