@@ -102,37 +102,70 @@ def candidates(rules: FundingRules, topo: Topology, run: Run, terms: RunTerms,
 
 
 class _Room:
-    """What each candidate envelope can still fund for this request."""
+    """What each candidate envelope can still fund for this request.
+
+    Nothing it reads changes while one cover is chosen, so per candidate it works out once
+    what does not depend on the group: whether the window is open, the bounds, GPU-hours left,
+    and the funded usage ranked before the run (the group index in the rank only orders the
+    run's own claims: without any, the usage before it is the same for every group)."""
 
     def __init__(self, rules: FundingRules, view: FundingView, meter: Meter, run: Run,
                  terms: RunTerms, t: int, period: Callable[[EnvelopeRef], int], headroom_only: bool) -> None:
         self.rules, self.view, self.meter, self.run = rules, view, meter, run
         self.terms, self.t, self.period, self.headroom_only = terms, t, period, headroom_only
         self.taken: dict[Bound, int] = {}
+        self._own_claims = view.has_claims(run.key)
+        self._static: dict[tuple[EnvelopeRef, int], tuple[bool, list[tuple[Bound, int]], list[Bound]]] = {}
+        self._used: dict[tuple[Bound, int], int] = {}
+        self._used_now: dict[Bound, int] = {}
+
+    def _terms_of(self, c: Candidate) -> tuple[bool, list[tuple[Bound, int]], list[Bound]]:
+        key = (c.ref, c.tier)
+        got = self._static.get(key)
+        if got is None:
+            got = self._static[key] = (c.envelope.window_open(self.t),
+                                       self.rules.bounds(c.ref, c.tier, self.run.key, self.terms),
+                                       self._hour_bounds(c))
+        return got
+
+    def _used_before(self, b: Bound, tier: int, group: int) -> int:
+        if self.headroom_only:
+            return self._now(b)
+        rank = (tier, self.terms.admitted, self.run.key, group, "")
+        if self._own_claims:
+            return self.view.used_before(b, rank)
+        got = self._used.get((b, tier))
+        if got is None:
+            got = self._used[(b, tier)] = self.view.used_before(b, rank)
+        return got
+
+    def _now(self, b: Bound) -> int:
+        got = self._used_now.get(b)
+        if got is None:
+            got = self._used_now[b] = self.view.used_now(b)
+        return got
 
     def room(self, c: Candidate, group: int) -> int:
-        e = c.envelope
-        if not e.window_open(self.t):
+        is_open, bounds, hour_bounds = self._terms_of(c)
+        if not is_open:
             return 0
-        bounds = self.rules.bounds(c.ref, c.tier, self.run.key, self.terms)
-        rank = (c.tier, self.terms.admitted, self.run.key, group, "")
         best = 1 << 60
+        spent, taken = self.view.spent, self.taken
         for b, cap in bounds:
-            if b in self.view.spent:
+            if b in spent:
                 return 0
-            used = self.view.used_now(b) if self.headroom_only else self.view.used_before(b, rank)
-            best = min(best, cap - used - self.taken.get(b, 0))
-        for b in self._hour_bounds(c):
+            best = min(best, cap - self._used_before(b, c.tier, group) - taken.get(b, 0))
+        for b in hour_bounds:
             left = self.meter.remaining(b, self.rules.hour_caps)
             if left is None:
                 continue
             horizon = self._lookahead(c)
-            width_now = self.view.used_now(b) + self.taken.get(b, 0)
+            width_now = self._now(b) + taken.get(b, 0)
             best = min(best, left // horizon - width_now if horizon > 0 else best)
         return max(0, best)
 
     def take(self, c: Candidate, n: int) -> None:
-        for b, _ in self.rules.bounds(c.ref, c.tier, self.run.key, self.terms):
+        for b, _ in self._terms_of(c)[1]:
             self.taken[b] = self.taken.get(b, 0) + n
 
     def _hour_bounds(self, c: Candidate) -> list[Bound]:

@@ -353,6 +353,9 @@ class FundingView:
     def claims(self) -> Iterable[Claim]:
         return self._claims.values()
 
+    def has_claims(self, run: str) -> bool:
+        return run in self._by_run
+
     # --- answers ----------------------------------------------------------------------------
 
     def class_of(self, name: str) -> FundingClass:
