@@ -8,7 +8,7 @@ import pytest
 from builders import HOUR, START, World, agg_cap, budget, claim, cluster, envelope, node, run, terms_of
 
 from jobtree.core.family import ANCESTOR, COUSIN, OWNER, SIBLING, SPONSOR
-from jobtree.core.funding import Claim, FundingRules, env_bound, lend_bound
+from jobtree.core.funding import Bound, Claim, FundingRules, env_bound, lend_bound
 from jobtree.core.model import FundingClass, Role
 
 OWNED, SHARED, BORROWED, UNFUNDED = (FundingClass.OWNED, FundingClass.SHARED, FundingClass.BORROWED,
@@ -428,3 +428,34 @@ def test_removal_matches_recomputation(victim: int) -> None:
             fresh.view.add(c)
     assert got == fresh.classes()
     assert claims[victim].name not in got
+
+
+def test_removing_the_last_ranked_funded_claim_is_local_even_with_starved_claims() -> None:
+    """A hypothetical claim ranked after everyone (how a cut world ranks a queued run in) is
+    added by the append path and removed without re-ranking the component, though a claim
+    ranked before it is starved: classes, usage and `used_before` are as before, nothing was
+    disturbed, and a full re-ranking agrees. A funded claim that is not last is re-ranked."""
+    w = world(budget("a", "org:a", envelope("e", 9)))
+    old = [w.add_run(run(f"r{i}", "org:a", 4), admitted=START + i) for i in range(3)]
+    for r in old:  # 4 + 4 funded, the third starved (12 > 9)
+        w.view.add(claim(f"{r.name}.0", r, 4, ("a", "e")))
+    b = env_bound(("a", "e"))
+    probe = (OWNER, START + 200, "z", 0, "")
+
+    def state() -> tuple[dict[str, FundingClass], dict[Bound, int], int]:
+        return w.classes(), dict(w.view.used), w.view.used_before(b, probe)
+
+    before = state()
+    assert before[0]["r2.0"] is UNFUNDED and before[1][b] == 8
+    late = w.add_run(run("late", "org:a", 1), admitted=START + 100)
+    disturbed = w.view.disturbances
+    w.view.add(claim("late.0", late, 1, ("a", "e")))
+    assert w.classes()["late.0"] is OWNED and w.view.used_before(b, probe) == 9
+    w.view.remove("late.0")
+    assert w.view.disturbances == disturbed and not w.view._dirty  # nothing re-ranked
+    assert state() == before
+    w.view.invalidate()
+    assert state() == before
+    w.view.remove("r1.0")  # funded, not last, a starved claim after it: re-ranked
+    assert w.view._dirty and w.view.disturbances == disturbed + 1
+    assert w.classes() == {"r0.0": OWNED, "r2.0": OWNED}

@@ -16,6 +16,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from jobtree.core.family import OWNER, SPONSOR, Family
 from jobtree.core.model import (
@@ -189,6 +190,8 @@ class FundingView:
         self._tier_of: dict[str, int] = {}
         self.used: dict[Bound, int] = {}
         self._funded: dict[Bound, list[tuple[Rank, int]]] = {}
+        self._prefix: dict[Bound, list[int]] = {}
+        """Bound -> running sums of `_funded[b]`'s GPUs (dropped whenever that list changes)."""
         self._components: dict[str, _Component] = {}
         self._comp_of_env: dict[EnvelopeRef, str] = {}
         self._unpaid = _Component(_dirty=False)
@@ -239,6 +242,7 @@ class FundingView:
         self._build_components()
         self.used.clear()
         self._funded.clear()
+        self._prefix.clear()
 
     def set_clock(self, now: int, spent: frozenset[Bound]) -> None:
         """Move the view's clock; components whose window or spent state changed recompute."""
@@ -319,12 +323,20 @@ class FundingView:
         ranked = name in self._tier_of
         if cls is FundingClass.UNFUNDED and ranked and not comp.dirty:
             comp.starved -= 1
-        elif (cls not in (None, FundingClass.UNFUNDED) and not comp.dirty and comp.starved == 0
-              and static is not None and static[0] is not None and self._terms(c.run).max_borrow is None):
-            # Everyone else in the component is funded and stays so with less usage: subtract.
+        elif (cls not in (None, FundingClass.UNFUNDED) and not comp.dirty and static is not None
+              and static[0] is not None and (comp.starved == 0 or static[0] == comp.max_rank)
+              and self._terms(c.run).max_borrow is None):
+            # Everyone else in the component is funded and stays so with less usage, or the claim
+            # ranks last (`max_rank` bounds every rank in the component, so equal means last) and
+            # no class was decided after it: subtract. (`max_rank` stays an upper bound.)
             for b, _ in static[1]:
                 self.used[b] -= c.gpus
-                self._funded[b].remove((static[0], c.gpus))
+                lst = self._funded[b]
+                if lst[-1] == (static[0], c.gpus):
+                    lst.pop()
+                else:
+                    lst.remove((static[0], c.gpus))
+                self._prefix.pop(b, None)
             self._tier_of.pop(name, None)
             return
         if c.payer is not None and (comp.dirty or cls not in (None, FundingClass.UNFUNDED)):
@@ -390,9 +402,12 @@ class FundingView:
         if lst[-1][0] < rank:
             return self.used.get(bound, 0)
         cut = bisect_left(lst, (rank, -1))
-        if cut * 2 > len(lst):  # the same sum, from the shorter side
-            return self.used.get(bound, 0) - sum(g for _, g in lst[cut:])
-        return sum(g for _, g in lst[:cut])
+        if cut == 0:
+            return 0
+        prefix = self._prefix.get(bound)
+        if prefix is None:
+            prefix = self._prefix[bound] = list(accumulate(g for _, g in lst))
+        return prefix[cut - 1]
 
     def refresh(self) -> None:
         if not self._dirty:
@@ -447,6 +462,7 @@ class FundingView:
             for b, _ in bounds:
                 used[b] = used.get(b, 0) + c.gpus
                 self._funded.setdefault(b, []).append((rank, c.gpus))
+                self._prefix.pop(b, None)
                 comp.bounds.add(b)
             self._set_cls(c, class_for_tier(tier))
         else:
@@ -459,6 +475,7 @@ class FundingView:
             for b in comp.bounds:
                 self.used.pop(b, None)
                 self._funded.pop(b, None)
+                self._prefix.pop(b, None)
             comp.bounds = set()
         ranked: list[tuple[Rank, Claim, _Component]] = []
         for comp in comps:
