@@ -459,3 +459,24 @@ def test_removing_the_last_ranked_funded_claim_is_local_even_with_starved_claims
     w.view.remove("r1.0")  # funded, not last, a starved claim after it: re-ranked
     assert w.view._dirty and w.view.disturbances == disturbed + 1
     assert w.classes() == {"r0.0": OWNED, "r2.0": OWNED}
+
+
+@pytest.mark.parametrize("extra", [(0,), (2,), (4, 5), (0, 1, 6), (3,)])
+def test_classes_with_extra_claims_equal_adding_them_and_leave_the_view_alone(extra: tuple[int, ...]) -> None:
+    """`classes_with` ranks hypothetical claims in on the side: the classes and unfunded counts
+    are those of a view holding them too, and the view itself (classes, usage, disturbances)
+    does not move."""
+    w, claims = _derivation_world()
+    for i, c in enumerate(claims):
+        if i not in extra:
+            w.view.add(c)
+    w.view.refresh()
+    before = (w.classes(), dict(w.view.used), dict(w.view.unfunded_claims), w.view.disturbances)
+    got, unfunded = w.view.classes_with([claims[i] for i in extra])
+    assert (w.classes(), dict(w.view.used), dict(w.view.unfunded_claims), w.view.disturbances) == before
+    assert not w.view._dirty
+    fresh, _ = _derivation_world()
+    for c in claims:
+        fresh.view.add(c)
+    assert got == REFERENCE == fresh.classes()
+    assert unfunded == fresh.view.unfunded_claims

@@ -165,31 +165,42 @@ def _in(domains: set[str] | None, d: str) -> bool:
 
 def _reclaim_units(world: CutWorld, domains: set[str] | None) -> list[Cut]:
     out: list[Cut] = []
-    # Every reclaim unit is made of unfunded leases only: runs without one yield none, so they
-    # are left out before the ordering (which keeps the others' relative order).
-    keys = [k for k in world.unfunded_runs if k in world.by_run and world.cuttable(k)]
-    for key in _youngest_first(world, keys):
-        leases = world.by_run[key]
-        whole = key in world.wholly_unfunded
-        for d, members in world.run_domains(key):
-            if _in(domains, d) and (whole or all(world.classes.get(x.name) is FundingClass.UNFUNDED for x in members)):
-                out.append(Cut(RECLAIM, key, tuple(x.name for x in members)))
-        spec = world.runs[key][0]
-        if spec.malleable is None:
-            continue
-        groups = _groups(leases)
-        width = _active_width(leases)
-        for g in sorted(groups, reverse=True):
-            members = groups[g]
-            gw = _active_width(members)
-            if width - gw < spec.min_width or not all(
-                world.classes.get(x.name) is FundingClass.UNFUNDED for x in members
-            ):
-                break
-            if not any(_in(domains, world.lease_domain(x)) for x in members):
-                break  # the top group is out of scope: nothing below it may go first
-            out.append(Cut(RECLAIM, key, tuple(x.name for x in members), g))
-            width -= gw
+    for key in _youngest_first(world, _reclaimable(world)):
+        out.extend(_reclaim_units_of(world, key, domains))
+    return out
+
+
+def _reclaimable(world: CutWorld) -> list[str]:
+    """Every reclaim unit is made of unfunded leases only: runs without one yield none, so they
+    are left out before the ordering (which keeps the others' relative order)."""
+    return [k for k in world.unfunded_runs if k in world.by_run and world.cuttable(k)]
+
+
+def _reclaim_units_of(world: CutWorld, key: str, domains: set[str] | None) -> list[Cut]:
+    """One run's reclaim units in the order step 1 takes them: each domain where every lease of
+    it is unfunded, then (malleable) whole unfunded top groups down to min."""
+    out: list[Cut] = []
+    leases = world.by_run[key]
+    whole = key in world.wholly_unfunded
+    for d, members in world.run_domains(key):
+        if _in(domains, d) and (whole or all(world.classes.get(x.name) is FundingClass.UNFUNDED for x in members)):
+            out.append(Cut(RECLAIM, key, tuple(x.name for x in members)))
+    spec = world.runs[key][0]
+    if spec.malleable is None:
+        return out
+    groups = _groups(leases)
+    width = _active_width(leases)
+    for g in sorted(groups, reverse=True):
+        members = groups[g]
+        gw = _active_width(members)
+        if width - gw < spec.min_width or not all(
+            world.classes.get(x.name) is FundingClass.UNFUNDED for x in members
+        ):
+            break
+        if not any(_in(domains, world.lease_domain(x)) for x in members):
+            break  # the top group is out of scope: nothing below it may go first
+        out.append(Cut(RECLAIM, key, tuple(x.name for x in members), g))
+        width -= gw
     return out
 
 
@@ -406,12 +417,19 @@ def capacity_leases(world: CutWorld, max_level: int = LOTTERY) -> Iterator[list[
     for step in (RECLAIM, DROP_SPARE, SHRINK):
         if step > max_level:
             return
-        added: list[Lease] = []
-        for cut in units(world, step, None):
-            for name in cut.leases:
-                if name not in seen:
-                    seen.add(name)
-                    added.append(world.leases[name])
-        yield added
+        if step == RECLAIM:
+            # A set of slots: the runs' order does not matter, and a fixed-size run holding
+            # unfunded leases only yields every lease it holds (one unit per domain).
+            found: list[Lease] = []
+            for key in _reclaimable(world):
+                if key in world.wholly_unfunded and world.runs[key][0].malleable is None:
+                    found.extend(world.by_run[key])
+                else:
+                    found.extend(world.leases[n] for cut in _reclaim_units_of(world, key, None) for n in cut.leases)
+        else:
+            found = [world.leases[n] for cut in units(world, step, None) for n in cut.leases]
+        added = {x.name: x for x in found if x.name not in seen}
+        seen.update(added)
+        yield list(added.values())
     if max_level >= LOTTERY:
         yield [x for key, leases in world.by_run.items() if world.cuttable(key) for x in leases if x.name not in seen]

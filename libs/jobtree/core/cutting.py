@@ -34,25 +34,16 @@ from jobtree.core.state import (
 class Cutting(Placement):
     def _cut_world(self, key: str, cov: Cover, max_step: int = cutorder.LOTTERY,
                    planning: bool = False) -> cutorder.CutWorld:
-        """Open leases and their classes with the new claim's funded part ranked in, for the
-        runs the allowed cut steps could touch. Built from indexes the view keeps: each run's
-        leases by name and by domain (`_refresh_sorted`, `_domains_of`), the runs holding an unfunded claim, and one
-        copy of the classes; nothing is classified or sorted per open lease."""
-        hypothetical: list[str] = []
+        """Open leases and their classes with the new claim's funded part ranked in (on the
+        side: `classes_with`), for the runs the allowed cut steps could touch. Built from
+        indexes the view keeps: each run's leases by name and by domain (`_refresh_sorted`,
+        `_domains_of`) and the runs holding an unfunded claim; nothing is classified or sorted
+        per open lease."""
         run = self.runs[key]
-        for g in cov.groups:
-            for i, p in enumerate(g.pieces):
-                pay = p.tag
-                if isinstance(pay, Payment) and pay.funded and pay.payer is not None:
-                    name = f"\x00claim.{g.index}.{i}"
-                    self.funding.add(Claim(name, key, run.spec.owner, g.index, p.role, p.count, pay.payer))
-                    hypothetical.append(name)
-        try:
-            classes = self.funding.class_snapshot()
-            unfunded_counts = dict(self.funding.unfunded_claims)
-        finally:
-            for name in hypothetical:
-                self.funding.remove(name)
+        hypothetical = [Claim(f"\x00claim.{g.index}.{i}", key, run.spec.owner, g.index, p.role, p.count, pay.payer)
+                        for g in cov.groups for i, p in enumerate(g.pieces)
+                        if isinstance(pay := p.tag, Payment) and pay.funded and pay.payer is not None]
+        classes, unfunded_counts = self.funding.classes_with(hypothetical)
         # Every claim of another run is one of its open leases; the placing run's hypothetical
         # claims are not leases: count its open ones only.
         own = self.open_by_run.get(key, {})

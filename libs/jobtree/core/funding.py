@@ -385,6 +385,59 @@ class FundingView:
         self.refresh()
         return dict(self._cls)
 
+    def classes_with(self, extra: list[Claim]) -> tuple[dict[str, FundingClass], dict[str, int]]:
+        """Every claim's class, and per run how many of its claims are unfunded, as if the
+        `extra` claims were open too — leaving the view as it is (no re-ranking to undo, no
+        disturbance). The components the extra claims fall in are ranked afresh on the side,
+        as `refresh` would after adding them; with a maxBorrowGPUs run in play (one bound
+        across components) the claims are added, read and removed instead."""
+        self.refresh()
+        classes, unfunded = dict(self._cls), dict(self.unfunded_claims)
+        if not extra:
+            return classes, unfunded
+        comps = {self._component_for(c) for c in extra} - {self._unpaid}
+        if any(self._terms(c.run).max_borrow is not None
+               for group in ([*comp.claims.values()] for comp in comps) for c in [*group, *extra]):
+            for c in extra:
+                self.add(c)
+            try:
+                return self.classes_with([])
+            finally:
+                for c in extra:
+                    self.remove(c.name)
+
+        def count(c: Claim, cls: FundingClass) -> None:
+            old = classes.get(c.name)
+            classes[c.name] = cls
+            delta = (cls is FundingClass.UNFUNDED) - (old is FundingClass.UNFUNDED)
+            if delta:
+                left = unfunded.get(c.run, 0) + delta
+                if left:
+                    unfunded[c.run] = left
+                else:
+                    unfunded.pop(c.run, None)
+
+        ranked: list[tuple[Rank, Claim, list[tuple[Bound, int]]]] = []
+        for c in [*(c for comp in comps for c in comp.claims.values()), *extra]:
+            if c.payer is None:
+                count(c, FundingClass.UNFUNDED)
+                continue
+            rank, bounds = self._static[c.name] if c.name in self._static else self._static_terms(c)
+            if rank is None or not self.rules.envelopes[c.payer].window_open(self.now):
+                count(c, FundingClass.UNFUNDED)
+            else:
+                ranked.append((rank, c, bounds))
+        ranked.sort(key=lambda r: r[0])
+        used: dict[Bound, int] = {}
+        for rank, c, bounds in ranked:
+            if all(b not in self.spent and used.get(b, 0) + c.gpus <= cap for b, cap in bounds):
+                for b, _ in bounds:
+                    used[b] = used.get(b, 0) + c.gpus
+                count(c, class_for_tier(rank[0]))
+            else:
+                count(c, FundingClass.UNFUNDED)
+        return classes, unfunded
+
     def tier_of(self, name: str) -> int | None:
         self.refresh()
         return self._tier_of.get(name)
