@@ -99,3 +99,43 @@ def test_a_sleeper_in_a_domain_short_run_waits_for_a_whole_group() -> None:
     assert cl._queue_index.asleep("default/gang")
     cl.submit(CompleteRun("default/left"))
     assert cl.status["default/gang"].phase is Phase.RUNNING
+
+
+def test_a_run_its_envelope_cannot_pay_now_sleeps_until_that_envelope_has_room() -> None:
+    """Nothing funds `waiting` while `first` holds its envelope, and the idle GPUs are too few:
+    it sleeps watching its envelope. `first` ending frees 8 GPUs (fewer than it needs: no
+    capacity wake) and 8 GPUs of headroom: that wakes it, and with part of it funded it
+    reclaims the unfunded `stray` and starts in the same instant."""
+    from builders import budget, envelope, node, run
+
+    cl = Cluster(ClusterConfig(cluster="gpu-a"), [node(f"a-{i}", domain="A") for i in range(3)], START)
+    cl.submit(ApplyBudget(budget("b", "org:b", envelope("e", 8))))
+    cl.submit(ApplyRun(run("first", "org:b", 8)))
+    cl.submit(ApplyRun(run("stray", "org:nobody", 16)))  # unfunded, on the idle GPUs
+    cl.submit(ApplyRun(run("waiting", "org:b", 16)))
+    assert cl.status["default/waiting"].phase is Phase.PENDING
+    assert cl._queue_index.asleep("default/waiting")
+    cl.advance(START + 10)
+    cl.submit(Tick())
+    assert cl._queue_index.asleep("default/waiting"), "nothing it waits for changed: it stays asleep"
+    cl.submit(CompleteRun("default/first"))
+    assert cl.status["default/waiting"].phase is Phase.RUNNING
+    assert cl.status["default/stray"].phase is Phase.PENDING  # reclaimed: §5.3
+
+
+def test_a_run_waiting_for_its_envelope_window_sleeps_until_it_opens() -> None:
+    """Its only envelope opens at +100 s and may not reserve before: until then nothing can pay
+    for `waiting` and the idle GPUs are gone, so it sleeps until that instant; then it reclaims
+    the unfunded `stray` and starts."""
+    from builders import budget, envelope, node, run
+
+    cl = Cluster(ClusterConfig(cluster="gpu-a"), [node(f"a-{i}", domain="A") for i in range(2)], START)
+    cl.submit(ApplyBudget(budget("b", "org:b", envelope("e", 8, start=START + 100))))
+    cl.submit(ApplyRun(run("stray", "org:nobody", 16)))
+    cl.submit(ApplyRun(run("waiting", "org:b", 8)))
+    assert cl._queue_index.asleep("default/waiting")
+    cl.advance(START + 99)
+    assert cl._queue_index.asleep("default/waiting") and cl.status["default/waiting"].phase is Phase.PENDING
+    cl.advance(START + 100)
+    assert cl.status["default/waiting"].phase is Phase.RUNNING
+    assert cl.status["default/stray"].phase is Phase.PENDING

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 from jobtree.core.cover import GroupNeed, eligible_at
 from jobtree.core.elasticity import Elasticity
+from jobtree.core.funding import env_bound, lend_bound
 from jobtree.core.model import (
     MintReason,
     Phase,
@@ -32,14 +33,14 @@ class Admission(Elasticity):
         if self._queue_epoch != self._spec_epoch:  # budgets or nodes changed: any run may now be payable
             index.wake_all()
             self._queue_epoch = self._spec_epoch
-        free, domain_free = self.topo.flavor_free, self.topo.max_domain_free
-        index.wake_due(self.now, free, domain_free)
+        free, domain_free, touched = self.topo.flavor_free, self.topo.max_domain_free, self.funding.touched
+        index.wake_due(self.now, free, domain_free, touched)
         order = index.awake_positions()
         woken: list[Position] = []
         i = 0
         cur: Position | None = None
         while True:
-            for pos in index.wake_due(self.now, free, domain_free):
+            for pos in index.wake_due(self.now, free, domain_free, touched):
                 if cur is None or pos > cur:
                     heapq.heappush(woken, pos)
             if i < len(order) and (not woken or order[i] < woken[0]):
@@ -92,7 +93,10 @@ class Admission(Elasticity):
             if self._reclaim_then_bind(key, cov):
                 return True
             return self._reserve(key, needs, None, free_tried=True)
-        return self._park(key)
+        parked = self._park(key)
+        if cov.funded_gpus == 0 and not self._in_hold_down(key) and not self._could_fit(key):
+            self._doze_unfunded(key)
+        return parked
 
     def _window_opening(self, key: str, needs: list[GroupNeed]) -> int | None:
         """The earliest future window start of an envelope that may reserve for the run and would
@@ -107,7 +111,23 @@ class Admission(Elasticity):
                 return t
         return None
 
-    def _doze(self, key: str) -> None:
+    def _doze_unfunded(self, key: str) -> None:
+        """Set asleep a run parked because nothing funds it now or when a window opens, and it
+        does not fit the idle GPUs. Trying it again parks it again until one of these moves:
+        its flavor's free GPUs (`_could_fit`), the funding of an envelope that could pay for it
+        (its component is `touched`: a claim added or removed, a re-ranking, its window opening
+        or closing), budgets or nodes, or its own status. An envelope with a GPU-hour bound
+        gives room that changes with the clock alone: such a run stays awake
+        (docs/design/requeue.md)."""
+        cands = self._static_candidates(key)
+        hour_caps = self.rules.hour_caps
+        for c in cands:
+            bounds = [env_bound(c.ref), lend_bound(c.ref), *(b for b, _ in self.rules.caps_of[c.ref])]
+            if any(b in hour_caps for b in bounds):
+                return
+        self._doze(key, watch=tuple(sorted({self.funding.component_of(c.ref) for c in cands})))
+
+    def _doze(self, key: str, until: int | None = None, watch: tuple[str, ...] = ()) -> None:
         """Set a run parked by the shortcut asleep in the queue: trying it again parks it again,
         changing nothing, until its flavor has what `_could_fit` needs free, its hold-down
         ends, or budgets or nodes change (docs/design/requeue.md)."""
@@ -115,6 +135,7 @@ class Admission(Elasticity):
         g = spec.locality.group_gpus
         need = spec.min_width + self._spares_for(spec.min_width, key)
         group_need = 0 if g is None else min(g, spec.min_width) + spec.spares_per_group
-        until = self.status[key].hold_down_until
-        self._queue_index.sleep(key, spec.gpu_type, need, group_need,
-                                until if until is not None and self.now < until else None)
+        if until is None:
+            hold = self.status[key].hold_down_until
+            until = hold if hold is not None and self.now < hold else None
+        self._queue_index.sleep(key, spec.gpu_type, need, group_need, until, watch)

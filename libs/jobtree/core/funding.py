@@ -171,6 +171,11 @@ class _Component:
                 self.registry.add(self)
             else:
                 self.registry.discard(self)
+        if value and self.touched is not None:
+            self.touched.add(self.cid)
+    cid: str = ""
+    touched: set[str] | None = None
+    """The view's set of components whose classes or usage may have changed (`touched`)."""
     max_rank: Rank | None = None
     bounds: set[Bound] = field(default_factory=set)
     starved: int = 0
@@ -205,6 +210,9 @@ class FundingView:
         `refresh`): the runs a reclaim may touch, without classifying every open claim."""
         self.disturbances = 0
         """Counts adds and removes that may have changed other claims' classes (not appends)."""
+        self.touched: set[str] = set()
+        """Ids of the components (`component_of`) whose classes or usage may have changed since
+        the set was last emptied — by whoever watches them (the admission queue's sleepers)."""
         self._build_components()
 
     # --- structure ------------------------------------------------------------------------
@@ -223,12 +231,16 @@ class FundingView:
                 parent[find(m)] = find(members[0])
         self._comp_of_env = {r: "/".join(find(r)) for r in self.rules.envelopes}
         self._dirty = set()
-        self._components = {cid: _Component(registry=self._dirty) for cid in set(self._comp_of_env.values())}
-        self._components["\x00orphans"] = _Component(registry=self._dirty)
+        self._components = {cid: _Component(registry=self._dirty, cid=cid, touched=self.touched)
+                            for cid in {*self._comp_of_env.values(), "\x00orphans"}}
         self._dirty.update(self._components.values())
         self._unpaid = _Component(_dirty=False)
         for c in self._claims.values():
             self._component_for(c).claims[c.name] = c
+
+    def component_of(self, ref: EnvelopeRef) -> str:
+        """The id of the component an envelope's claims are ranked in."""
+        return self._comp_of_env.get(ref, "\x00orphans")
 
     def _component_for(self, c: Claim) -> _Component:
         if c.payer is None:
@@ -289,6 +301,7 @@ class FundingView:
         self._claims[c.name] = c
         self._by_run.setdefault(c.run, set()).add(c.name)
         comp = self._component_for(c)
+        self.touched.add(comp.cid)
         comp.claims[c.name] = c
         if c.payer is None:
             self._set_cls(c, FundingClass.UNFUNDED)
@@ -314,6 +327,7 @@ class FundingView:
         if not names:
             del self._by_run[c.run]
         comp = self._component_for(c)
+        self.touched.add(comp.cid)
         del comp.claims[name]
         cls = self._cls.pop(name, None)
         if cls is not None:

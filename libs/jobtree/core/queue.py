@@ -12,7 +12,10 @@ or asleep:
   budgets or nodes change (the engine then calls `wake_all`). `wake_due(now, free,
   domain_free)` wakes, and returns in order, the sleepers whose capacity or hold-down
   condition no longer holds; it is cheap when none does (a look at the smallest need per
-  flavor and the earliest hold-down end).
+  flavor and the earliest hold-down end). A sleeper may also `watch` funding components: it
+  wakes when `wake_touched` is told one of them changed (its cover may now be funded); its
+  `hold_until` is then the next instant an envelope window it could be paid from opens or
+  closes.
 Not: a decider — it never says whether a run is admitted, only which runs need a look.
 """
 
@@ -38,6 +41,9 @@ class AdmissionQueue:
         self._holds: list[tuple[int, str]] = []
         """Heap of (hold-down end, key) of sleepers in hold-down (stale entries skipped)."""
         self._hold_of: dict[str, int] = {}
+        self._watchers: dict[str, set[str]] = {}
+        """Funding component id -> sleeping keys that wake when it changes."""
+        self._watch_of: dict[str, tuple[str, ...]] = {}
 
     def __len__(self) -> int:
         return len(self._pos)
@@ -72,7 +78,8 @@ class AdmissionQueue:
             self._pos[key] = pos
             self._awake.add(pos)
 
-    def sleep(self, key: str, flavor: str, need: int, group_need: int, hold_until: int | None) -> None:
+    def sleep(self, key: str, flavor: str, need: int, group_need: int, hold_until: int | None,
+              watch: tuple[str, ...] = ()) -> None:
         pos = self._pos[key]
         if key in self._asleep:
             return
@@ -82,6 +89,10 @@ class AdmissionQueue:
         if hold_until is not None:
             self._hold_of[key] = hold_until
             heapq.heappush(self._holds, (hold_until, key))
+        if watch:
+            self._watch_of[key] = watch
+            for cid in watch:
+                self._watchers.setdefault(cid, set()).add(key)
 
     def wake(self, key: str) -> bool:
         got = self._asleep.pop(key, None)
@@ -93,6 +104,11 @@ class AdmissionQueue:
         if not index:
             del self._by_flavor[flavor]
         self._hold_of.pop(key, None)
+        for cid in self._watch_of.pop(key, ()):
+            watchers = self._watchers[cid]
+            watchers.discard(key)
+            if not watchers:
+                del self._watchers[cid]
         self._awake.add(self._pos[key])
         return True
 
@@ -101,10 +117,16 @@ class AdmissionQueue:
             self.wake(key)
         self._holds.clear()
 
-    def wake_due(self, now: int, free: Callable[[str], int], domain_free: Callable[[str], int]) -> list[Position]:
-        """Wake the sleepers whose flavor has their need free (in all and in one domain) or
-        whose hold-down is over; their positions, in order."""
+    def wake_due(self, now: int, free: Callable[[str], int], domain_free: Callable[[str], int],
+                 touched: set[str] | None = None) -> list[Position]:
+        """Wake the sleepers whose flavor has their need free (in all and in one domain), whose
+        hold-down is over, or that watch a component in `touched` (emptied here); their
+        positions, in order."""
         woken: list[str] = []
+        if touched:
+            for cid in touched:
+                woken.extend(self._watchers.get(cid, ()))
+            touched.clear()
         holds = self._holds
         while holds and holds[0][0] <= now:
             until, key = heapq.heappop(holds)
