@@ -171,8 +171,14 @@ class _Component:
                 self.registry.add(self)
             else:
                 self.registry.discard(self)
-        if value and self.touched is not None:
-            self.touched.add(self.cid)
+        if value:
+            self.since = None  # a change of unknown reach: re-rank everything
+            if self.touched is not None:
+                self.touched.add(self.cid)
+    since: Rank | None = None
+    """While dirty: re-rank only the claims ranked at or after this (None: all of them). Set by
+    `FundingView._dirty_from` for a claim added or removed mid-ranking: claims ranked before it
+    were decided without it, and their classes and usage stand."""
     cid: str = ""
     touched: set[str] | None = None
     """The view's set of components whose classes or usage may have changed (`touched`)."""
@@ -308,6 +314,12 @@ class FundingView:
             return
         if comp.dirty:
             self.disturbances += 1
+            if comp.since is not None:  # re-ranked from a point: make sure that covers this claim
+                rank = self._rank(c)
+                if rank is None:
+                    self._set_cls(c, FundingClass.UNFUNDED)
+                else:
+                    self._dirty_from(comp, rank, c.run)
             return
         rank = self._rank(c)
         if rank is None:
@@ -316,7 +328,7 @@ class FundingView:
             self._decide(c, rank, comp)
             comp.max_rank = rank
         else:
-            comp.dirty = True
+            self._dirty_from(comp, rank, c.run)
             self.disturbances += 1
 
     def remove(self, name: str) -> None:
@@ -354,11 +366,24 @@ class FundingView:
             self._tier_of.pop(name, None)
             return
         if c.payer is not None and (comp.dirty or cls not in (None, FundingClass.UNFUNDED)):
-            comp.dirty = True
+            if static is not None and static[0] is not None:
+                self._dirty_from(comp, static[0], c.run)
+            else:
+                comp.dirty = True
             self.disturbances += 1
             if self._terms(c.run).max_borrow is not None:
                 self.invalidate()  # the run's maxBorrowGPUs spans its other lenders' components
         self._tier_of.pop(name, None)
+
+    def _dirty_from(self, comp: _Component, rank: Rank, run: str) -> None:
+        """Mark `comp` to be re-ranked from `rank` on (or wholly, for a maxBorrowGPUs run)."""
+        if self._terms(run).max_borrow is not None:
+            comp.dirty = True
+        elif not comp.dirty:
+            comp.dirty = True
+            comp.since = rank
+        elif comp.since is not None and rank < comp.since:
+            comp.since = rank
 
     def _set_cls(self, c: Claim, cls: FundingClass) -> None:
         old = self._cls.get(c.name)
@@ -485,7 +510,10 @@ class FundingView:
             self._recompute(list(self._components.values()))
         else:
             for comp in dirty:
-                self._recompute([comp])
+                if comp.since is None:
+                    self._recompute([comp])
+                else:
+                    self._recompute_from(comp, comp.since)
 
     # --- the ranking --------------------------------------------------------------------------
 
@@ -535,6 +563,38 @@ class FundingView:
         else:
             self._set_cls(c, FundingClass.UNFUNDED)
             comp.starved += 1
+
+    def _recompute_from(self, comp: _Component, since: Rank) -> None:
+        """Re-rank the claims of `comp` ranked at or after `since`, keeping what was decided
+        before it: the fill is greedy in rank order, so a claim's class depends only on the
+        claims ranked before it. The same result as `_recompute`, for the suffix's cost."""
+        used = self.used
+        for b in comp.bounds:
+            lst = self._funded.get(b)
+            if lst:
+                del lst[bisect_left(lst, (since, -1)):]
+                used[b] = sum(g for _, g in lst)
+            self._prefix.pop(b, None)
+        suffix: list[tuple[Rank, Claim]] = []
+        starved = 0
+        last: Rank | None = None
+        unfunded = FundingClass.UNFUNDED
+        for c in comp.claims.values():
+            rank = self._rank(c)
+            if rank is None:
+                continue  # unfunded whatever else happens, and so classed when it came
+            if rank >= since:
+                suffix.append((rank, c))
+            else:
+                starved += self._cls[c.name] is unfunded
+                if last is None or rank > last:
+                    last = rank
+        suffix.sort(key=lambda rc: rc[0])
+        comp.starved = starved
+        for rank, c in suffix:
+            self._decide(c, rank, comp)
+        comp.max_rank = suffix[-1][0] if suffix else last
+        comp.dirty = False
 
     def _recompute(self, comps: list[_Component]) -> None:
         """Forget what these components funded, then refill their claims in one rank order."""
