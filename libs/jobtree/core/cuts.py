@@ -418,14 +418,20 @@ def capacity_leases(world: CutWorld, max_level: int = LOTTERY) -> Iterator[list[
         if step > max_level:
             return
         if step == RECLAIM:
-            # A set of slots: the runs' order does not matter, and a fixed-size run holding
-            # unfunded leases only yields every lease it holds (one unit per domain).
+            # A set of slots: the runs' order does not matter, and a fixed-size run's units
+            # are its domains where all it holds is unfunded (all of them, when it holds
+            # unfunded leases only).
             found: list[Lease] = []
+            classes, unfunded = world.classes, FundingClass.UNFUNDED
             for key in _reclaimable(world):
-                if key in world.wholly_unfunded and world.runs[key][0].malleable is None:
-                    found.extend(world.by_run[key])
-                else:
+                if world.runs[key][0].malleable is not None:
                     found.extend(world.leases[n] for cut in _reclaim_units_of(world, key, None) for n in cut.leases)
+                elif key in world.wholly_unfunded:
+                    found.extend(world.by_run[key])
+                else:  # its units: each domain where all it holds is unfunded
+                    for _, members in world.run_domains(key):
+                        if all(classes.get(x.name) is unfunded for x in members):
+                            found.extend(members)
         else:
             found = [world.leases[n] for cut in units(world, step, None) for n in cut.leases]
         added = {x.name: x for x in found if x.name not in seen}

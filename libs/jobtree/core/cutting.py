@@ -69,7 +69,7 @@ class Cutting(Placement):
             node = topo.nodes[s[0]]
             return node.state is NodeState.READY and node.flavor == flavor
 
-        runs = {k: (self.runs[k].spec, self.status[k]) for k in by_run if k in self.runs}
+        runs = self._cut_runs  # every run, live: only those of `by_run` are looked up
         in_world = unfunded_claims & by_run.keys()
         return cutorder.CutWorld(self.leases, classes, runs, topo.domain_of, usable, key, self.now,
                                  protect_bound_now=not planning, by_run=by_run, unfunded_runs=in_world,

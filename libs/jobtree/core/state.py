@@ -44,6 +44,7 @@ from jobtree.core.model import (
     ReservationState,
     Role,
     Run,
+    RunSpec,
     RunStatus,
 )
 from jobtree.core.pack import PackRequest
@@ -131,8 +132,11 @@ class ClusterState:
         self._open_sorted: dict[str, tuple[Lease, ...]] = {}
         self._run_domains: dict[str, Sequence[tuple[str, Sequence[Lease]]]] = {}
         self._stale_runs: set[str] = set()
-        """Run -> its open leases by name, and by domain, as cut worlds read them (`_sorted_open`,
-        `_domains_of`): kept across decisions; `apply` marks a run stale when its leases change."""
+        """Run -> its open leases by name, and by domain, as cut worlds read them
+        (`Cutting._refresh_sorted`, `Cutting._domains_of`): kept across decisions; `apply` marks
+        a run stale when its leases change."""
+        self._cut_runs: dict[str, tuple[RunSpec, RunStatus]] = {}
+        """Run -> (spec, status) of every run with both, as cut worlds read them (`apply`)."""
         self.funding.set_clock(now, frozenset())
 
     def __getstate__(self) -> dict[str, object]:
@@ -149,6 +153,8 @@ class ClusterState:
         self.__dict__.setdefault("_open_sorted", {})
         self.__dict__.setdefault("_run_domains", {})
         self.__dict__.setdefault("_empty_fit_cache", {})
+        if "_cut_runs" not in state:
+            self._cut_runs = {k: (r.spec, self.status[k]) for k, r in self.runs.items() if k in self.status}
         if "_stale_runs" not in state:
             self._stale_runs = {k for k, ls in self.open_by_run.items() if ls}
 
@@ -188,11 +194,13 @@ class ClusterState:
                                 st.bound_at if st is not None else None)
             self.funding.invalidate_run(item.run.key)  # its funding terms feed its leases' ranks
             self._index_queue(item.run.key, st)
+            self._index_cut_run(item.run.key)
         elif isinstance(item, SpecDeleted):
             self.runs.pop(item.run, None)
             self._terms_cache.pop(item.run, None)
             self._index_running(item.run, Phase.PENDING, None)
             self._index_queue(item.run, None)
+            self._index_cut_run(item.run)
             self.deleted[item.run] = self.now
         elif isinstance(item, ClockAdvanced):
             pass  # the instant is the entry's: replay has already moved the clock there
@@ -249,8 +257,17 @@ class ClusterState:
         else:
             self._index_status(fact.run, fact.status)
             self.status[fact.run] = fact.status
+            self._index_cut_run(fact.run)
         self.facts.append(fact)
         self.journal.append((self.now, fact))
+
+    def _index_cut_run(self, key: str) -> None:
+        """Keep `_cut_runs` (run -> spec and status, as cut worlds read them) in step."""
+        run, st = self.runs.get(key), self.status.get(key)
+        if run is None or st is None:
+            self._cut_runs.pop(key, None)
+        else:
+            self._cut_runs[key] = (run.spec, st)
 
     def _count_admitted(self, lease: Lease, sign: int) -> None:
         t = self.terms(lease.run).admitted
