@@ -74,10 +74,8 @@ class Reserving(Cutting):
         """When reported ETAs of running work free the deficit in every domain of the slice."""
         if not deficit:
             return self.now
-        freeing: list[tuple[int, str]] = sorted(
-            (st.eta, k) for k, st in self.status.items()
-            if st.eta is not None and st.phase is Phase.RUNNING and k != key and st.eta >= self.now
-        )
+        etas = ((self.status[k].eta, k) for k in self._eta_running if k != key)
+        freeing: list[tuple[int, str]] = sorted((eta, k) for eta, k in etas if eta is not None and eta >= self.now)
         short = dict(deficit)
         for eta, k in freeing:
             for lease in self.open_by_run.get(k, {}).values():

@@ -103,6 +103,8 @@ class ClusterState:
         self._phase: dict[Phase, set[str]] = {p: set() for p in Phase}
         self._gpus_by_admitted: SortedDict = SortedDict()  # open lease GPUs by run admission time
         self._timed: set[str] = set()
+        self._eta_running: set[str] = set()
+        """Running runs that reported an ETA: what a reservation's forecast reads."""
         self._pending_res: set[str] = set()
         self._epoch = 0
         """Counts events that can turn a failed attempt into a success (capacity freed, budgets,
@@ -153,6 +155,8 @@ class ClusterState:
         self.__dict__.setdefault("_open_sorted", {})
         self.__dict__.setdefault("_run_domains", {})
         self.__dict__.setdefault("_empty_fit_cache", {})
+        if "_eta_running" not in state:
+            self._eta_running = {k for k, st in self.status.items() if st.phase is Phase.RUNNING and st.eta is not None}
         if "_cut_runs" not in state:
             self._cut_runs = {k: (r.spec, self.status[k]) for k, r in self.runs.items() if k in self.status}
         if "_stale_runs" not in state:
@@ -286,6 +290,10 @@ class ClusterState:
             self._timed.add(key)
         else:
             self._timed.discard(key)
+        if new.phase is Phase.RUNNING and new.eta is not None:
+            self._eta_running.add(key)
+        else:
+            self._eta_running.discard(key)
         self._tried.pop(key, None)
         self._grow_tried.pop(key, None)
         self._terms_cache.pop(key, None)
