@@ -12,6 +12,7 @@ Not: part of any decision path; production shells need not call it.
 
 from __future__ import annotations
 
+from jobtree.core import cuts
 from jobtree.core.engine import Cluster
 from jobtree.core.funding import INF, FundingView
 from jobtree.core.meter import cap_seconds
@@ -96,6 +97,25 @@ def check_widths(cl: Cluster) -> None:
         raise InvariantViolation(f"derivation: the width index is wrong for run(s) {', '.join(wrong)}")
 
 
+def check_cut_indexes(cl: Cluster) -> None:
+    """The indexes cut worlds read equal what they index: each holder's open leases by name
+    (for runs not marked stale) and by domain, every run's spec and status, and the running
+    runs with an ETA (docs/design/cut-worlds.md)."""
+    by_name = {k: tuple(sorted(ls.values(), key=lambda x: x.name)) for k, ls in cl.open_by_run.items() if ls}
+    wrong = sorted(k for k in by_name.keys() | cl._open_sorted.keys()
+                   if k not in cl._stale_runs and by_name.get(k) != cl._open_sorted.get(k))
+    wrong += sorted(k for k, doms in cl._run_domains.items()
+                    if k not in cl._stale_runs and doms != cuts.run_domains(by_name.get(k, ()), cl.topo.domain_of))
+    if wrong:
+        raise InvariantViolation(f"derivation: the cut-world lease index is wrong for run(s) {', '.join(wrong)}")
+    runs = {k: (r.spec, cl.status[k]) for k, r in cl.runs.items() if k in cl.status}
+    if runs != cl._cut_runs:
+        raise InvariantViolation("derivation: the cut-world run index differs from the runs and their status")
+    eta = {k for k, st in cl.status.items() if st.phase is Phase.RUNNING and st.eta is not None}
+    if eta != cl._eta_running:
+        raise InvariantViolation("derivation: the ETA index differs from the running runs that reported one")
+
+
 def check_audit(cl: Cluster, start: int, nodes: list | None = None) -> None:  # type: ignore[type-arg]
     base = nodes if nodes is not None else list(cl.initial_nodes)
     again = Cluster.replay(cl.config, base, start, cl.journal)
@@ -109,6 +129,7 @@ def check_all(cl: Cluster, audit: bool = False) -> None:
     check_no_overdraft(cl)
     check_derivation(cl)
     check_widths(cl)
+    check_cut_indexes(cl)
     check_gang(cl)
     if audit:
         check_audit(cl, cl.started)
