@@ -113,6 +113,8 @@ class Cutting(Placement):
         world = world or self._cut_world(key, cov, max_level, planning=True)
         extra: dict[str, set[int]] = {}
         for added in cutorder.capacity_leases(world, max_level):
+            if not added:
+                continue  # the same slots as the pack that just failed
             for lease in added:  # a lease's slots are on one node
                 extra.setdefault(lease.node, set()).update(i for _, i in lease.slots)
             placed = self._pack(key, cov.groups, extra)
