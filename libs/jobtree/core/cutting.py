@@ -51,8 +51,6 @@ class Cutting(Placement):
         if n_own := sum(classes[n] is FundingClass.UNFUNDED for n in own):
             unfunded_counts[key] = n_own
         unfunded_claims = unfunded_counts.keys()
-        # Step 1 touches only runs with an unfunded lease: a reclaim world is built from those
-        # alone rather than from every run holding leases.
         self._refresh_sorted()
         if max_step >= cutorder.LOTTERY:
             by_run: dict[str, Sequence[Lease]] = dict(self._open_sorted)
@@ -66,8 +64,7 @@ class Cutting(Placement):
         topo = self.topo
 
         def usable(s: Slot) -> bool:
-            node = topo.nodes[s[0]]
-            return node.state is NodeState.READY and node.flavor == flavor
+            return topo.nodes[s[0]].state is NodeState.READY and topo.flavor_of(s[0]) == flavor
 
         runs = self._cut_runs  # every run, live: only those of `by_run` are looked up
         in_world = unfunded_claims & by_run.keys()

@@ -419,11 +419,6 @@ class FundingView:
         cls = self._cls
         return {n: cls[n] for n in names}
 
-    def class_snapshot(self) -> dict[str, FundingClass]:
-        """Every claim's class now, as a copy (one refresh, no per-claim work)."""
-        self.refresh()
-        return dict(self._cls)
-
     def classes_with(self, extra: list[Claim]) -> tuple[dict[str, FundingClass], dict[str, int]]:
         """Every claim's class, and per run how many of its claims are unfunded, as if the
         `extra` claims were open too — leaving the view as it is (no re-ranking to undo, no
