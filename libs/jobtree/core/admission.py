@@ -9,9 +9,8 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterator
 
-from jobtree.core.cover import GroupNeed, eligible_at
+from jobtree.core.cover import GroupNeed, eligible_at, hour_bounds
 from jobtree.core.elasticity import Elasticity
-from jobtree.core.funding import env_bound, lend_bound
 from jobtree.core.model import (
     MintReason,
     Phase,
@@ -120,14 +119,11 @@ class Admission(Elasticity):
         gives room that changes with the clock alone: such a run stays awake
         (docs/design/requeue.md)."""
         cands = self._static_candidates(key)
-        hour_caps = self.rules.hour_caps
-        for c in cands:
-            bounds = [env_bound(c.ref), lend_bound(c.ref), *(b for b, _ in self.rules.caps_of[c.ref])]
-            if any(b in hour_caps for b in bounds):
-                return
+        if any(b in self.rules.hour_caps for c in cands for b in hour_bounds(self.rules, c)):
+            return
         self._doze(key, watch=tuple(sorted({self.funding.component_of(c.ref) for c in cands})))
 
-    def _doze(self, key: str, until: int | None = None, watch: tuple[str, ...] = ()) -> None:
+    def _doze(self, key: str, watch: tuple[str, ...] = ()) -> None:
         """Set a run parked by the shortcut asleep in the queue: trying it again parks it again,
         changing nothing, until its flavor has what `_could_fit` needs free, its hold-down
         ends, or budgets or nodes change (docs/design/requeue.md)."""
@@ -135,7 +131,6 @@ class Admission(Elasticity):
         g = spec.locality.group_gpus
         need = spec.min_width + self._spares_for(spec.min_width, key)
         group_need = 0 if g is None else min(g, spec.min_width) + spec.spares_per_group
-        if until is None:
-            hold = self.status[key].hold_down_until
-            until = hold if hold is not None and self.now < hold else None
+        hold = self.status[key].hold_down_until
+        until = hold if hold is not None and self.now < hold else None
         self._queue_index.sleep(key, spec.gpu_type, need, group_need, until, watch)

@@ -101,6 +101,15 @@ def candidates(rules: FundingRules, topo: Topology, run: Run, terms: RunTerms,
     return [c for _, c in found]
 
 
+def hour_bounds(rules: FundingRules, c: Candidate) -> list[Bound]:
+    """The bounds whose GPU-hour caps limit what candidate `c` can fund."""
+    out = [env_bound(c.ref)]
+    if c.tier == SPONSOR:
+        out.append(lend_bound(c.ref))
+    out.extend(key for key, _ in rules.caps_of[c.ref])
+    return out
+
+
 class _Room:
     """What each candidate envelope can still fund for this request.
 
@@ -169,11 +178,7 @@ class _Room:
             self.taken[b] = self.taken.get(b, 0) + n
 
     def _hour_bounds(self, c: Candidate) -> list[Bound]:
-        out = [env_bound(c.ref)]
-        if c.tier == SPONSOR:
-            out.append(lend_bound(c.ref))
-        out.extend(key for key, _ in self.rules.caps_of[c.ref])
-        return out
+        return hour_bounds(self.rules, c)
 
     def _lookahead(self, c: Candidate) -> int:
         """min(P, rest of W), P being the payer budget's period."""

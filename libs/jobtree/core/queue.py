@@ -13,9 +13,8 @@ or asleep:
   domain_free)` wakes, and returns in order, the sleepers whose capacity or hold-down
   condition no longer holds; it is cheap when none does (a look at the smallest need per
   flavor and the earliest hold-down end). A sleeper may also `watch` funding components: it
-  wakes when `wake_touched` is told one of them changed (its cover may now be funded); its
-  `hold_until` is then the next instant an envelope window it could be paid from opens or
-  closes.
+  wakes when `wake_due` is handed a `touched` set holding one of them (its cover may now be
+  funded).
 Not: a decider — it never says whether a run is admitted, only which runs need a look.
 """
 
