@@ -286,9 +286,6 @@ class _Tally:
         """Run -> usable GPUs per domain its cut leases free."""
         self.got: dict[str, int] = {}
 
-    def names(self) -> set[str]:
-        return {n for counts in self._cut.values() for n in counts}
-
     def _share_of(self, run: str, names: set[str]) -> dict[str, int]:
         got: dict[str, int] = {}
         if not names:
