@@ -724,6 +724,10 @@ async def bench(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
         progress(f"jobtree up stopped (exit {code})")
 
 
+READERS = ("packer", "resolver", "dashboard")
+"""The read services that answer now and then (`docs/design/read-views.md`): one CPU column."""
+
+
 def report(args: argparse.Namespace, got: dict[str, Any]) -> dict[str, Any]:
     lat = [r for r in got["results"] if r["phase"] == "latency"]
     sus = [r for r in got["results"] if r["phase"] == "sustained"]
@@ -731,9 +735,9 @@ def report(args: argparse.Namespace, got: dict[str, Any]) -> dict[str, Any]:
     def cpu_cols(r: dict[str, Any]) -> list[object]:
         c = r["cpu_s"]
         return [c.get("gateway"), c.get("admission"), c.get("admission-2"), c.get("binder"), c.get("nats-server"),
-                sum(c.get(k, 0.0) for k in ("budget", "packer", "resolver")), c.get("bench-client")]
+                c.get("budget"), round(sum(c.get(k, 0.0) for k in READERS), 2), c.get("bench-client")]
 
-    cpu_h = ["gw cpu", "adm cpu", "standby cpu", "bind cpu", "nats cpu", "3 followers cpu", "client cpu"]
+    cpu_h = ["gw cpu", "adm cpu", "standby cpu", "bind cpu", "nats cpu", "budget cpu", "readers cpu", "client cpu"]
     print(f"Live system: jobtree up, {args.nodes} nodes x {GPUS_PER_NODE} GPUs, {args.budgets} budgets, "
           f"completion by {args.complete}")
     if lat:

@@ -10,7 +10,9 @@ its commands in arrival order exactly as it would one at a time — for each: mo
 the command's instant (virtual clock; on the system clock the clock moves to now once, before
 the group), apply it, settle — and sends the
 journal entries of the whole group, each tagged with its command id, as one ledger batch to the
-binder with the sequence its view was built from and its fencing epoch. So the ledger holds the
+binder with the sequence its view was built from, its fencing epoch and its view's next timer
+once the group applies (`Cluster.next_timer`; the binder stamps it on the message, and the
+resolver ticks from it without a view of its own). So the ledger holds the
 same facts as a one-at-a-time loop would write, in fewer, larger messages; while one group
 commits, the next one queues. Outcomes:
 - a refused command (ValidationError) is answered with its error and writes nothing; the
@@ -272,6 +274,9 @@ class DecisionLoop:
                 return decided
             request = bus.AppendRequest(batch=bus.LedgerBatch(entries=entries), expected_last_sequence=self.sequence,
                                         epoch=self.epoch, msg_id=_message_id(live))
+            due = self.cluster.next_timer()
+            if due is not None:
+                request.next_timer.seconds = due
             raw = await self._commit(request)
             if raw is None:
                 await self.rebuild("the binder did not answer")

@@ -3,7 +3,8 @@
 Contract: answers `jobtree.C.binder.commit` (bus.AppendRequest -> bus.AppendReply). It refuses
 an append whose fencing epoch is older than the newest it has seen (a deposed leader), then
 appends the batch as one stream message with JetStream's expected-last-sequence and the
-command id as message id: a stale view is refused (CONFLICT, nothing written), a repeated
+command id as message id (and the request's `next_timer` as the header `Jobtree-Next-Timer`,
+`bus.ledger`): a stale view is refused (CONFLICT, nothing written), a repeated
 command commits once (`duplicate`). The ledger stream is file-backed and the nats-server syncs
 before acknowledging when started with `sync_interval: always` (`jobtree up`). After a
 commit it answers at once and mirrors the specs the batch carries into the cluster's KV
@@ -73,8 +74,9 @@ class Binder:
             return bus.AppendReply(error=bus.Error(
                 code=bus.ERROR_CODE_STALE_EPOCH, problem=f"epoch {req.epoch} is older than {self.epoch}"))
         try:
-            done = await self.ledger.append(req.batch, expected_last_sequence=req.expected_last_sequence,
-                                            msg_id=req.msg_id)
+            done = await self.ledger.append(
+                req.batch, expected_last_sequence=req.expected_last_sequence, msg_id=req.msg_id,
+                next_timer=int(req.next_timer.seconds) if req.HasField("next_timer") else None)
         except StaleAppend as stale:
             return bus.AppendReply(last_sequence=stale.last_sequence, error=bus.Error(
                 code=bus.ERROR_CODE_CONFLICT, problem=str(stale)))

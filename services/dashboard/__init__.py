@@ -1,8 +1,11 @@
 """dashboard: the fleet, budgets, queue and runs as a live web page, from a ledger follower.
 
-Contract: `main(ctx)` follows the cluster's ledger (`bus.follower.follow`, with a
-`views.BurnHistory` listening, so every envelope's burn curve is rebuilt from the ledger on
-start) and serves HTTP on `$JOBTREE_HTTP_HOST:$JOBTREE_HTTP_PORT` (default 127.0.0.1:8080; port 0
+Contract: `main(ctx)` reads the cluster's ledger on demand (`bus.follower.follow(push=False)`,
+with a `views.BurnHistory` listening, so every envelope's burn curve is drawn from the batches
+it applies, from the snapshot it started from on): every route catches the view up first, and
+while a page has `/api/stream` open it is caught up every `PUSH_EVERY` seconds; with no page
+open it applies nothing (after a long quiet it adopts the newest snapshot, and the burn curve
+draws the stretch it skipped as a straight line: `docs/design/read-views.md`) and serves HTTP on `$JOBTREE_HTTP_HOST:$JOBTREE_HTTP_PORT` (default 127.0.0.1:8080; port 0
 picks a free one). Once bound it logs `{"msg": "http listening", "port": N}` and writes N to
 `<data_dir>/dashboard.port` (removed on a clean stop). Routes (`app`):
 - `/` the page (`static/index.html`: views `#/fleet`, `#/budgets`, `#/queue`, `#/runs/NS/NAME`);
@@ -21,6 +24,7 @@ by default and shows what any reader of the ledger could read.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from pathlib import Path
 
@@ -44,11 +48,12 @@ async def main(ctx: ServiceContext) -> None:
     host, port = http_address()
     history = BurnHistory()
     board = Board()
-    follower = await follow(ctx, listeners=[history, Listener(board.changed, lambda _follower: None)])
+    follower = await follow(ctx, listeners=[history, Listener(board.changed, lambda _follower: None)], push=False)
     if follower is None:
         return
-    board.follower, board.history = follower, history
+    board.follower, board.history, board.log = follower, history, ctx.log
     board.clock = ctx.clock
+    pump = asyncio.ensure_future(board.pump())
     runner, bound = await serve_http(board, host, port)
     port_file = ctx.settings.data_dir / PORT_FILE
     port_file.parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +65,9 @@ async def main(ctx: ServiceContext) -> None:
         await ctx.stopping.wait()
     finally:
         board.close()
+        pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pump
         await runner.cleanup()
         await follower.stop()
         with contextlib.suppress(FileNotFoundError):

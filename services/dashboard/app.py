@@ -1,9 +1,10 @@
 """The dashboard's HTTP routes (aiohttp): the page, the JSON views, the live stream.
 
 Part of the dashboard service (see its package docstring for the routes). `Board` is what the
-routes read: the follower, the burn history, and one `asyncio.Event` per open stream, set by
-the follower listener `changed` (one event each: a shared condition would wake every stream
-under one lock).
+routes read: the follower (on demand: every route catches it up first, `fresh`, and `pump`
+keeps it caught up every PUSH_EVERY seconds only while a page has its stream open), the burn
+history, and one `asyncio.Event` per open stream, set by the follower listener `changed` (one
+event each: a shared condition would wake every stream under one lock).
 """
 
 from __future__ import annotations
@@ -33,6 +34,21 @@ class Board:
         """Where "now" comes from for the budgets' GPU-hours (None or a virtual clock: the view's)."""
         self.streams: set[asyncio.Event] = set()
         self.closing = asyncio.Event()
+        self.log: Any = None
+
+    async def fresh(self) -> None:
+        """Catch the view up with the ledger before a read (a NATS error is logged: the read
+        answers from the view at its sequence)."""
+        await self.follower.catch_up(self.log)
+
+    async def pump(self) -> None:
+        """While a page has its stream open, catch up every PUSH_EVERY seconds (each applied
+        batch sets the streams' events); with none open the view applies nothing."""
+        while not self.closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.closing.wait(), PUSH_EVERY)
+            if self.streams and not self.closing.is_set():
+                await self.fresh()
 
     def changed(self, _sequence: int, _batch: object) -> None:
         for event in self.streams:
@@ -64,16 +80,20 @@ def routes(board: Board) -> web.Application:
         return web.Response(text="ok\n")
 
     async def fleet(_: web.Request) -> web.Response:
+        await board.fresh()
         return board.payload(views.fleet(board.follower.cluster))
 
     async def budgets(_: web.Request) -> web.Response:
+        await board.fresh()
         at = board.clock.now() if board.clock is not None else None
         return board.payload(views.budgets(board.follower.cluster, board.history, at))
 
     async def queue(_: web.Request) -> web.Response:
+        await board.fresh()
         return board.payload(views.queue(board.follower.cluster))
 
     async def runs(_: web.Request) -> web.Response:
+        await board.fresh()
         cl = board.follower.cluster
         rows = [{"key": k, "owner": cl.runs[k].spec.owner, "phase": cl.status[k].phase.value}
                 for k in sorted(cl.runs) if k in cl.status]
@@ -81,6 +101,7 @@ def routes(board: Board) -> web.Application:
 
     async def one_run(request: web.Request) -> web.Response:
         key = f"{request.match_info['namespace']}/{request.match_info['name']}"
+        await board.fresh()
         doc = views.run(board.follower.cluster, key)
         if doc is None:
             return _error(404, f"runs/{key}: no such run in the cluster's view")
@@ -90,6 +111,7 @@ def routes(board: Board) -> web.Application:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                                "X-Accel-Buffering": "no"})
         await response.prepare(request)
+        await board.fresh()
         event = asyncio.Event()
         event.set()
         board.streams.add(event)

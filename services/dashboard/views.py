@@ -152,8 +152,11 @@ class BurnHistory:
             self.observe(self.follower.cluster)
 
     def restored(self, follower: Any) -> None:
-        """Started from a snapshot: the curve starts there, at what the envelopes had consumed."""
-        self.reset(follower)
+        """The view was put at a snapshot: at a start (`follow` has reset the curve) it starts
+        there; when an on-demand view jumps to a newer snapshot, the curve keeps what it had and
+        goes on from the snapshot's consumption (both ends of the stretch it skipped are exact; the
+        stretch is drawn as one straight line)."""
+        self.follower = follower
         self.observe(follower.cluster)
 
 

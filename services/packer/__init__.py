@@ -1,8 +1,11 @@
 """packer: topology and what-if placement of one cluster, answered from a ledger follower.
 
-Contract: a `Follower` replays the cluster's ledger stream into a core `Cluster` and keeps
-following it (waiting for the stream if it starts before the binder has created it);
-the service decides nothing that is written. It answers:
+Contract: an on-demand `Follower` (`push=False`: it holds no consumer and applies nothing
+between requests) starts from the newest snapshot and the ledger after it (waiting for the
+stream if it starts before the binder has created it), and catches up with the ledger before
+each answer (`Follower.catch_up`: it answers from everything committed before the request, and
+from the view it has, at its sequence, when NATS cannot be read). The service decides nothing
+that is written. It answers:
 - `jobtree.C.packer.nodes` (service.ListNodesRequest -> service.ListNodesResponse): every node
   by name with its labels, GPUs and state (Ready | Cordoned | Fenced).
 - `jobtree.C.packer.plan` (service.PlanRunRequest -> service.PlanRunResponse): what would
@@ -84,17 +87,19 @@ def plan(cl: Cluster, req: svc.PlanRunRequest, now: int | None = None) -> svc.Pl
 
 
 async def main(ctx: ServiceContext) -> None:
-    follower = await follow(ctx)
+    follower = await follow(ctx, push=False)
     if follower is None:
         return
     wall_clock = ctx.settings.clock == "system"
 
     async def on_nodes(data: bytes) -> bytes:
         svc.ListNodesRequest.FromString(data)
+        await follower.catch_up(ctx.log)
         return nodes(follower.cluster).SerializeToString()
 
     async def on_plan(data: bytes) -> bytes:
         req = svc.PlanRunRequest.FromString(data)
+        await follower.catch_up(ctx.log)
         now = int(time.time()) if wall_clock else None
         return plan(follower.cluster, req, now).SerializeToString()
 

@@ -1,14 +1,17 @@
 """resolver: makes time happen on the system clock by sending `Tick` commands to admission.
 
-Contract: a `Follower` keeps the cluster's view (waiting for the ledger stream if need be); on the system clock the resolver sleeps until
-the view's `next_timer()` (reservation activations, grace, checkpoint and hold-down deadlines,
-window edges, GPU-hour exhaustion, simulated completions) or the next multiple of
-`HEARTBEAT` seconds, whichever is first, waking early when a new ledger batch arrives (it may
-bring an earlier timer). When that instant `t` has come it sends `bus.Command{tick,
-instant=t}` to `jobtree.C.admission.command` with `command_id = "tick@<t>"`: the id depends on
-the instant alone, so two resolvers (replicas, or one restarted) ticking for the same instant
-send the same command and the decision loop commits it once. It never sends the same instant
-twice. Failures (no admission, timeouts) are logged and retried at the next wake-up.
+Contract: the resolver holds no replica of the view. The admission leader stamps every ledger
+message with its view's next timer once the batch applies (header `Jobtree-Next-Timer`, see
+`bus.ledger`: reservation activations, grace, checkpoint and hold-down deadlines, window edges,
+GPU-hour exhaustion, simulated completions); the resolver reads it from the newest ledger
+message (`Ledger.next_timer`, one message read every `POLL` seconds) and sleeps until that
+instant or the next multiple of `HEARTBEAT` seconds, whichever is first (a message without the
+header, written before it existed, leaves only the heartbeat). When that instant `t` has come
+it sends `bus.Command{tick, instant=t}` to `jobtree.C.admission.command` with `command_id =
+"tick@<t>"`: the id depends on the instant alone, so two resolvers (replicas, or one restarted)
+ticking for the same instant send the same command and the decision loop commits it once. It
+never sends the same instant twice. Failures (no admission, timeouts, NATS down) are logged and
+retried at the next wake-up.
 On a virtual clock (`jobtree sim run --live`, tests) the scenario runner sends the ticks: the
 resolver only answers `health`.
 Not: a decision maker (admission is); it only says "now".
@@ -21,15 +24,16 @@ import contextlib
 import time
 
 import nats.errors
-import nats.js.errors
 
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.bus import codec, subjects
-from jobtree.bus.follower import follow
+from jobtree.bus.ledger import Ledger, NextTimer
 from jobtree.bus.runtime import ServiceContext
 
 HEARTBEAT = 30
 """Seconds between ticks when no timer is due sooner (instants on multiples of it)."""
+POLL = 0.25
+"""Seconds between two reads of the ledger's next timer."""
 REQUEST_TIMEOUT = 10.0
 
 
@@ -49,15 +53,15 @@ def next_wake(now: int, due: int | None, last_sent: int | None) -> int:
     return target
 
 
-async def _wait(ctx: ServiceContext, changed: asyncio.Event, seconds: float) -> None:
-    waits = [asyncio.ensure_future(ctx.stopping.wait()), asyncio.ensure_future(changed.wait())]
+async def _due(ctx: ServiceContext, ledger: Ledger, known: NextTimer | None) -> NextTimer | None:
+    """The newest ledger message's next timer; None when NATS cannot answer (logged when the
+    last read had worked: once per outage)."""
     try:
-        await asyncio.wait(waits, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await w
+        return await ledger.next_timer()
+    except nats.errors.Error as exc:
+        if known is not None:
+            ctx.log.warning("could not read the ledger's next timer", extra={"fields": {"error": repr(exc)}})
+        return None
 
 
 async def main(ctx: ServiceContext) -> None:
@@ -65,34 +69,32 @@ async def main(ctx: ServiceContext) -> None:
         ctx.log.info("virtual clock: idle (the scenario runner sends the ticks)")
         await ctx.stopping.wait()
         return
-    follower = await follow(ctx)
-    if follower is None:
-        return
-    changed = asyncio.Event()
-    follower.listeners.append(lambda _seq, _batch: changed.set())
+    ledger = Ledger(ctx.js, ctx.cluster, timeout=REQUEST_TIMEOUT)
     subject = subjects.request(ctx.cluster, "admission", "command")
+    known: NextTimer | None = NextTimer(0, False, None)
+    due: int | None = None
     last_sent: int | None = None
-    try:
-        while not ctx.stopping.is_set():
-            now = int(time.time())
-            target = next_wake(now, follower.cluster.next_timer(), last_sent)
-            if target > now:
-                changed.clear()
-                await _wait(ctx, changed, target - time.time())
-                continue
-            cmd = tick_command(target)
-            try:
-                raw = await ctx.nc.request(subject, codec.encode(cmd, bus.Command), timeout=REQUEST_TIMEOUT,
-                                           headers=codec.headers(cmd))
-            except nats.errors.Error as exc:  # no leader yet, a timeout, NATS reconnecting
-                ctx.log.warning("tick not answered", extra={"fields": {"instant": target, "error": repr(exc)}})
-                await _wait(ctx, changed, 1.0)
-                continue
-            reply = codec.decode(raw.data, bus.CommandReply)
-            last_sent = target
-            if reply.HasField("error"):
-                ctx.log.warning("tick refused", extra={"fields": {"instant": target, "problem": reply.error.problem}})
-            else:
-                await follower.wait_for(reply.ledger_sequence)
-    finally:
-        await follower.stop()
+    ctx.log.info("ticking from the ledger's next-timer header", extra={"fields": {"poll": POLL}})
+    while not ctx.stopping.is_set():
+        known = await _due(ctx, ledger, known)
+        if known is not None:
+            due = known.at  # else the last one read stands
+        now = int(time.time())
+        target = next_wake(now, due, last_sent)
+        if target > now:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ctx.stopping.wait(), min(POLL, target - time.time()))
+            continue
+        cmd = tick_command(target)
+        try:
+            raw = await ctx.nc.request(subject, codec.encode(cmd, bus.Command), timeout=REQUEST_TIMEOUT,
+                                       headers=codec.headers(cmd))
+        except nats.errors.Error as exc:  # no leader yet, a timeout, NATS reconnecting
+            ctx.log.warning("tick not answered", extra={"fields": {"instant": target, "error": repr(exc)}})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ctx.stopping.wait(), 1.0)
+            continue
+        reply = codec.decode(raw.data, bus.CommandReply)
+        last_sent = target
+        if reply.HasField("error"):
+            ctx.log.warning("tick refused", extra={"fields": {"instant": target, "problem": reply.error.problem}})

@@ -26,7 +26,7 @@ from jobtree.api import convert
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.api.jobtree.v1 import service_pb2 as svc
 from jobtree.bus import codec, subjects
-from jobtree.bus.ledger import Ledger
+from jobtree.bus.ledger import NEXT_TIMER, Ledger
 from jobtree.bus.natsserver import NatsServer
 from jobtree.core import facts as F
 from jobtree.core.engine import Cluster
@@ -348,6 +348,19 @@ def test_resolver_ticks_on_the_system_clock(nats_server: NatsServer, tmp_path: P
         ids = on(nats_server.url, closing_ids)
         assert ids <= {""} | {i for i in ids if i.startswith("tick@")}, ids
         assert not ids & {"n0", "r0"}, "the completion was committed with a client's command"
+
+        async def minting_header(nc: Any) -> tuple[int, str]:
+            js = nc.jetstream()
+            records = await Ledger(js, cluster).replay()
+            minting = [r for r in records if any(e.WhichOneof("fact") == "lease_minted" for e in r.batch.entries)]
+            assert len(minting) == 1, minting
+            bound = max(e.instant.seconds for e in minting[0].batch.entries)
+            msg = await js.get_msg(subjects.ledger_stream(cluster), seq=minting[0].sequence)
+            return bound, (msg.headers or {}).get(NEXT_TIMER, "")
+
+        # what the resolver ticked from: the binding message says when the run's runtime ends
+        bound, header = on(nats_server.url, minting_header)
+        assert header == str(bound + 2), (bound, header)
     finally:
         stop_services(services)
 

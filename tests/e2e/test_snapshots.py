@@ -19,10 +19,10 @@ from test_read_services import ask, on, send, wait_healthy
 
 from jobtree.api import convert
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
+from jobtree.bus import codec, subjects
 from jobtree.bus import snapshot as snap
-from jobtree.bus import subjects
-from jobtree.bus.follower import Follower, apply_batch, record_ids
-from jobtree.bus.ledger import Ledger
+from jobtree.bus.follower import Follower, Listener, apply_batch, record_ids
+from jobtree.bus.ledger import Ledger, NextTimer
 from jobtree.bus.natsserver import NatsServer
 from jobtree.core import facts as F
 from jobtree.core.engine import Cluster
@@ -114,6 +114,99 @@ def test_a_follower_starts_from_the_snapshot_and_ignores_one_that_does_not_match
             f = await follower(nc, cluster)
         assert f.restored_from == 0 and "did not finish in time" in f.snapshot_refusal, f.snapshot_refusal
         assert view_of(f.cluster) == view_of(whole.cluster)
+
+    on(nats_server.url, scenario)
+
+
+def test_an_on_demand_follower_applies_nothing_until_asked_and_jumps_to_a_newer_snapshot(
+        nats_server: NatsServer, cluster: str) -> None:
+    """`push=False`: no batch is applied between reads; `catch_up` pulls the gap, or, when the
+    gap is longer than `jump_after` and a newer snapshot exists, adopts it and pulls the tail.
+    Either way the view is the one a full replay gives; a listener hears every batch applied."""
+    sc = S.load_scenario(SCENARIO)
+    # one entry per message: a ledger long enough for gaps of several messages
+    batches = [bus.LedgerBatch(entries=[e]) for b in ledger_of(sc, cluster) for e in b.entries]
+    config = ClusterConfig(cluster=cluster)
+    first, cut = 3, len(batches) - 2
+    assert cut - first > 4
+
+    async def scenario(nc: Any) -> None:
+        js = nc.jetstream()
+        ledger = Ledger(js, cluster)
+        await ledger.create()
+
+        async def append(upto: int) -> None:
+            for seq in range(await ledger.last_sequence(), upto):
+                await ledger.append(batches[seq], expected_last_sequence=seq, msg_id=f"m{seq}")
+
+        await append(first)
+        seen: list[int] = []
+        restored: list[int] = []
+        lazy = Follower(js, cluster, config, push=False, jump_after=4)
+        lazy.listeners.append(Listener(lambda seq, _b: seen.append(seq), lambda f: restored.append(f.sequence)))
+        await lazy.start()
+        assert lazy.sequence == first and lazy._sub is None and lazy._watchdog is None
+        await append(first + 2)
+        await asyncio.sleep(0.3)
+        assert lazy.sequence == first, "an on-demand view applied a batch nobody asked for"
+        assert await lazy.catch_up() == first + 2 and lazy.jumps == 0  # a short gap: pulled
+        assert seen == list(range(1, first + 3))
+
+        # a long gap with only an older snapshot: pulled as well
+        await store_view(js, cluster, config, batches[:first])
+        await append(cut)
+        assert await lazy.catch_up() == cut and lazy.jumps == 0 and restored == []
+
+        # a long gap and a snapshot past the view: adopted, then the tail
+        await append(len(batches))
+        now = await store_view(js, cluster, config, batches[:-1])
+        more = [bus.LedgerBatch(entries=[convert.entry_to_proto((now, F.ClockAdvanced()), command_id=f"x{i}")])
+                for i in range(5)]
+        for i, batch in enumerate(more):
+            await ledger.append(batch, expected_last_sequence=len(batches) + i, msg_id=f"x{i}")
+        seen.clear()
+        assert await lazy.catch_up() == len(batches) + len(more)
+        assert lazy.jumps == 1 and lazy.restored_from == len(batches) - 1 and restored == [len(batches) - 1]
+        assert seen == list(range(len(batches), len(batches) + len(more) + 1))
+        whole = await follower(nc, cluster, snapshots=False)
+        assert view_of(lazy.cluster) == view_of(whole.cluster)
+        assert lazy.command_ids == whole.command_ids
+        # nothing new: one look at the ledger, nothing applied
+        seen.clear()
+        assert await lazy.catch_up() == whole.sequence and seen == []
+
+    on(nats_server.url, scenario)
+
+
+async def store_view(js: Any, cluster: str, config: ClusterConfig, prefix: list[bus.LedgerBatch]) -> int:
+    """Save the view of a ledger prefix as its snapshot (as the admission leader would); its now."""
+    view = Cluster(config, (), 0)
+    ids: dict[str, int] = {}
+    digests: dict[str, bytes] = {}
+    for seq, batch in enumerate(prefix, 1):
+        apply_batch(view, batch)
+        record_ids(batch, seq, ids, digests)
+    store = snap.SnapshotStore(js, cluster, config)
+    await store.save(snap.encode(cluster, view, len(prefix), ids, digests, await store.ledger_digest_at(len(prefix))))
+    return view.now
+
+
+def test_the_ledger_carries_the_next_timer_in_a_header(nats_server: NatsServer, cluster: str) -> None:
+    """What the resolver reads instead of keeping a view: the newest message's header."""
+
+    async def scenario(nc: Any) -> None:
+        ledger = Ledger(nc.jetstream(), cluster)
+        await ledger.create()
+        assert await ledger.next_timer() == NextTimer(0, True, None)
+        entry = bus.LedgerBatch(entries=[convert.entry_to_proto((5, F.ClockAdvanced()), command_id="a")])
+        await ledger.append(entry, expected_last_sequence=0, msg_id="a", next_timer=1_767_571_230)
+        assert await ledger.next_timer() == NextTimer(1, True, 1_767_571_230)
+        await ledger.append(entry, expected_last_sequence=1, msg_id="b")
+        assert await ledger.next_timer() == NextTimer(2, True, None)
+        # a message written before the header existed: unknown, not "no timer"
+        await nc.jetstream().publish(subjects.ledger_subject(cluster), codec.encode(entry, bus.LedgerBatch),
+                                     headers={"Nats-Expected-Last-Sequence": "2"})
+        assert await ledger.next_timer() == NextTimer(3, False, None)
 
     on(nats_server.url, scenario)
 

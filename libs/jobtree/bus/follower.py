@@ -18,6 +18,14 @@ tail); a follower with a listener that has none replays the whole ledger (`snaps
 says so). `restored_from` is the snapshot's sequence (0: replayed from the start).
 `follow(ctx)` retries every NATS error (the stream not existing yet, a timeout, a reconnect)
 until the follower runs or the service stops.
+On demand (`push=False`): a read service that answers now and then (the packer, the dashboard
+with no page open) holds no consumer and applies nothing between reads. `catch_up()`, called
+before a read, pulls what the ledger gained since; when that is more than `jump_after` messages
+and the newest snapshot may be newer than the view (the ledger has moved on by `jump_after`
+since the last look), it adopts that snapshot first (listeners are told through `restored`,
+as at a start) and pulls only the tail after it. So an idle reader costs nothing, and a read
+after a long quiet costs at most a snapshot load plus `jump_after` messages
+(`docs/design/read-views.md`).
 Not: a decision maker (only the admission leader decides), not a writer.
 """
 
@@ -71,11 +79,25 @@ class Listener:
         self.on_batch(sequence, batch)
 
 
+JUMP_AFTER = 1000
+"""An on-demand view this many ledger messages behind looks for a newer snapshot (the writer's
+default cadence, `bus.snapshot.EVERY`)."""
+
+
 class Follower:
-    def __init__(self, js: JetStreamContext, cluster: str, config: ClusterConfig, *, snapshots: bool = True) -> None:
+    def __init__(self, js: JetStreamContext, cluster: str, config: ClusterConfig, *, snapshots: bool = True,
+                 push: bool = True, jump_after: int = JUMP_AFTER) -> None:
         self.js = js
         self.snapshots = snapshots
         """Start from the newest valid snapshot (else replay the whole ledger)."""
+        self.push = push
+        """Follow every batch as it is appended (else: only when `catch_up` is called)."""
+        self.jump_after = jump_after
+        self._looked_at = 0
+        """The ledger's last sequence when `catch_up` last looked for a snapshot."""
+        self._catching = asyncio.Lock()
+        self.jumps = 0
+        """Times `catch_up` adopted a newer snapshot instead of pulling the whole gap."""
         self.restored_from = 0
         """The sequence of the snapshot this follower started from (0: none)."""
         self.snapshot_refusal = ""
@@ -104,11 +126,38 @@ class Follower:
         next sequence. Returns once caught up with the ledger as it was at the call; from then on
         a watchdog re-attaches it whenever the connection to NATS was lost."""
         await self._attach()
-        if self._watchdog is None:
+        if self.push and self._watchdog is None:
             self._watchdog = asyncio.ensure_future(self._watch())
 
-    async def _restore(self) -> None:
-        """Adopt the newest valid snapshot, if every listener can start from one."""
+    async def catch_up(self, log: Any = None) -> int:
+        """Apply what the ledger gained since the last read (adopting a newer snapshot first when
+        the gap is long; see the module contract); returns the sequence now applied. A NATS
+        error leaves the view as it was, consistent at `sequence`: it propagates, or with `log`
+        is logged (the reader answers from the view it has, which says its sequence)."""
+        try:
+            return await self._catch_up()
+        except (nats.errors.Error, LedgerError) as exc:
+            if log is None:
+                raise
+            log.warning("could not catch up with the ledger; answering from the view at its sequence",
+                        extra={"fields": {"sequence": self.sequence, "error": repr(exc)}})
+            return self.sequence
+
+    async def _catch_up(self) -> int:
+        async with self._catching:
+            last = await Ledger(self.js, self.cluster_name).last_sequence()
+            if (self.snapshots and last - self.sequence > self.jump_after
+                    and last - self._looked_at >= self.jump_after):
+                self._looked_at = last
+                await self._restore(newer_only=True)
+            if last > self.sequence:
+                async for record in Ledger(self.js, self.cluster_name).records(self.sequence):
+                    await self._applied(record.sequence, record.batch)
+            return self.sequence
+
+    async def _restore(self, *, newer_only: bool = False) -> None:
+        """Adopt the newest valid snapshot, if every listener can start from one (with
+        `newer_only`, only one past the view's sequence)."""
         blind = [listener for listener in self.listeners if getattr(listener, "restored", None) is None]
         if blind:
             self.snapshot_refusal = f"a listener needs the whole ledger ({blind[0]!r})"
@@ -124,6 +173,10 @@ class Follower:
         if snap is None:
             self.snapshot_refusal = store.last_refusal
             return
+        if newer_only:
+            if snap.sequence <= self.sequence:
+                return
+            self.jumps += 1
         self.cluster, self.sequence = snap.cluster, snap.sequence
         self.command_ids, self.command_digests = snap.command_ids, snap.command_digests
         self.restored_from, self.snapshot_refusal = snap.sequence, ""
@@ -135,6 +188,9 @@ class Follower:
             await self._restore()
         async for record in Ledger(self.js, self.cluster_name).records(self.sequence):
             await self._applied(record.sequence, record.batch)
+        self._looked_at = self.sequence
+        if not self.push:
+            return
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.sequence + 1)
         self._last_message = time.monotonic()
         self._sub = await self.js.subscribe(
@@ -224,16 +280,18 @@ def record_ids(batch: bus.LedgerBatch, seq: int, ids: dict[str, int], digests: d
                 digests[entry.command_id] = entry.command_digest
 
 
-async def follow(ctx: ServiceContext, listeners: Sequence[Any] = (), *, snapshots: bool = True) -> Follower | None:
+async def follow(ctx: ServiceContext, listeners: Sequence[Any] = (), *, snapshots: bool = True,
+                 push: bool = True) -> Follower | None:
     """A started follower of the cluster's ledger, waiting for the stream if it does not exist
     yet (services may start before the binder creates it) and for NATS while it is unreachable
     (a timeout or a reconnect is retried, never fatal); None if told to stop first. `listeners`
     are told of every batch from the first (the catch-up included); a failed start begins again
     with a fresh view, so a listener with a `reset(follower)` method is told of the follower it
-    listens to (it drops what it derived from an earlier attempt)."""
+    listens to (it drops what it derived from an earlier attempt). `push=False`: an on-demand
+    view (see the module contract), caught up by its reader."""
     delay = 0.05
     while not ctx.stopping.is_set():
-        follower = Follower(ctx.js, ctx.cluster, ctx.settings.config, snapshots=snapshots)
+        follower = Follower(ctx.js, ctx.cluster, ctx.settings.config, snapshots=snapshots, push=push)
         for listener in listeners:
             reset = getattr(listener, "reset", None)
             if reset is not None:
@@ -241,7 +299,7 @@ async def follow(ctx: ServiceContext, listeners: Sequence[Any] = (), *, snapshot
             follower.listeners.append(listener)
         try:
             await follower.start()
-            ctx.log.info("following the ledger", extra={"fields": {
+            ctx.log.info("following the ledger" if push else "reading the ledger on demand", extra={"fields": {
                 "sequence": follower.sequence, "from_snapshot": follower.restored_from,
                 **({"snapshot_not_used": follower.snapshot_refusal} if follower.snapshot_refusal else {})}})
             return follower

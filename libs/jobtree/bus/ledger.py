@@ -17,6 +17,11 @@ Contract:
     returns the original sequence with `duplicate=True` and writes nothing, whether the retry's
     expected sequence is now stale (the ledger looks back through the messages after it for the
     id, at most `lookback` of them) or not (the server's duplicate window).
+- `append(..., next_timer=t)` also stamps the message with the header `Jobtree-Next-Timer`:
+  the Unix second of the leader's next timer once the batch applies, or `none`. It is not part
+  of the ledger's truth (replay ignores it; a follower's `Cluster.next_timer()` at that
+  sequence gives the same instant); `next_timer()` reads it from the newest message, so the
+  resolver needs no replica of the view. A message written without it reads as unknown.
 - `batch_at(seq)` returns the batch stored at one sequence.
 - `replay(after=0)` returns every batch after sequence `after`, up to the last sequence at the
   time of the call, in order, as `Record(sequence, batch)`; `records(after, follow=True)` goes
@@ -50,11 +55,15 @@ from nats.js.api import (
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.bus import codec, subjects
 
-__all__ = ["REPLICAS_ENV", "Appended", "Ledger", "LedgerError", "Record", "StaleAppend", "stream_replicas"]
+__all__ = ["NEXT_TIMER", "REPLICAS_ENV", "Appended", "Ledger", "LedgerError", "NextTimer", "Record", "StaleAppend",
+           "stream_replicas"]
 
 MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"
 EXPECTED_STREAM = "Nats-Expected-Stream"
+NEXT_TIMER = "Jobtree-Next-Timer"
+"""Header: the leader's next timer once the message's batch applies (Unix seconds, or `none`)."""
+NO_TIMER = "none"
 WRONG_LAST_SEQUENCE = 10071
 """JetStream error code: the stream's last sequence is not the expected one."""
 STREAM_NAME_IN_USE = 10058
@@ -95,6 +104,18 @@ class Appended:
     """The stream sequence of the batch."""
     duplicate: bool
     """True when this append repeated one that had already committed (nothing new written)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NextTimer:
+    """What the newest ledger message says of the next timer."""
+
+    sequence: int
+    """The message it was read from (0: the ledger is empty)."""
+    known: bool
+    """False when that message carries no `Jobtree-Next-Timer` header (or an unreadable one)."""
+    at: int | None
+    """The instant (None: no timer, or unknown)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +178,10 @@ class Ledger:
         *,
         expected_last_sequence: int,
         msg_id: str,
+        next_timer: int | None = None,
     ) -> Appended:
-        """Commit one batch if the ledger's last sequence is still `expected_last_sequence`."""
+        """Commit one batch if the ledger's last sequence is still `expected_last_sequence`
+        (stamped with the leader's `next_timer`, see the module contract)."""
         if not isinstance(batch, bus.LedgerBatch):
             batch = bus.LedgerBatch(entries=list(batch))
         if not batch.entries:
@@ -172,6 +195,7 @@ class Ledger:
             MSG_ID: msg_id,
             EXPECTED_LAST_SEQUENCE: str(expected_last_sequence),
             EXPECTED_STREAM: self.stream,
+            NEXT_TIMER: NO_TIMER if next_timer is None else str(next_timer),
         }
         data = codec.encode(batch, bus.LedgerBatch)
         try:
@@ -204,6 +228,20 @@ class Ledger:
         return None
 
     # -- reading ----------------------------------------------------------------------------
+
+    async def next_timer(self) -> NextTimer:
+        """The next timer as the newest ledger message's header says (one message read)."""
+        try:
+            msg = await self.js.get_last_msg(self.stream, self.subject)
+        except nats.js.errors.NotFoundError:
+            return NextTimer(0, True, None)
+        raw = (msg.headers or {}).get(NEXT_TIMER, "")
+        seq = int(msg.seq or 0)
+        if raw == NO_TIMER:
+            return NextTimer(seq, True, None)
+        if raw.isdigit():
+            return NextTimer(seq, True, int(raw))
+        return NextTimer(seq, False, None)
 
     async def records(
         self, after: int = 0, *, follow: bool = False, batch_size: int = 256, idle: float = 1.0

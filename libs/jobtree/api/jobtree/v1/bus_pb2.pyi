@@ -868,11 +868,19 @@ class AppendRequest(_message.Message):
     EXPECTED_LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     MSG_ID_FIELD_NUMBER: _builtins.int
+    NEXT_TIMER_FIELD_NUMBER: _builtins.int
     expected_last_sequence: _builtins.int
     epoch: _builtins.int
     msg_id: _builtins.str
     @_builtins.property
     def batch(self) -> Global___LedgerBatch: ...
+    @_builtins.property
+    def next_timer(self) -> _timestamp_pb2.Timestamp:
+        """The leader's view's next timer once the batch applies (`Cluster.next_timer`; unset: none).
+        Not part of the ledger's truth: the binder carries it in the message header
+        `Jobtree-Next-Timer` so the resolver can tick without a replica of the view.
+        """
+
     def __init__(
         self,
         *,
@@ -880,10 +888,11 @@ class AppendRequest(_message.Message):
         expected_last_sequence: _builtins.int = ...,
         epoch: _builtins.int = ...,
         msg_id: _builtins.str = ...,
+        next_timer: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "next_timer", b"next_timer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "epoch", b"epoch", "expected_last_sequence", b"expected_last_sequence", "msg_id", b"msg_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "epoch", b"epoch", "expected_last_sequence", b"expected_last_sequence", "msg_id", b"msg_id", "next_timer", b"next_timer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
