@@ -38,13 +38,13 @@ admission round trip and service time (it decides one command at a time), binder
 the ledger append's JetStream ack (fsync) and the KV mirror puts, resent appends, and consumer
 creations per service (a service replaying the ledger).
 
-Profiling (--profile admission,binder,gateway --profile-dir D): after the fleet is loaded, each
+Profiling (--profile admission,binder,gateway,budget --profile-dir D): after the fleet is loaded, each
 named service is replaced by a copy started by hand under cProfile
 (`python -m cProfile -o D/NAME.prof -m jobtree.cli.main serve NAME ...`, same user and
 cluster): the admission copy starts as a standby and up's admission is stopped (SIGTERM) so the
 copy takes the leader lock; up's binder is stopped before its copy starts (admission resends
 the same append meanwhile); a second gateway is started on a free port and the bench talks to
-it (up's gateway is stopped). The copies are stopped with SIGINT so cProfile writes its dump.
+it (up's gateway is stopped); up's budget is stopped before its copy starts. The copies are stopped with SIGINT so cProfile writes its dump.
 
 Targets (issue 3): >= 1,000 runs bound/s sustained; p99 submit->bound <= 50 ms at 200 runs/s.
 
@@ -547,6 +547,7 @@ class Profiled:
         env = {**os.environ, **self.up.secrets().env(name), "PYTHONUNBUFFERED": "1"}
         if name == "gateway":
             env["JOBTREE_GRPC_PORT"] = "0"
+            env.setdefault("JOBTREE_GRPC_INSECURE", "1")  # as up serves it without --tls: plain, on loopback
         log = (self.out_dir / f"{name}.log").open("ab")
         argv = [sys.executable, "-m", "cProfile", "-o", str(self.out_dir / f"{name}.prof"), "-m", "jobtree.cli.main",
                 "serve", name, "--cluster", self.up.cluster, "--nats", self.up.nats, "--data-dir", str(data),
@@ -597,8 +598,12 @@ class Profiled:
                 port = int((self.up.data_dir / "services" / "gateway-profiled" / "gateway.port").read_text())
                 self.grpc = f"127.0.0.1:{port}"
                 self._stop_ups(name)
+            elif name == "budget":
+                self._stop_ups(name)
+                self._spawn(name)
+                self._wait_log(name, "following the ledger")
             else:
-                raise SystemExit(f"--profile: {name} is not supported (admission, binder, gateway)")
+                raise SystemExit(f"--profile: {name} is not supported (admission, binder, gateway, budget)")
             progress(f"profiling {name}: pid {self.procs[name].pid} -> {self.out_dir / (name + '.prof')}")
 
     def pids(self) -> dict[str, int]:

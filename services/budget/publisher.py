@@ -16,7 +16,6 @@ from typing import Any
 
 import nats.errors
 
-from jobtree.api import convert
 from jobtree.api.events import Deriver
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.bus.eventstream import EventStream
@@ -48,8 +47,7 @@ class Publisher:
         self.deriver = Deriver.from_view(self.ctx.cluster, follower.cluster)
 
     def __call__(self, sequence: int, batch: bus.LedgerBatch) -> None:
-        entries = [convert.entry_from_proto(e) for e in batch.entries]
-        events = self.deriver.derive(self.follower.cluster, sequence, entries)
+        events = self.deriver.derive(self.follower.cluster, sequence, self.follower.entries)
         if sequence > self.published_up_to:
             for event in events:
                 self.queue.put_nowait(event)

@@ -481,8 +481,10 @@ def lease_to_proto(lease: Lease) -> pb.GPULease:
 def lease_from_proto(msg: pb.GPULease, path: str = "") -> Lease:
     meta_path, spec_path = _at(path, "metadata"), _at(path, "spec")
     spec, status = msg.spec, msg.status
-    slots = tuple((_required_text(s, "node", _item(_at(spec_path, "slots"), i)), s.index)
-                  for i, s in enumerate(spec.slots))
+    slots = tuple((s.node, s.index) for s in spec.slots)  # every lease event: no path strings unless wrong
+    for i, (node, _) in enumerate(slots):
+        if not node:
+            raise ValidationError(_at(_item(_at(spec_path, "slots"), i), "node"), "is required")
     if not slots:
         raise ValidationError(_at(spec_path, "slots"), "must hold at least one slot")
     namespace = _required_text(msg.metadata, "namespace", meta_path)

@@ -241,13 +241,19 @@ class Deriver:
         now: dict[str, int] = {}
         unfunded: dict[str, int] = {}
         candidates = set(self.borrowing)
-        for key, leases in cl.open_by_run.items():
-            for lease in leases.values():
-                cls = cl.funding.class_of(lease.name)
-                if cls in (FundingClass.SHARED, FundingClass.BORROWED):
-                    now[key] = now.get(key, 0) + lease.gpus
-                elif cls is FundingClass.UNFUNDED and key in candidates:
-                    unfunded[key] = unfunded.get(key, 0) + lease.gpus
+        fv = cl.funding
+        fv.refresh()
+        if not candidates and not (fv.class_gpus[FundingClass.SHARED] or fv.class_gpus[FundingClass.BORROWED]):
+            self.borrowing = now  # nothing borrowed before or now: no open claim to look at
+            return
+        # the open claims are the open leases (same names, runs and GPUs): no walk of every run
+        classes = fv.classes_of(c.name for c in fv.claims())
+        for c in fv.claims():
+            cls = classes[c.name]
+            if cls in (FundingClass.SHARED, FundingClass.BORROWED):
+                now[c.run] = now.get(c.run, 0) + c.gpus
+            elif cls is FundingClass.UNFUNDED and c.run in candidates:
+                unfunded[c.run] = unfunded.get(c.run, 0) + c.gpus
         for key in sorted(candidates):
             lost = self.borrowing[key] - now.get(key, 0)
             if lost > 0 and unfunded.get(key, 0) > 0:

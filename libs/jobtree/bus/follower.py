@@ -49,6 +49,7 @@ from jobtree.bus.ledger import Ledger, LedgerError
 from jobtree.bus.runtime import ServiceContext
 from jobtree.bus.snapshot import SnapshotStore
 from jobtree.core.engine import Cluster
+from jobtree.core.facts import JournalEntry
 from jobtree.core.model import ClusterConfig
 
 WATCH_EVERY = 0.25
@@ -59,13 +60,14 @@ STALL_SECONDS = 3.0
 """A push consumer silent this long while the ledger has moved on is re-attached."""
 
 
-def apply_batch(cl: Cluster, batch: bus.LedgerBatch) -> None:
+def apply_batch(cl: Cluster, batch: bus.LedgerBatch) -> list[JournalEntry]:
     """Apply one ledger batch to a view, deciding nothing (the view keeps no journal of it:
-    the ledger is the journal)."""
-    for entry in batch.entries:
-        t, item = convert.entry_from_proto(entry)
+    the ledger is the journal); the batch's entries as core journal entries."""
+    entries = [convert.entry_from_proto(entry) for entry in batch.entries]
+    for t, item in entries:
         cl.replay_entry(t, item)
     cl.forget_history()
+    return entries
 
 
 class Listener:
@@ -118,6 +120,8 @@ class Follower:
         """Times the follower re-attached to the ledger after losing its consumer."""
         self.listeners: list[Any] = []
         """Callables `f(sequence, batch)` told of every applied batch (watch streams)."""
+        self.entries: list[JournalEntry] = []
+        """The batch being told to the listeners as core journal entries (decoded once for all)."""
 
     async def start(self) -> None:
         """Catch up with the ledger by pulling it (fetches of 256 messages, so a long ledger is
@@ -251,7 +255,7 @@ class Follower:
         await self._applied(seq, codec.decode(msg.data, bus.LedgerBatch, msg.headers))
 
     async def _applied(self, seq: int, batch: bus.LedgerBatch) -> None:
-        apply_batch(self.cluster, batch)
+        self.entries = apply_batch(self.cluster, batch)
         record_ids(batch, seq, self.command_ids, self.command_digests)
         self.sequence = seq
         for listener in list(self.listeners):

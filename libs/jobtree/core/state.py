@@ -179,7 +179,8 @@ class ClusterState:
 
     def replay_entry(self, t: int, item: Fact | SpecChange) -> None:
         """Apply one journal entry at its instant, deciding nothing (followers and replay)."""
-        self._move_clock(t)
+        if t > self.now:
+            self._move_clock(t)
         if isinstance(item, (LeaseMinted, LeaseClosed, ReservationPut, RunStatusPut)):
             self.apply(item)
         else:
@@ -444,9 +445,10 @@ class ClusterState:
             step_to = min(t, self._next_breakpoint(t))
             self.funding.refresh()
             unfunded: dict[str, int] = {}
-            for c in self.funding.claims():
-                if self.funding.class_of(c.name) is FundingClass.UNFUNDED:
-                    unfunded[c.owner] = unfunded.get(c.owner, 0) + c.gpus
+            if self.funding.class_gpus[FundingClass.UNFUNDED]:  # else no claim to look at
+                for c in self.funding.claims():
+                    if self.funding.class_of(c.name) is FundingClass.UNFUNDED:
+                        unfunded[c.owner] = unfunded.get(c.owner, 0) + c.gpus
             self.meter.charge(step_to - self.now, self.funding.used, self.rules.hour_caps, unfunded.items())
             self.now = step_to
             self._epoch += 1
