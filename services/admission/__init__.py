@@ -411,7 +411,9 @@ async def _leader_kv(ctx: ServiceContext) -> Any:
     """The leader bucket, waiting for NATS and JetStream (None if told to stop first)."""
     while not ctx.stopping.is_set():
         try:
-            return await leader_bucket(ctx.js, ctx.cluster)
+            # the lock's operations give up within the TTL: an answer later than that is moot, and
+            # right after a nats-server restart the default 5 s would stall a take-over
+            return await leader_bucket(ctx.nc.jetstream(timeout=LEADER_TTL), ctx.cluster)
         except nats.errors.Error as exc:
             ctx.log.info("waiting for the leader bucket", extra={"fields": {"error": repr(exc)}})
             await _sleep(ctx, LEADER_TTL / 4)

@@ -8,7 +8,10 @@ deciding at once. A standby that acquires after the TTL lapsed gets a higher epo
 committed, the binder refuses appends carrying an older one. Until then a deposed leader could
 still append, but only on the ledger's current sequence (expected-last-sequence), so the two
 can never both commit decisions taken against the same state. Any NATS error (a timeout, a
-reconnect) counts as "not held": acquire returns False, refresh reports the lock lost.
+reconnect) counts as "not held": acquire returns False, refresh reports the lock lost. The
+bucket's operations should time out within the TTL (admission opens it on a JetStream context
+with timeout LEADER_TTL): an answer later than that is moot, and a longer timeout only delays
+the next attempt (right after a nats-server restart, JetStream may not answer at first).
 Not: the decision loop itself (see services/admission).
 """
 
