@@ -16,7 +16,7 @@ from jobtree.core import cuts
 from jobtree.core.engine import Cluster
 from jobtree.core.funding import INF, FundingView
 from jobtree.core.meter import cap_seconds
-from jobtree.core.model import FundingClass, Phase, Role, Slot
+from jobtree.core.model import FundingClass, NodeState, Phase, Role, Slot
 
 
 class InvariantViolation(AssertionError):
@@ -97,6 +97,31 @@ def check_widths(cl: Cluster) -> None:
         raise InvariantViolation(f"derivation: the width index is wrong for run(s) {', '.join(wrong)}")
 
 
+def check_topology_indexes(cl: Cluster) -> None:
+    """The occupancy indexes pack reads equal a count of the slots: each node's free GPUs, the
+    Ready nodes of each (flavor, domain) by free, each domain's and flavor's Ready free GPUs,
+    and the domains of each flavor by free."""
+    topo = cl.topo
+    free = {name: sum(h is None for h in holders) for name, holders in topo._holder.items()}
+    assert topo._free == free, "free GPUs per node drifted from the slots"
+    nodes: dict[tuple[str, str], list[tuple[int, str]]] = {key: [] for key in topo._dom_nodes}
+    dom_free = dict.fromkeys(topo._dom_free, 0)
+    flavor_free: dict[str, int] = {}
+    for name, node in topo.nodes.items():
+        if node.state is NodeState.READY:
+            key = (node.flavor, node.domain)
+            nodes[key].append((-free[name], name))
+            dom_free[key] += free[name]
+            flavor_free[node.flavor] = flavor_free.get(node.flavor, 0) + free[name]
+    assert {k: list(v) for k, v in topo._dom_nodes.items()} == {k: sorted(v) for k, v in nodes.items()}, \
+        "Ready nodes by free drifted"
+    assert topo._dom_free == dom_free, "free GPUs per domain drifted"
+    assert {f: n for f, n in topo._flavor_free.items() if n} == {f: n for f, n in flavor_free.items() if n}, \
+        "free GPUs per flavor drifted"
+    order = {f: sorted((-dom_free[(f, d)], d) for (g, d) in dom_free if g == f) for f in topo._dom_order}
+    assert {f: list(v) for f, v in topo._dom_order.items()} == order, "domains by free drifted"
+
+
 def check_cut_indexes(cl: Cluster) -> None:
     """The indexes cut worlds read equal what they index: each holder's open leases by name
     (for runs not marked stale) and by domain, every run's spec and status, and the running
@@ -130,6 +155,7 @@ def check_all(cl: Cluster, audit: bool = False) -> None:
     check_derivation(cl)
     check_widths(cl)
     check_cut_indexes(cl)
+    check_topology_indexes(cl)
     check_gang(cl)
     if audit:
         check_audit(cl, cl.started)

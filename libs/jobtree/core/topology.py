@@ -190,13 +190,17 @@ class Topology:
         self._set_dom_free(key, self._dom_free[key] - self._free[name])
 
     def _shift(self, name: str, delta: int) -> None:
+        """The node's free count moves by `delta`: its place among its domain's nodes, and its
+        domain's free count once (what `_index_remove` then `_index_add` would leave)."""
         n = self.nodes[name]
-        ready = n.state is NodeState.READY
-        if ready:
-            self._index_remove(name)
-        self._free[name] += delta
-        if ready:
-            self._index_add(name)
+        old = self._free[name]
+        self._free[name] = old + delta
+        if n.state is NodeState.READY:
+            key = (n.flavor, self._domain[name])
+            nodes = self._dom_nodes[key]
+            nodes.remove((-old, name))
+            nodes.add((-(old + delta), name))
+            self._set_dom_free(key, self._dom_free[key] + delta)
 
     def flavor_free(self, flavor: str) -> int:
         """Free GPUs of the flavor on Ready nodes."""
