@@ -413,6 +413,17 @@ class FundingView:
         self.refresh()
         return self._cls[name]
 
+    def unfunded_by_owner(self) -> dict[str, int]:
+        """Open unfunded GPUs per run owner, reading only the runs with an unfunded claim."""
+        self.refresh()
+        out: dict[str, int] = {}
+        for run in self.unfunded_claims:
+            for name in self._by_run[run]:
+                if self._cls[name] is FundingClass.UNFUNDED:
+                    c = self._claims[name]
+                    out[c.owner] = out.get(c.owner, 0) + c.gpus
+        return out
+
     def classes_of(self, names: Iterable[str]) -> dict[str, FundingClass]:
         """The classes of many claims, with one refresh."""
         self.refresh()

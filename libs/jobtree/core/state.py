@@ -35,7 +35,6 @@ from jobtree.core.meter import Meter
 from jobtree.core.model import (
     Budget,
     ClusterConfig,
-    FundingClass,
     Lease,
     Node,
     NodeState,
@@ -443,12 +442,7 @@ class ClusterState:
         fact (window edges, GPU-hour exhaustion), so the meter is a function of the journal alone."""
         while self.now < t:
             step_to = min(t, self._next_breakpoint(t))
-            self.funding.refresh()
-            unfunded: dict[str, int] = {}
-            if self.funding.class_gpus[FundingClass.UNFUNDED]:  # else no claim to look at
-                for c in self.funding.claims():
-                    if self.funding.class_of(c.name) is FundingClass.UNFUNDED:
-                        unfunded[c.owner] = unfunded.get(c.owner, 0) + c.gpus
+            unfunded = self.funding.unfunded_by_owner()
             self.meter.charge(step_to - self.now, self.funding.used, self.rules.hour_caps, unfunded.items())
             self.now = step_to
             self._epoch += 1
