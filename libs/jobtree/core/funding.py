@@ -13,7 +13,7 @@ Not: a store of classes (nothing here is persisted), not the meter (see `meter`)
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, insort
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -327,6 +327,8 @@ class FundingView:
         elif (comp.max_rank is None or rank > comp.max_rank) and self._terms(c.run).max_borrow is None:
             self._decide(c, rank, comp)
             comp.max_rank = rank
+        elif self._terms(c.run).max_borrow is None and self._insert_funded(c, rank, comp):
+            pass
         else:
             self._dirty_from(comp, rank, c.run)
             self.disturbances += 1
@@ -374,6 +376,25 @@ class FundingView:
             if self._terms(c.run).max_borrow is not None:
                 self.invalidate()  # the run's maxBorrowGPUs spans its other lenders' components
         self._tier_of.pop(name, None)
+
+    def _insert_funded(self, c: Claim, rank: Rank, comp: _Component) -> bool:
+        """Fund a claim ranked mid-component without re-ranking, when each of its bounds has
+        room for it on top of everything funded there now (the ranks after it included): it is
+        funded whatever is ranked before it, every claim after it that was funded still fits
+        (its usage before it grew by at most what the bound's total had spare), and every
+        unfunded one stays short. False (nothing changed) when some bound has no such room."""
+        bounds = self._static[c.name][1]
+        used = self.used
+        if any(b in self.spent or used.get(b, 0) + c.gpus > cap for b, cap in bounds):
+            return False
+        self._tier_of[c.name] = rank[0]
+        for b, _ in bounds:
+            used[b] = used.get(b, 0) + c.gpus
+            insort(self._funded.setdefault(b, []), (rank, c.gpus))
+            self._prefix.pop(b, None)
+            comp.bounds.add(b)
+        self._set_cls(c, class_for_tier(rank[0]))
+        return True
 
     def _dirty_from(self, comp: _Component, rank: Rank, run: str) -> None:
         """Mark `comp` to be re-ranked from `rank` on (or wholly, for a maxBorrowGPUs run)."""
