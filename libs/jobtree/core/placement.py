@@ -53,22 +53,30 @@ class Placement(ClusterState):
         run = self.runs[key]
         at = self.now if t is None else t
         terms = self.terms(key)
-        cands = [c for c in self._static_candidates(key) if eligible_at(c.envelope, at, reserve)]
+        static, windowless = self._candidates(key)
+        cands = static if windowless else [c for c in static if eligible_at(c.envelope, at, reserve)]
         return cover(self.rules, self.funding, self.meter, run, terms, needs, at, self._period_of,
                      cands, headroom_only=headroom_only)
 
     def _static_candidates(self, key: str) -> list[Candidate]:
         """The envelopes that may ever pay for the run under today's budgets and nodes (cached
         per owner, flavor, selector and funding terms until a budget or node changes)."""
+        return self._candidates(key)[0]
+
+    def _candidates(self, key: str) -> tuple[list[Candidate], bool]:
+        """`_static_candidates`, and whether none of them has a window (then every one is
+        eligible at every instant)."""
         run = self.runs[key]
         terms = self.terms(key)
         spec = run.spec
         ck = (spec.owner, spec.gpu_type, spec.locality.selector, terms.allow_borrow, spec.funding.sponsors)
         self._check_spec_caches()
-        static = self._cand_cache.get(ck)
-        if static is None:
-            static = self._cand_cache[ck] = candidates(self.rules, self.topo, run, terms)
-        return static
+        got = self._cand_cache.get(ck)
+        if got is None:
+            static = candidates(self.rules, self.topo, run, terms)
+            got = self._cand_cache[ck] = static, all(c.envelope.start is None and c.envelope.end is None
+                                                     for c in static)
+        return got
 
     def _check_spec_caches(self) -> None:
         """Forget what was cached under earlier budgets and nodes."""

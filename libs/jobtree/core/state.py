@@ -119,7 +119,7 @@ class ClusterState:
         self._malleable_running: set[str] = set()
         self._spec_epoch = 0
         self._cand_epoch = -1
-        self._cand_cache: dict[object, list[Candidate]] = {}
+        self._cand_cache: dict[object, tuple[list[Candidate], bool]] = {}
         self._empty_fit_cache: dict[PackRequest, bool] = {}
         """Whether a pack request fits its flavor's Ready nodes were every slot free (cleared
         with `_cand_cache` when budgets or nodes change)."""
