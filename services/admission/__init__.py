@@ -416,7 +416,7 @@ async def _leader_kv(ctx: ServiceContext) -> Any:
             return await leader_bucket(ctx.nc.jetstream(timeout=LEADER_TTL), ctx.cluster)
         except nats.errors.Error as exc:
             ctx.log.info("waiting for the leader bucket", extra={"fields": {"error": repr(exc)}})
-            await _sleep(ctx, LEADER_TTL / 4)
+            await ctx.pause(LEADER_TTL / 4)
     return None
 
 
@@ -433,7 +433,7 @@ async def main(ctx: ServiceContext) -> None:
                 return
             try:
                 while not await lock.acquire():
-                    await _sleep(ctx, LEADER_TTL / 4)
+                    await ctx.pause(LEADER_TTL / 4)
                     if ctx.stopping.is_set():
                         return
             finally:
@@ -452,7 +452,7 @@ async def main(ctx: ServiceContext) -> None:
                 else:
                     ctx.log.exception("the leader term failed; standing by again", extra={"fields": fields})
                 await lock.release()
-                await _sleep(ctx, LEADER_TTL / 4)
+                await ctx.pause(LEADER_TTL / 4)
             lock.epoch = 0
     finally:
         await lock.release()
@@ -461,7 +461,7 @@ async def main(ctx: ServiceContext) -> None:
 async def _keep(ctx: ServiceContext, lock: LeaderLock, lost: asyncio.Event) -> None:
     """Refresh the leader lock every TTL/4 for the whole term (the take-over's replay included)."""
     while not ctx.stopping.is_set():
-        await _sleep(ctx, LEADER_TTL / 4)
+        await ctx.pause(LEADER_TTL / 4)
         if ctx.stopping.is_set():
             return
         if not await lock.refresh():
@@ -517,6 +517,3 @@ async def _term(ctx: ServiceContext, lock: LeaderLock, holder: str, standby: Fol
         await loop.writer.stop()
 
 
-async def _sleep(ctx: ServiceContext, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(ctx.stopping.wait(), seconds)

@@ -182,8 +182,7 @@ async def main(ctx: ServiceContext) -> None:
             break
         except (nats.errors.Error, LedgerError) as exc:
             ctx.log.warning("cannot read the ledger yet; retrying", extra={"fields": {"error": repr(exc)}})
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ctx.stopping.wait(), delay)
+            await ctx.pause(delay)
             if ctx.stopping.is_set():
                 return
             delay = min(2.0, delay * 2)

@@ -11,7 +11,6 @@ acknowledging republishes under the same message id (stored once within the dupl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import nats.errors
@@ -89,7 +88,6 @@ async def start(ctx: ServiceContext) -> Publisher | None:
             return Publisher(ctx, await stream.last_ledger_sequence())
         except (nats.errors.Error, TimeoutError) as exc:
             ctx.log.info("waiting to make the events stream", extra={"fields": {"error": repr(exc)}})
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ctx.stopping.wait(), delay)
+            await ctx.pause(delay)
             delay = min(2.0, delay * 2)
     return None

@@ -244,8 +244,7 @@ async def _setup(ctx: ServiceContext) -> tuple[Any, Any]:
             return kv, sub
         except (nats.errors.Error, TimeoutError) as exc:
             ctx.log.info("waiting for the events stream", extra={"fields": {"error": repr(exc)}})
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ctx.stopping.wait(), delay)
+            await ctx.pause(delay)
             if ctx.stopping.is_set():
                 raise
             delay = min(2.0, delay * 2)

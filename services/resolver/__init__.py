@@ -19,8 +19,6 @@ Not: a decision maker (admission is); it only says "now".
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 
 import nats.errors
@@ -82,8 +80,7 @@ async def main(ctx: ServiceContext) -> None:
         now = int(time.time())
         target = next_wake(now, due, last_sent)
         if target > now:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ctx.stopping.wait(), min(POLL, target - time.time()))
+            await ctx.pause(min(POLL, target - time.time()))
             continue
         cmd = tick_command(target)
         try:
@@ -91,8 +88,7 @@ async def main(ctx: ServiceContext) -> None:
                                        headers=codec.headers(cmd))
         except nats.errors.Error as exc:  # no leader yet, a timeout, NATS reconnecting
             ctx.log.warning("tick not answered", extra={"fields": {"instant": target, "error": repr(exc)}})
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ctx.stopping.wait(), 1.0)
+            await ctx.pause(1.0)
             continue
         reply = codec.decode(raw.data, bus.CommandReply)
         last_sent = target

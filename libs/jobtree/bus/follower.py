@@ -313,7 +313,6 @@ async def follow(ctx: ServiceContext, listeners: Sequence[Any] = (), *, snapshot
                 what = ("waiting for the ledger stream" if isinstance(exc, nats.js.errors.NotFoundError)
                         else "waiting for NATS")
                 ctx.log.info(what, extra={"fields": {"cluster": ctx.cluster, "error": repr(exc)}})
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(ctx.stopping.wait(), delay)
+        await ctx.pause(delay)
         delay = min(1.0, delay * 2)
     return None

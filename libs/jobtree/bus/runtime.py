@@ -193,6 +193,11 @@ class ServiceContext:
     def subject(self, verb: str, service: str | None = None) -> str:
         return subjects.request(self.cluster, service or self.settings.name, verb)
 
+    async def pause(self, seconds: float) -> None:
+        """Wait `seconds`, or less if the service is told to stop meanwhile (between retries)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), max(0.0, seconds))
+
     async def serve(self, subject: str, handler: Handler, *, queue: bool = False,
                     on_error: Callable[[Exception], bytes] | None = None) -> None:
         """Answer requests on `subject` with `handler` (in the service's queue group if asked).
