@@ -388,13 +388,18 @@ class FundingView:
         if any(b in self.spent or used.get(b, 0) + c.gpus > cap for b, cap in bounds):
             return False
         self._tier_of[c.name] = rank[0]
+        self._fund(c, rank, bounds, comp)
+        return True
+
+    def _fund(self, c: Claim, rank: Rank, bounds: list[tuple[Bound, int]], comp: _Component) -> None:
+        """Count a funded claim on its bounds (in rank order: mostly at the end) and class it."""
+        used = self.used
         for b, _ in bounds:
             used[b] = used.get(b, 0) + c.gpus
             insort(self._funded.setdefault(b, []), (rank, c.gpus))
             self._prefix.pop(b, None)
             comp.bounds.add(b)
         self._set_cls(c, class_for_tier(rank[0]))
-        return True
 
     def _dirty_from(self, comp: _Component, rank: Rank, run: str) -> None:
         """Mark `comp` to be re-ranked from `rank` on (or wholly, for a maxBorrowGPUs run)."""
@@ -581,12 +586,7 @@ class FundingView:
         used = self.used
         self._tier_of[c.name] = tier
         if all(b not in self.spent and used.get(b, 0) + c.gpus <= cap for b, cap in bounds):
-            for b, _ in bounds:
-                used[b] = used.get(b, 0) + c.gpus
-                self._funded.setdefault(b, []).append((rank, c.gpus))
-                self._prefix.pop(b, None)
-                comp.bounds.add(b)
-            self._set_cls(c, class_for_tier(tier))
+            self._fund(c, rank, bounds, comp)
         else:
             self._set_cls(c, FundingClass.UNFUNDED)
             comp.starved += 1
