@@ -521,4 +521,15 @@ def test_re_ranking_from_a_point_equals_re_ranking_everything(seed: int) -> None
         assert w.view._cls == fresh._cls, step
         assert {b: n for b, n in w.view.used.items() if n} == {b: n for b, n in fresh.used.items() if n}, step
         assert w.view.unfunded_claims == fresh.unfunded_claims, step
+        # Hypothetical claims ranked in on the side (`classes_with` re-fills only from the
+        # first of them) equal a fresh view holding them too.
+        r = rnd.choice(runs)
+        extra = [claim(f"{r.name}.x{step}.{i}", r, rnd.randint(1, 4), rnd.choice(payers), group=100 + i)
+                 for i in range(rnd.randint(1, 2))]
+        got, unfunded = w.view.classes_with(extra)
+        for c in extra:
+            fresh.add(c)
+        fresh.refresh()
+        assert got == fresh._cls, step
+        assert unfunded == fresh.unfunded_claims, step
     assert partial > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 import pytest
@@ -12,6 +13,7 @@ from jobtree.core.pack import (
     FreeView,
     GroupRequest,
     IndexedView,
+    OverlayView,
     PackRequest,
     Piece,
     PlacedGroup,
@@ -25,6 +27,7 @@ ViewFactory = Callable[[Topology], FreeView]
 VIEWS: dict[str, ViewFactory] = {
     "indexed": lambda t: IndexedView(t, FLAVOR),
     "virtual": lambda t: VirtualView(t, FLAVOR),
+    "overlay": lambda t: OverlayView(t, FLAVOR),
 }
 views = pytest.mark.parametrize("make_view", list(VIEWS.values()), ids=list(VIEWS))
 
@@ -294,6 +297,48 @@ def test_virtual_view_skips_cordoned_other_flavors_and_selector_misses() -> None
     got = pack(v, request(group(0, 8)))
     assert got is not None and {n for n, _ in nodes_of(got)[0]} == {"n1"}
     assert pack(v, request(group(0, 9))) is None
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_overlay_view_packs_as_a_virtual_view_with_the_same_extras(seed: int) -> None:
+    """Held slots added to an overlay a lease at a time (cordoned nodes and another flavor's
+    among them) count and order as a virtual view built with them as extras: every read and
+    every placement agree, level after level, and the topology is left alone."""
+    rnd = random.Random(seed)
+    names = [f"n{i}" for i in range(14)]
+    t = Topology([node(n, rnd.choice([4, 8]), rnd.choice("ABCD"),
+                       flavor=FLAVOR if rnd.random() < 0.85 else "A100-40GB",
+                       state=NodeState.READY if rnd.random() < 0.85 else NodeState.CORDONED) for n in names])
+    leases: list[tuple[Slot, ...]] = []
+    for n in names:  # held in runs of one to three slots, as leases hold them
+        i, gpus = 0, t.nodes[n].gpus
+        while i < gpus:
+            k = rnd.randint(1, 3)
+            if rnd.random() < 0.7:
+                held = slots(n, *range(i, min(i + k, gpus)))
+                t.take(held, f"lease{len(leases)}")
+                leases.append(held)
+            i += k
+    rnd.shuffle(leases)
+    before = state(t)
+    overlay, extra = OverlayView(t, FLAVOR), {}
+    for level in range(4):
+        for held in leases[level * len(leases) // 4:(level + 1) * len(leases) // 4]:
+            overlay.add(held)
+            extra.setdefault(held[0][0], set()).update(i for _, i in held)
+        virtual = VirtualView(t, FLAVOR, extra=extra)
+        assert list(overlay.domains_in_order()) == list(virtual.domains_in_order())
+        assert overlay.total_free() == virtual.total_free()
+        for d in "ABCD":
+            assert overlay.domain_free(dom(d)) == virtual.domain_free(dom(d))
+            assert overlay.nodes_in_order(dom(d), 0) == virtual.nodes_in_order(dom(d), 0)
+        for n in virtual._free:  # the nodes a pack can visit (those `nodes_in_order` lists)
+            assert overlay.free_ordinals(n) == virtual.free_ordinals(n)
+        for _ in range(6):
+            groups = tuple(group(g, rnd.randint(1, 8)) for g in range(rnd.randint(1, 3)))
+            req = request(*groups, spanning=rnd.random() < 0.3, one_domain=rnd.random() < 0.3)
+            assert pack(overlay, req) == pack(virtual, req)
+    assert state(t) == before
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from jobtree.core.model import (
     Role,
     Slot,
 )
-from jobtree.core.pack import PlacedGroup, view_for
+from jobtree.core.pack import OverlayView, PlacedGroup, pack, view_for
 from jobtree.core.placement import Placement
 from jobtree.core.state import (
     R_PREEMPTED,
@@ -108,6 +108,20 @@ class Cutting(Placement):
             if placed is not None:
                 return placed
         world = world or self._cut_world(key, cov, max_level, planning=True)
+        spec = self.runs[key].spec
+        if self.topo.selector_matches_all(spec.gpu_type, spec.locality.selector):
+            # One lazy view for every level: each adds its leases' slots, nothing is rebuilt.
+            view = OverlayView(self.topo, spec.gpu_type)
+            request = self._pack_request(key, cov.groups)
+            for added in cutorder.capacity_leases(world, max_level):
+                if not added:
+                    continue  # the same slots as the pack that just failed
+                for lease in added:
+                    view.add(lease.slots)
+                placed = pack(view, request)
+                if placed is not None:
+                    return placed
+            return None
         extra: dict[str, set[int]] = {}
         for added in cutorder.capacity_leases(world, max_level):
             if not added:

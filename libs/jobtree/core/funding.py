@@ -488,22 +488,42 @@ class FundingView:
                 else:
                     unfunded.pop(c.run, None)
 
-        ranked: list[tuple[Rank, Claim, list[tuple[Bound, int]]]] = []
-        for c in [*(c for comp in comps for c in comp.claims.values()), *extra]:
+        def ranked_terms(c: Claim) -> tuple[Rank, list[tuple[Bound, int]]] | None:
+            """Rank and bounds of a claim that can be funded now, else None."""
             if c.payer is None:
-                count(c, FundingClass.UNFUNDED)
-                continue
+                return None
             rank, bounds = self._static[c.name] if c.name in self._static else self._static_terms(c)
             if rank is None or not self.rules.envelopes[c.payer].window_open(self.now):
+                return None
+            return rank, bounds
+
+        ranked: list[tuple[Rank, Claim, list[tuple[Bound, int]]]] = []
+        for c in extra:
+            got = ranked_terms(c)
+            if got is None:
                 count(c, FundingClass.UNFUNDED)
             else:
-                ranked.append((rank, c, bounds))
+                ranked.append((got[0], c, got[1]))
+        if not ranked:
+            return classes, unfunded
+        # The fill is greedy in rank order: claims ranked before the first extra one keep the
+        # classes the view gave them; only the suffix from it is filled again, from what the
+        # claims before it use (as `_recompute_from` does, here on the side).
+        since = min(r[0] for r in ranked)
+        for comp in comps:
+            for c in comp.claims.values():
+                got = ranked_terms(c)
+                if got is not None and got[0] >= since:
+                    ranked.append((got[0], c, got[1]))
         ranked.sort(key=lambda r: r[0])
         used: dict[Bound, int] = {}
         for rank, c, bounds in ranked:
-            if all(b not in self.spent and used.get(b, 0) + c.gpus <= cap for b, cap in bounds):
+            for b, _ in bounds:
+                if b not in used:
+                    used[b] = self.used_before(b, since)
+            if all(b not in self.spent and used[b] + c.gpus <= cap for b, cap in bounds):
                 for b, _ in bounds:
-                    used[b] = used.get(b, 0) + c.gpus
+                    used[b] += c.gpus
                 count(c, class_for_tier(rank[0]))
             else:
                 count(c, FundingClass.UNFUNDED)

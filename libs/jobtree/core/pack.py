@@ -194,6 +194,90 @@ class VirtualView:
             self._free[node].add(i)
 
 
+class OverlayView:
+    """The live free slots plus slots held in the topology that cuts could free, added a
+    lease at a time (`add`), for a run whose selector matches every node of the flavor. Counts
+    and orders as a `VirtualView` with those slots as extras would, but lazily: building it
+    costs nothing per node of the fleet, adding costs per lease, and a pack pays only for the
+    domains and nodes it visits. It reads the live topology, so it is used at once and kept
+    only while the topology does not change."""
+
+    def __init__(self, topo: Topology, flavor: str) -> None:
+        self.topo, self.flavor = topo, flavor
+        self._extra: dict[str, list[Iterable[Slot]]] = {}  # node -> held slots counted free
+        self._extra_n: dict[str, int] = {}
+        self._extra_dom: dict[str, int] = {}
+        self._extra_nodes: dict[str, set[str]] = {}  # domain -> nodes with extras
+        self._extra_total = 0
+        self._taken: dict[str, set[int]] = {}
+        self._taken_dom: dict[str, int] = {}
+        self._taken_total = 0
+
+    def add(self, slots: tuple[Slot, ...]) -> None:
+        """Count `slots` (held slots of one node, none added before) as free; slots on a node
+        that is not Ready or not of the flavor are left out, as a virtual view leaves them."""
+        if not slots:
+            return
+        node = slots[0][0]
+        topo = self.topo
+        if topo.flavor_of(node) != self.flavor or topo.nodes[node].state is not NodeState.READY:
+            return
+        n = len(slots)
+        self._extra.setdefault(node, []).append(slots)
+        self._extra_n[node] = self._extra_n.get(node, 0) + n
+        d = topo.domain_of(node)
+        self._extra_dom[d] = self._extra_dom.get(d, 0) + n
+        self._extra_nodes.setdefault(d, set()).add(node)
+        self._extra_total += n
+
+    def _node_free(self, node: str) -> int:
+        return self.topo.free(node) + self._extra_n.get(node, 0) - len(self._taken.get(node, ()))
+
+    def domains_in_order(self) -> Iterator[str]:
+        # The domains with a free slot before anything was taken, by what is free now.
+        doms = [d for d in self.topo.domains_by_free(self.flavor)
+                if self.topo.domain_free(self.flavor, d) + self._extra_dom.get(d, 0) > 0]
+        return iter(sorted(doms, key=lambda d: (-self.domain_free(d), d)))
+
+    def total_free(self) -> int:
+        return self.topo.flavor_free(self.flavor) + self._extra_total - self._taken_total
+
+    def domain_free(self, domain: str) -> int:
+        return (self.topo.domain_free(self.flavor, domain) + self._extra_dom.get(domain, 0)
+                - self._taken_dom.get(domain, 0))
+
+    def nodes_in_order(self, domain: str, need: int) -> list[str]:
+        names = set(self.topo.nodes_by_free(self.flavor, domain))
+        names.update(self._extra_nodes.get(domain, ()))
+        return sorted((n for n in names if self._node_free(n) > 0), key=lambda n: (-self._node_free(n), n))
+
+    def free_ordinals(self, node: str) -> list[int]:
+        free = set(self.topo.free_ordinals(node))
+        for chunk in self._extra.get(node, ()):
+            free.update(i for _, i in chunk)
+        return sorted(free - self._taken.get(node, set()))
+
+    def labels_ok(self, node: str, selector: Labels) -> bool:
+        return not selector or labels_match(selector, self.topo.nodes[node].labels)
+
+    def domain_of(self, node: str) -> str:
+        return self.topo.domain_of(node)
+
+    def take(self, slots: list[Slot]) -> None:
+        for node, i in slots:
+            self._taken.setdefault(node, set()).add(i)
+            d = self.topo.domain_of(node)
+            self._taken_dom[d] = self._taken_dom.get(d, 0) + 1
+        self._taken_total += len(slots)
+
+    def untake(self, slots: list[Slot]) -> None:
+        for node, i in slots:
+            self._taken[node].remove(i)
+            d = self.topo.domain_of(node)
+            self._taken_dom[d] -= 1
+        self._taken_total -= len(slots)
+
+
 def view_for(topo: Topology, flavor: str, selector: Labels = (),
              extra: dict[str, set[int]] | None = None) -> FreeView:
     """The fast indexed view when it is exact, else a virtual one."""
