@@ -293,3 +293,60 @@ def test_terms_of_matches_run_funding() -> None:
     r = run("r", "org:g", 4, allow_borrow=True, max_borrow=2, sponsors=["org:s"])
     t = terms_of(r, START + 5)
     assert (t.admitted, t.allow_borrow, t.max_borrow, t.sponsors) == (START + 5, True, 2, ("org:s",))
+
+
+# --- a twin: every candidate asked for every piece -------------------------------------------------
+
+def _twin(w: World, r: Run, needs: list[GroupNeed], cands: list[Candidate], headroom_only: bool) -> list[tuple]:
+    """The cover as §3 states it, without `cover`'s shortcut of dropping a candidate once it
+    has no room: every candidate is asked, in order, for every piece."""
+    from jobtree.core.cover import _Room
+    room = _Room(w.rules, w.view, w.meter, r, w.terms(r.key), START, w.period_of(DAY), headroom_only)
+    out: list[tuple] = []
+    for need in needs:
+        for role, count in ((Role.ACTIVE, need.active), (Role.SPARE, need.spares)):
+            left = count
+            for c in cands:
+                n = min(left, room.room(c, need.index))
+                if n > 0:
+                    room.take(c, n)
+                    out.append((need.index, role, n, c.ref, True))
+                    left -= n
+            if left:
+                out.append((need.index, role, left, cands[0].ref if cands else None, False))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_cover_equals_asking_every_candidate_for_every_piece(seed: int) -> None:
+    """Contended envelopes (shared pools, an aggregate cap, a GPU-hour budget, lenders), runs
+    with and without claims of their own (a growing run's groups rank among its own claims):
+    the cover equals its twin that never drops a candidate."""
+    import random
+
+    from builders import agg_cap
+
+    rnd = random.Random(seed)
+    w = cluster([node(f"n{i}") for i in range(8)], [
+        budget("own", "org:d:t", envelope("e", rnd.randint(0, 12)), envelope("f", rnd.randint(0, 6), hours=rnd.choice([None, 20.0])),
+               parents=["org:d"], caps=[agg_cap("c", "e", "f", concurrency=rnd.randint(4, 14))]),
+        budget("sib", "org:d:s", envelope("e", rnd.randint(0, 8)), parents=["org:d"]),
+        budget("pool", "org:d", envelope("e", rnd.randint(0, 10))),
+        budget("lender", "org:l", envelope("e", rnd.randint(0, 8), lend_to=["org:d:*"], lend_concurrency=rnd.randint(1, 6))),
+    ])
+    payers = [("own", "e"), ("own", "f"), ("sib", "e"), ("pool", "e"), ("lender", "e")]
+    for i in range(rnd.randint(0, 6)):
+        other = w.add_run(run(f"o{i}", rnd.choice(["org:d:t", "org:d:s", "org:d"]), 4),
+                          admitted=START - rnd.randint(-HOUR, HOUR))
+        w.view.add(claim(f"o{i}.0", other, rnd.randint(1, 6), rnd.choice(payers)))
+    r = w.add_run(run("r", "org:d:t", 32, 4, spares=rnd.randint(0, 2), allow_borrow=rnd.random() < 0.5),
+                  admitted=START)
+    first = 0
+    if rnd.random() < 0.5:  # a growing run: claims of its own rank among its new groups
+        for g in range(rnd.randint(1, 3)):
+            w.view.add(claim(f"r.{g}", r, 4, rnd.choice(payers), group=g))
+        first = 3
+    needs = [GroupNeed(first + g, 4, r.spec.spares_per_group) for g in range(rnd.randint(1, 6))]
+    cands = candidates(w.rules, w.topo, r, w.terms(r.key), START)
+    for headroom_only in (False, True):
+        assert pieces(w, r, needs, headroom_only=headroom_only) == _twin(w, r, needs, cands, headroom_only)

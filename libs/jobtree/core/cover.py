@@ -196,11 +196,16 @@ def cover(rules: FundingRules, view: FundingView, meter: Meter, run: Run, terms:
     fallback = cands[0] if cands else None
     groups: list[GroupRequest] = []
     funded = total = 0
+    # A candidate's room never grows within one cover (groups come in index order, the usage
+    # ranked before a later group is no less, and what the cover takes only adds up): once it
+    # has none, it is not asked again.
+    live = list(cands)
     for need in needs:
         pieces: list[Piece] = []
         for role, count in ((Role.ACTIVE, need.active), (Role.SPARE, need.spares)):
             left = count
-            for c in cands:
+            spent: list[Candidate] = []
+            for c in live:
                 if left == 0:
                     break
                 n = min(left, room.room(c, need.index))
@@ -208,6 +213,10 @@ def cover(rules: FundingRules, view: FundingView, meter: Meter, run: Run, terms:
                     room.take(c, n)
                     pieces.append(Piece(role, n, c.envelope.selector, Payment(c.ref, True)))
                     left -= n
+                else:
+                    spent.append(c)
+            if spent:
+                live = [c for c in live if all(c is not x for x in spent)]
             funded += count - left
             total += count
             if left:
