@@ -350,6 +350,19 @@ async def latency_phase(stub: Any, up: Up, cpu: Cpu, rate: int, seconds: float, 
     completes = await ctask if ctask is not None else 0
     lat = [(ph.bound_at[k] - at) * 1e3 for k, at in scheduled.items() if k in ph.bound_at]
     rpc = [(replied[k] - at) * 1e3 for k, at in scheduled.items() if k in replied]
+    # Where the tail sits in time: per second of arrivals, the latency percentiles (a tail
+    # spread evenly is queueing; one bad second is a stall somewhere).
+    per_second: dict[int, list[float]] = collections.defaultdict(list)
+    for k, at in scheduled.items():
+        if k in ph.bound_at:
+            per_second[int(at - t0)].append((ph.bound_at[k] - at) * 1e3)
+    timeline = [{"second": s_, "bound": len(v), "p50_ms": round(percentile(v, 50), 1),
+                 "p99_ms": round(percentile(v, 99), 1), "max_ms": round(max(v), 1)}
+                for s_, v in sorted(per_second.items())]
+    if args.timeline:
+        for row in timeline:
+            progress(f"latency {rate}/s: second {row['second']:3d}: bound {row['bound']:4d} p50 {row['p50_ms']:7.1f} ms "
+                     f"p99 {row['p99_ms']:7.1f} ms max {row['max_ms']:7.1f} ms")
     in_window = sum(1 for k, at in scheduled.items() if k in ph.bound_at and ph.bound_at[k] <= t_end)
     errors = dict(ph.errors)
     await asyncio.gather(*tasks)
@@ -358,7 +371,7 @@ async def latency_phase(stub: Any, up: Up, cpu: Cpu, rate: int, seconds: float, 
     with contextlib.suppress(asyncio.CancelledError):
         await wtask
     out = {
-        "phase": "latency", "offered_per_s": rate, "seconds": seconds, "arrivals": n, "sent": len(scheduled),
+        "phase": "latency", "timeline": timeline, "offered_per_s": rate, "seconds": seconds, "arrivals": n, "sent": len(scheduled),
         "shed": shed, "bound": len(lat), "unbound": len(scheduled) - len(lat),
         "bound_per_s_in_window": round(in_window / (n / rate), 1),
         "p50_ms": round(percentile(lat, 50), 2), "p90_ms": round(percentile(lat, 90), 2),
@@ -805,6 +818,8 @@ def main() -> None:
     ap.add_argument("--profile-dir", type=Path, default=Path("/tmp/jobtree-live-prof"))
     ap.add_argument("--tap", action="store_true",
                     help="time every stage on the bus with a passive tap process (bench/live_tap.py)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="print each latency phase's percentiles per second of arrivals (always in --json)")
     ap.add_argument("--data-dir", type=Path, help="default: a fresh temporary directory (removed afterwards)")
     ap.add_argument("--keep", action="store_true", help="keep the data directory")
     ap.add_argument("--quick", action="store_true", help="smoke test: 100 nodes, short phases")

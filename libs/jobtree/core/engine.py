@@ -128,8 +128,9 @@ class Cluster(Admission):
         runtime_due = self._next_runtime_due()
         if runtime_due is not None:
             times.append(runtime_due)
-        for e in self.rules.envelopes.values():
-            times.extend(x for x in (e.start, e.end) if x is not None and x > now)
+        edge = self._next_window_edge()
+        if edge is not None:
+            times.append(edge)
         self.funding.refresh()
         ex = self.meter.next_exhaustion(now, self.funding.used, self.rules.hour_caps)
         if ex is not None:

@@ -7,6 +7,7 @@ of `engine.Cluster`; it decides nothing.
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any, Self
@@ -449,14 +450,21 @@ class ClusterState:
             self.funding.set_clock(step_to, self.meter.spent(self.rules.hour_caps))
 
     def _next_breakpoint(self, limit: int) -> int:
-        best = limit
-        for e in self.rules.envelopes.values():
-            for x in (e.start, e.end):
-                if x is not None and self.now < x < best:
-                    best = x
+        edge = self._next_window_edge()
+        best = limit if edge is None else min(limit, edge)
         self.funding.refresh()
         ex = self.meter.next_exhaustion(self.now, self.funding.used, self.rules.hour_caps)
         return min(best, ex) if ex is not None else best
+
+    def _next_window_edge(self) -> int | None:
+        """The first envelope window start or end after now. The instants are kept in order
+        until budgets or nodes change: the clock asks with every decision and must not walk
+        every envelope."""
+        if self.__dict__.get("_edges_epoch") != self._spec_epoch:
+            self._edges = sorted({x for e in self.rules.envelopes.values() for x in (e.start, e.end) if x is not None})
+            self._edges_epoch = self._spec_epoch
+        i = bisect_right(self._edges, self.now)
+        return self._edges[i] if i < len(self._edges) else None
 
     def _set_budget(self, budget: Budget) -> None:
         self.budgets = {**self.budgets, budget.name: budget}
