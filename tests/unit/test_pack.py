@@ -323,8 +323,9 @@ def test_overlay_view_packs_as_a_virtual_view_with_the_same_extras(seed: int) ->
     before = state(t)
     overlay, extra = OverlayView(t, FLAVOR), {}
     for level in range(4):
-        for held in leases[level * len(leases) // 4:(level + 1) * len(leases) // 4]:
-            overlay.add(held)
+        batch = leases[level * len(leases) // 4:(level + 1) * len(leases) // 4]
+        overlay.add(iter(batch))  # one level's leases at a time, as an intended slice adds them
+        for held in batch:
             extra.setdefault(held[0][0], set()).update(i for _, i in held)
         virtual = VirtualView(t, FLAVOR, extra=extra)
         assert list(overlay.domains_in_order()) == list(virtual.domains_in_order())

@@ -116,8 +116,7 @@ class Cutting(Placement):
             for added in cutorder.capacity_leases(world, max_level):
                 if not added:
                     continue  # the same slots as the pack that just failed
-                for lease in added:
-                    view.add(lease.slots)
+                view.add(lease.slots for lease in added)
                 placed = pack(view, request)
                 if placed is not None:
                     return placed

@@ -213,22 +213,34 @@ class OverlayView:
         self._taken_dom: dict[str, int] = {}
         self._taken_total = 0
 
-    def add(self, slots: tuple[Slot, ...]) -> None:
-        """Count `slots` (held slots of one node, none added before) as free; slots on a node
-        that is not Ready or not of the flavor are left out, as a virtual view leaves them."""
-        if not slots:
-            return
-        node = slots[0][0]
-        topo = self.topo
-        if topo.flavor_of(node) != self.flavor or topo.nodes[node].state is not NodeState.READY:
-            return
-        n = len(slots)
-        self._extra.setdefault(node, []).append(slots)
-        self._extra_n[node] = self._extra_n.get(node, 0) + n
-        d = topo.domain_of(node)
-        self._extra_dom[d] = self._extra_dom.get(d, 0) + n
-        self._extra_nodes.setdefault(d, set()).add(node)
-        self._extra_total += n
+    def add(self, held: Iterable[tuple[Slot, ...]]) -> None:
+        """Count each of `held` (the slots of one lease: held, on one node, none added before)
+        as free; slots on a node that is not Ready or not of the flavor are left out, as a
+        virtual view leaves them."""
+        topo, flavor, ready = self.topo, self.flavor, NodeState.READY
+        nodes, flavor_of, domain_of = topo.nodes, topo.flavor_of, topo.domain_of
+        extra, extra_n, extra_dom, extra_nodes = self._extra, self._extra_n, self._extra_dom, self._extra_nodes
+        total = 0
+        for slots in held:
+            if not slots:
+                continue
+            node = slots[0][0]
+            if flavor_of(node) != flavor or nodes[node].state is not ready:
+                continue
+            n = len(slots)
+            chunks = extra.get(node)
+            if chunks is None:
+                extra[node] = [slots]
+                extra_n[node] = n
+                d = domain_of(node)
+                extra_nodes.setdefault(d, set()).add(node)
+            else:
+                chunks.append(slots)
+                extra_n[node] += n
+                d = domain_of(node)
+            extra_dom[d] = extra_dom.get(d, 0) + n
+            total += n
+        self._extra_total += total
 
     def _node_free(self, node: str) -> int:
         return self.topo.free(node) + self._extra_n.get(node, 0) - len(self._taken.get(node, ()))
