@@ -204,19 +204,18 @@ def cover(rules: FundingRules, view: FundingView, meter: Meter, run: Run, terms:
         pieces: list[Piece] = []
         for role, count in ((Role.ACTIVE, need.active), (Role.SPARE, need.spares)):
             left = count
-            spent: list[Candidate] = []
-            for c in live:
+            kept: list[Candidate] = []
+            for i, c in enumerate(live):
                 if left == 0:
+                    kept.extend(live[i:])
                     break
                 n = min(left, room.room(c, need.index))
                 if n > 0:
                     room.take(c, n)
                     pieces.append(Piece(role, n, c.envelope.selector, Payment(c.ref, True)))
                     left -= n
-                else:
-                    spent.append(c)
-            if spent:
-                live = [c for c in live if all(c is not x for x in spent)]
+                    kept.append(c)
+            live = kept
             funded += count - left
             total += count
             if left:
