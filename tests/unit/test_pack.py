@@ -342,6 +342,34 @@ def test_overlay_view_packs_as_a_virtual_view_with_the_same_extras(seed: int) ->
     assert state(t) == before
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_a_piece_continues_where_the_one_before_it_stopped(seed: int) -> None:
+    """Splitting a group's GPUs into neighbouring pieces of one selector (as a cover splits them
+    between payers, actives then spares) places the same slots in the same order as one piece:
+    what lets the engine remember empty-fleet fits per merged request."""
+    rnd = random.Random(seed)
+    t = Topology([node(f"n{i}", rnd.choice([4, 8]), rnd.choice("ABC"), rack=rnd.choice(["r1", "r2"]))
+                  for i in range(10)])
+    for i in range(10):
+        held = rnd.randint(0, t.nodes[f"n{i}"].gpus)
+        if held:
+            t.take(slots(f"n{i}", *range(held)), "busy")
+    for _ in range(10):
+        sizes = [rnd.randint(1, 10) for _ in range(rnd.randint(1, 3))]
+        sel = rnd.choice([{}, {"rack": "r1"}])
+        whole = tuple(group(g, (n, sel)) for g, n in enumerate(sizes))
+        split = []
+        for g, n in enumerate(sizes):
+            cut = sorted(rnd.sample(range(1, n), min(n - 1, rnd.randint(0, 2)))) if n > 1 else []
+            counts = [b - a for a, b in zip([0, *cut], [*cut, n], strict=True)]
+            split.append(group(g, *((c, sel) for c in counts)))
+        kw = {"spanning": rnd.random() < 0.3, "one_domain": rnd.random() < 0.3}
+        a, b = pack(IndexedView(t, FLAVOR), request(*whole, **kw)), pack(IndexedView(t, FLAVOR), request(*split, **kw))
+        assert (a is None) == (b is None)
+        if a is not None and b is not None:
+            assert nodes_of(a) == nodes_of(b)
+
+
 @pytest.mark.parametrize(
     ("selector", "extra", "kind"),
     [((), None, IndexedView), (labels(rack="r1"), None, VirtualView), ((), {"n1": {0}}, VirtualView)],

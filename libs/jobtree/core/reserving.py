@@ -18,6 +18,7 @@ from jobtree.core.model import (
     Phase,
     Reservation,
     ReservationState,
+    Role,
 )
 from jobtree.core.pack import GroupRequest, Piece, pack, view_for
 from jobtree.core.state import (
@@ -124,9 +125,10 @@ class Reserving(Cutting):
     def _fits_empty(self, key: str, cov: Cover) -> bool:
         """Whether the request fits the Ready nodes of its flavor if every slot were free
         (remembered per request until budgets or nodes change: it reads no occupancy)."""
-        # Tags (who pays) ride along with the slots and place nothing: the key leaves them out.
-        request = self._pack_request(key, tuple(
-            GroupRequest(g.index, tuple(Piece(p.role, p.count, p.selector) for p in g.pieces)) for g in cov.groups))
+        # Tags (who pays) and roles ride along with the slots and place nothing, and a piece
+        # continues where the one before it stopped: the key leaves tags and roles out and
+        # merges neighbouring pieces of one selector (the same slots, found as one piece).
+        request = self._pack_request(key, tuple(GroupRequest(g.index, _merged(g.pieces)) for g in cov.groups))
         self._check_spec_caches()
         got = self._empty_fit_cache.get(request)
         if got is None:
@@ -140,3 +142,14 @@ class Reserving(Cutting):
         self.apply(ReservationPut(replace(res, state=ReservationState.FAILED)))
         self._set_status(key, phase=Phase.PENDING, reason=R_UNSCHEDULABLE, reservation=None, message=message)
         return True
+
+
+def _merged(pieces: tuple[Piece, ...]) -> tuple[Piece, ...]:
+    """Pieces as packing sees them: neighbours with one selector as one piece, no role, no tag."""
+    out: list[Piece] = []
+    for p in pieces:
+        if out and out[-1].selector == p.selector:
+            out[-1] = Piece(Role.ACTIVE, out[-1].count + p.count, p.selector)
+        else:
+            out.append(Piece(Role.ACTIVE, p.count, p.selector))
+    return tuple(out)
