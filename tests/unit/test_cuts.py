@@ -16,6 +16,7 @@ from jobtree.core.cuts import (
     SHRINK,
     Cut,
     CutWorld,
+    capacity_leases,
     capacity_levels,
     draw,
     freed_slots,
@@ -404,6 +405,15 @@ def test_cuts_never_leave_a_hole_below_a_malleable_runs_top_group(top_unfunded: 
     removed = sorted({w.leases[n].group for c in got.cuts if c.run == "default/m" and c.step != LOTTERY
                       for n in c.leases})
     assert removed == [2, 1, 0][:len(removed)][::-1], f"m lost groups {removed}: not its top groups"
+
+
+def test_step_one_capacity_names_each_lease_once() -> None:
+    """A malleable run's unfunded top group that is also all it holds in a domain is both a
+    domain unit and a group unit of step 1: its leases still count once (a pack counts each
+    lease's slots as free)."""
+    first = next(capacity_leases(_hole_world(True), RECLAIM))
+    names = [x.name for x in first]
+    assert sorted(names) == ["m.1", "m.2", "u.0"]
 
 
 def test_capacity_levels_accumulate_by_step() -> None:

@@ -421,16 +421,20 @@ def capacity_leases(world: CutWorld, max_level: int = LOTTERY) -> Iterator[list[
             found: list[Lease] = []
             classes, unfunded = world.classes, FundingClass.UNFUNDED
             for key in _reclaimable(world):
-                if world.runs[key][0].malleable is not None:
-                    found.extend(world.leases[n] for cut in _reclaim_units_of(world, key, None) for n in cut.leases)
+                if world.runs[key][0].malleable is not None:  # a domain unit and a group unit may share leases
+                    names = dict.fromkeys(n for cut in _reclaim_units_of(world, key, None) for n in cut.leases)
+                    found.extend(world.leases[n] for n in names)
                 elif key in world.wholly_unfunded:
                     found.extend(world.by_run[key])
                 else:  # its units: each domain where all it holds is unfunded
                     for _, members in world.run_domains(key):
                         if all(classes.get(x.name) is unfunded for x in members):
                             found.extend(members)
-        else:
-            found = [world.leases[n] for cut in units(world, step, None) for n in cut.leases]
+            # Each run's leases once, runs hold different leases, nothing was seen before step 1.
+            yield found
+            seen.update(x.name for x in found)  # only once a further level is asked for
+            continue
+        found = [world.leases[n] for cut in units(world, step, None) for n in cut.leases]
         added = {x.name: x for x in found if x.name not in seen}
         seen.update(added)
         yield list(added.values())
