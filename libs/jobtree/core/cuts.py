@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import InitVar, dataclass, field
 
 from jobtree.core.model import FundingClass, Lease, Role, RunSpec, RunStatus, Slot
@@ -104,6 +104,9 @@ class CutWorld:
     """A run's leases by domain (derived from `by_run` when not handed in)."""
     wholly_unfunded: set[str] = field(default_factory=set)
     """Runs known to hold unfunded leases only (a shortcut: others are checked lease by lease)."""
+    spare_runs: Collection[str] | None = None
+    """Runs holding an open spare lease, when an index hands them in (step 2 looks at these
+    only; None: every run of `by_run` is looked at)."""
     derive: InitVar[bool] = True
 
     def __post_init__(self, derive: bool) -> None:
@@ -206,7 +209,8 @@ def _reclaim_units_of(world: CutWorld, key: str, domains: set[str] | None) -> li
 
 def _spare_units(world: CutWorld, domains: set[str] | None) -> list[Cut]:
     out: list[Cut] = []
-    for key in _youngest_first(world, [k for k in world.by_run if world.cuttable(k)]):
+    holders = world.by_run if world.spare_runs is None else [k for k in world.spare_runs if k in world.by_run]
+    for key in _youngest_first(world, [k for k in holders if world.cuttable(k)]):
         spares = [x for x in world.by_run[key] if x.role is Role.SPARE and _in(domains, world.lease_domain(x))]
         for lease in sorted(spares, key=lambda x: (-x.group, x.name)):
             out.append(Cut(DROP_SPARE, key, (lease.name,)))

@@ -21,7 +21,6 @@ from jobtree.core.model import (
     NodeState,
     Phase,
     Reservation,
-    Role,
     Slot,
 )
 from jobtree.core.pack import OverlayView, PlacedGroup, pack, view_for
@@ -70,7 +69,7 @@ class Cutting(Placement):
         in_world = unfunded_claims & by_run.keys()
         return cutorder.CutWorld(self.leases, classes, runs, topo.domain_of, usable, key, self.now,
                                  protect_bound_now=not planning, by_run=by_run, unfunded_runs=in_world,
-                                 domains_of=self._domains_of, derive=False,
+                                 domains_of=self._domains_of, derive=False, spare_runs=self._spare_holders.keys(),
                                  wholly_unfunded={k for k in in_world if unfunded_counts[k] == len(by_run[k])})
 
     def _refresh_sorted(self) -> None:
@@ -93,7 +92,7 @@ class Cutting(Placement):
     def _cuttable_by(self, key: str, has_unfunded: bool, max_step: int) -> bool:
         if has_unfunded:
             return True
-        if max_step >= cutorder.DROP_SPARE and any(x.role is Role.SPARE for x in self.open_by_run[key].values()):
+        if max_step >= cutorder.DROP_SPARE and key in self._spare_holders:
             return True
         run = self.runs.get(key)
         return max_step >= cutorder.SHRINK and run is not None and run.spec.malleable is not None

@@ -125,7 +125,7 @@ def check_topology_indexes(cl: Cluster) -> None:
 def check_cut_indexes(cl: Cluster) -> None:
     """The indexes cut worlds read equal what they index: each holder's open leases by name
     (for runs not marked stale) and by domain, every run's spec and status, and the running
-    runs with an ETA (docs/design/cut-worlds.md)."""
+    runs with an ETA, the runs holding spares (docs/design/cut-worlds.md)."""
     by_name = {k: tuple(sorted(ls.values(), key=lambda x: x.name)) for k, ls in cl.open_by_run.items() if ls}
     wrong = sorted(k for k in by_name.keys() | cl._open_sorted.keys()
                    if k not in cl._stale_runs and by_name.get(k) != cl._open_sorted.get(k))
@@ -136,6 +136,13 @@ def check_cut_indexes(cl: Cluster) -> None:
     runs = {k: (r.spec, cl.status[k]) for k, r in cl.runs.items() if k in cl.status}
     if runs != cl._cut_runs:
         raise InvariantViolation("derivation: the cut-world run index differs from the runs and their status")
+    spares: dict[str, int] = {}
+    for ls in cl.open_by_run.values():
+        for x in ls.values():
+            if x.role is Role.SPARE:
+                spares[x.run] = spares.get(x.run, 0) + 1
+    if spares != cl._spare_holders:
+        raise InvariantViolation("derivation: the spare-holder index differs from the open spare leases")
     eta = {k for k, st in cl.status.items() if st.phase is Phase.RUNNING and st.eta is not None}
     if eta != cl._eta_running:
         raise InvariantViolation("derivation: the ETA index differs from the running runs that reported one")

@@ -127,6 +127,9 @@ class ClusterState:
         self._grow_tried: dict[str, tuple[int, int]] = {}
         self._width: dict[str, int] = {}
         """Run -> GPUs of its open active leases (its width), kept by `apply`."""
+        self._spare_holders: dict[str, int] = {}
+        """Run -> how many open spare leases it holds (runs with none are absent), kept by `apply`:
+        the runs cut step 2 can take from."""
         self._queue_index = AdmissionQueue()
         """The queued runs in admission order; those waiting for capacity asleep (core.queue)."""
         self._queue_epoch = self._spec_epoch
@@ -159,6 +162,12 @@ class ClusterState:
             self._eta_running = {k for k, st in self.status.items() if st.phase is Phase.RUNNING and st.eta is not None}
         if "_cut_runs" not in state:
             self._cut_runs = {k: (r.spec, self.status[k]) for k, r in self.runs.items() if k in self.status}
+        if "_spare_holders" not in state:
+            self._spare_holders = {}
+            for ls in self.open_by_run.values():
+                for x in ls.values():
+                    if x.role is Role.SPARE:
+                        self._spare_holders[x.run] = self._spare_holders.get(x.run, 0) + 1
         if "_stale_runs" not in state:
             self._stale_runs = {k for k, ls in self.open_by_run.items() if ls}
 
@@ -232,6 +241,8 @@ class ClusterState:
             self._count_admitted(lease, +1)
             if lease.role is Role.ACTIVE:
                 self._width[lease.run] = self._width.get(lease.run, 0) + lease.gpus
+            else:
+                self._spare_holders[lease.run] = self._spare_holders.get(lease.run, 0) + 1
             prefix, seq = lease.name.rsplit(".", 1)
             self._lease_seq[prefix] = max(self._lease_seq.get(prefix, 0), int(seq) + 1)
         elif isinstance(fact, LeaseClosed):
@@ -249,6 +260,12 @@ class ClusterState:
                     self._width[old.run] = left
                 else:
                     del self._width[old.run]
+            else:
+                spares = self._spare_holders[old.run] - 1
+                if spares:
+                    self._spare_holders[old.run] = spares
+                else:
+                    del self._spare_holders[old.run]
             self._epoch += 1
         elif isinstance(fact, ReservationPut):
             r = fact.reservation
