@@ -11,6 +11,8 @@ What it does (every process it starts is stopped at the end, up by SIGINT like C
    (no coordinated omission). "Bound" is observed on one `WatchRuns` stream of the phase's
    namespace (the first event in which the run's phase is Running). Latency = bound - scheduled
    send instant. Runs not bound within --drain seconds after the last arrival count as unbound.
+   Each phase also keeps its percentiles per second of arrivals (`timeline` in --json; printed
+   with --timeline): a tail spread evenly is queueing, a tail in some seconds only is a stall.
 4. Sustained phases, one per --concurrency N (default 16, 64): N gRPC clients in a closed loop
    submitting as fast as the gateway answers, for --sustain-seconds after --warmup seconds.
    Runs bound/s = Running events seen in the measured window / its length.
@@ -50,7 +52,7 @@ Targets (issue 3): >= 1,000 runs bound/s sustained; p99 submit->bound <= 50 ms a
 
     .venv/bin/python bench/live_throughput.py [--quick] [--json] [--tap] [--rates 50 200 500]
         [--concurrency 16 64] [--complete runtime|grpc] [--batch-probe 1 10 100]
-        [--profile admission,binder,gateway --profile-dir D] [--keep --data-dir D]
+        [--profile admission,binder,gateway --profile-dir D] [--keep --data-dir D] [--timeline]
 To measure one fixed version of the code while others edit the tree, put a `git archive` of it
 first on the path: `git archive C libs services | tar -x -C /tmp/jt-C` and
 `PYTHONPATH=/tmp/jt-C/libs` (`jobtree up` hands its own package root to the services).
