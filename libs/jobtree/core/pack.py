@@ -87,7 +87,19 @@ class FreeView(Protocol):
     def untake(self, slots: list[Slot]) -> None: ...
 
 
-class IndexedView:
+class _NodeReads:
+    """What every view reads of a node straight from the topology: its labels and domain."""
+
+    topo: Topology
+
+    def labels_ok(self, node: str, selector: Labels) -> bool:
+        return not selector or labels_match(selector, self.topo.nodes[node].labels)
+
+    def domain_of(self, node: str) -> str:
+        return self.topo.domain_of(node)
+
+
+class IndexedView(_NodeReads):
     """The live topology's free slots (fast path: run selector matches every node of the flavor)."""
 
     def __init__(self, topo: Topology, flavor: str) -> None:
@@ -119,12 +131,6 @@ class IndexedView:
     def free_ordinals(self, node: str) -> list[int]:
         return self.topo.free_ordinals(node)
 
-    def labels_ok(self, node: str, selector: Labels) -> bool:
-        return not selector or labels_match(selector, self.topo.nodes[node].labels)
-
-    def domain_of(self, node: str) -> str:
-        return self.topo.domain_of(node)
-
     def take(self, slots: list[Slot]) -> None:
         self.topo.take(slots, _TENTATIVE)
 
@@ -132,7 +138,7 @@ class IndexedView:
         self.topo.release(slots, _TENTATIVE)
 
 
-class VirtualView:
+class VirtualView(_NodeReads):
     """Free slots as a caller counts them: live free slots plus `extra` (slots cuts could free),
     restricted to Ready nodes of the flavor matching `selector`."""
 
@@ -179,12 +185,6 @@ class VirtualView:
     def free_ordinals(self, node: str) -> list[int]:
         return sorted(self._free.get(node, ()))
 
-    def labels_ok(self, node: str, selector: Labels) -> bool:
-        return not selector or labels_match(selector, self.topo.nodes[node].labels)
-
-    def domain_of(self, node: str) -> str:
-        return self.topo.domain_of(node)
-
     def take(self, slots: list[Slot]) -> None:
         for node, i in slots:
             self._free[node].remove(i)
@@ -194,7 +194,7 @@ class VirtualView:
             self._free[node].add(i)
 
 
-class OverlayView:
+class OverlayView(_NodeReads):
     """The live free slots plus slots held in the topology that cuts could free, added a
     lease at a time (`add`), for a run whose selector matches every node of the flavor. Counts
     and orders as a `VirtualView` with those slots as extras would, but lazily: building it
@@ -268,12 +268,6 @@ class OverlayView:
         for chunk in self._extra.get(node, ()):
             free.update(i for _, i in chunk)
         return sorted(free - self._taken.get(node, set()))
-
-    def labels_ok(self, node: str, selector: Labels) -> bool:
-        return not selector or labels_match(selector, self.topo.nodes[node].labels)
-
-    def domain_of(self, node: str) -> str:
-        return self.topo.domain_of(node)
 
     def take(self, slots: list[Slot]) -> None:
         for node, i in slots:
