@@ -127,6 +127,9 @@ class ClusterState:
         self._grow_tried: dict[str, tuple[int, int]] = {}
         self._width: dict[str, int] = {}
         """Run -> GPUs of its open active leases (its width), kept by `apply`."""
+        self._edges: list[int] = []
+        """Every envelope window's start and end instant, in order, as of `_edges_epoch`."""
+        self._edges_epoch = -1
         self._spare_holders: dict[str, int] = {}
         """Run -> how many open spare leases it holds (runs with none are absent), kept by `apply`:
         the runs cut step 2 can take from."""
@@ -158,6 +161,7 @@ class ClusterState:
         self.__dict__.setdefault("_open_sorted", {})
         self.__dict__.setdefault("_run_domains", {})
         self.__dict__.setdefault("_empty_fit_cache", {})
+        self.__dict__.setdefault("_edges_epoch", -1)
         if "_eta_running" not in state:
             self._eta_running = {k for k, st in self.status.items() if st.phase is Phase.RUNNING and st.eta is not None}
         if "_cut_runs" not in state:
@@ -477,7 +481,7 @@ class ClusterState:
         """The first envelope window start or end after now. The instants are kept in order
         until budgets or nodes change: the clock asks with every decision and must not walk
         every envelope."""
-        if self.__dict__.get("_edges_epoch") != self._spec_epoch:
+        if self._edges_epoch != self._spec_epoch:
             self._edges = sorted({x for e in self.rules.envelopes.values() for x in (e.start, e.end) if x is not None})
             self._edges_epoch = self._spec_epoch
         i = bisect_right(self._edges, self.now)
