@@ -196,7 +196,7 @@ class VirtualView(_NodeReads):
 
 class OverlayView(_NodeReads):
     """The live free slots plus slots held in the topology that cuts could free, added a
-    lease at a time (`add`), for a run whose selector matches every node of the flavor. Counts
+    level's leases at a time (`add`), for a run whose selector matches every node of the flavor. Counts
     and orders as a `VirtualView` with those slots as extras would, but lazily: building it
     costs nothing per node of the fleet, adding costs per lease, and a pack pays only for the
     domains and nodes it visits. It reads the live topology, so it is used at once and kept
@@ -204,7 +204,7 @@ class OverlayView(_NodeReads):
 
     def __init__(self, topo: Topology, flavor: str) -> None:
         self.topo, self.flavor = topo, flavor
-        self._extra: dict[str, list[Iterable[Slot]]] = {}  # node -> held slots counted free
+        self._extra: dict[str, list[tuple[Slot, ...]]] = {}  # node -> held slots counted free
         self._extra_n: dict[str, int] = {}
         self._extra_dom: dict[str, int] = {}
         self._extra_nodes: dict[str, set[str]] = {}  # domain -> nodes with extras
@@ -227,17 +227,15 @@ class OverlayView(_NodeReads):
             node = slots[0][0]
             if flavor_of(node) != flavor or nodes[node].state is not ready:
                 continue
-            n = len(slots)
+            n, d = len(slots), domain_of(node)
             chunks = extra.get(node)
             if chunks is None:
                 extra[node] = [slots]
                 extra_n[node] = n
-                d = domain_of(node)
                 extra_nodes.setdefault(d, set()).add(node)
             else:
                 chunks.append(slots)
                 extra_n[node] += n
-                d = domain_of(node)
             extra_dom[d] = extra_dom.get(d, 0) + n
             total += n
         self._extra_total += total
