@@ -105,6 +105,7 @@ class Follower:
         self.snapshot_refusal = ""
         """Why it did not start from a snapshot ("" when it did, or did not look)."""
         self.cluster_name = subjects.check_cluster(cluster)
+        self.ledger = Ledger(js, self.cluster_name)
         self.config = config
         self.cluster = Cluster(config, (), 0)
         self.sequence = 0
@@ -149,13 +150,13 @@ class Follower:
 
     async def _catch_up(self) -> int:
         async with self._catching:
-            last = await Ledger(self.js, self.cluster_name).last_sequence()
+            last = await self.ledger.last_sequence()
             if (self.snapshots and last - self.sequence > self.jump_after
                     and last - self._looked_at >= self.jump_after):
                 self._looked_at = last
                 await self._restore(newer_only=True)
             if last > self.sequence:
-                async for record in Ledger(self.js, self.cluster_name).records(self.sequence):
+                async for record in self.ledger.records(self.sequence):
                     await self._applied(record.sequence, record.batch)
             return self.sequence
 
@@ -190,7 +191,7 @@ class Follower:
     async def _attach(self) -> None:
         if self.sequence == 0 and self.snapshots:
             await self._restore()
-        async for record in Ledger(self.js, self.cluster_name).records(self.sequence):
+        async for record in self.ledger.records(self.sequence):
             await self._applied(record.sequence, record.batch)
         self._looked_at = self.sequence
         if not self.push:

@@ -136,12 +136,7 @@ def check_cut_indexes(cl: Cluster) -> None:
     runs = {k: (r.spec, cl.status[k]) for k, r in cl.runs.items() if k in cl.status}
     if runs != cl._cut_runs:
         raise InvariantViolation("derivation: the cut-world run index differs from the runs and their status")
-    spares: dict[str, int] = {}
-    for ls in cl.open_by_run.values():
-        for x in ls.values():
-            if x.role is Role.SPARE:
-                spares[x.run] = spares.get(x.run, 0) + 1
-    if spares != cl._spare_holders:
+    if cl._count_spare_holders() != cl._spare_holders:
         raise InvariantViolation("derivation: the spare-holder index differs from the open spare leases")
     eta = {k for k, st in cl.status.items() if st.phase is Phase.RUNNING and st.eta is not None}
     if eta != cl._eta_running:

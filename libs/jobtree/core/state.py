@@ -167,13 +167,18 @@ class ClusterState:
         if "_cut_runs" not in state:
             self._cut_runs = {k: (r.spec, self.status[k]) for k, r in self.runs.items() if k in self.status}
         if "_spare_holders" not in state:
-            self._spare_holders = {}
-            for ls in self.open_by_run.values():
-                for x in ls.values():
-                    if x.role is Role.SPARE:
-                        self._spare_holders[x.run] = self._spare_holders.get(x.run, 0) + 1
+            self._spare_holders = self._count_spare_holders()
         if "_stale_runs" not in state:
             self._stale_runs = {k for k, ls in self.open_by_run.items() if ls}
+
+    def _count_spare_holders(self) -> dict[str, int]:
+        """`_spare_holders` counted afresh from the open leases."""
+        out: dict[str, int] = {}
+        for leases in self.open_by_run.values():
+            for x in leases.values():
+                if x.role is Role.SPARE:
+                    out[x.run] = out.get(x.run, 0) + 1
+        return out
 
     def forget_history(self) -> None:
         """Empty the journal and fact lists (a follower or the decision loop, once the ledger
