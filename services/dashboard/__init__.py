@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 from pathlib import Path
 
+from jobtree.bus import ports
 from jobtree.bus.follower import Listener, follow
 from jobtree.bus.runtime import ServiceContext, listen_address
 from jobtree.services.dashboard.app import PUSH_EVERY, Board, serve_http
@@ -37,7 +38,7 @@ __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "PORT_FILE", "PUSH_EVERY", "http_addr
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
-PORT_FILE = "dashboard.port"
+PORT_FILE = ports.DASHBOARD_FILE
 
 
 def http_address() -> tuple[str, int]:
@@ -56,10 +57,7 @@ async def main(ctx: ServiceContext) -> None:
     pump = asyncio.ensure_future(board.pump())
     runner, bound = await serve_http(board, host, port)
     port_file = ctx.settings.data_dir / PORT_FILE
-    port_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = port_file.with_name(PORT_FILE + ".tmp")
-    tmp.write_text(f"{bound}\n", encoding="utf-8")
-    tmp.replace(port_file)
+    ports.write(port_file, bound)
     ctx.log.info("http listening", extra={"fields": {"port": bound, "host": host}})
     try:
         await ctx.stopping.wait()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -35,6 +34,7 @@ from grpc_reflection.v1alpha import reflection
 
 from jobtree.api.jobtree.v1 import service_pb2 as api
 from jobtree.auth.transport import transport_from_env
+from jobtree.bus import ports
 from jobtree.bus.follower import Follower
 from jobtree.bus.ledger import Ledger
 from jobtree.bus.runtime import ServiceContext, listen_address
@@ -47,7 +47,7 @@ __all__ = ["DEFAULT_PORT", "PORT_FILE", "SERVICE_NAME", "main"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
-PORT_FILE = "gateway.port"
+PORT_FILE = ports.GATEWAY_FILE
 SERVICE_NAME = api.DESCRIPTOR.services_by_name["Jobtree"].full_name
 STOP_GRACE = 2.0
 ENV_HEALTH_PORT = "JOBTREE_GRPC_HEALTH_PORT"
@@ -65,13 +65,6 @@ def _env_float(name: str, default: float) -> float:
 
 def grpc_address() -> tuple[str, int]:
     return listen_address("JOBTREE_GRPC_HOST", "JOBTREE_GRPC_PORT", DEFAULT_HOST, DEFAULT_PORT)
-
-
-def _write_port(path: Path, port: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{port}\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 async def main(ctx: ServiceContext) -> None:
@@ -110,7 +103,7 @@ async def main(ctx: ServiceContext) -> None:
             raise RuntimeError(f"cannot listen on {host}:{health_port} ({ENV_HEALTH_PORT})")
         await probe.start()
     port_file = ctx.settings.data_dir / PORT_FILE
-    _write_port(port_file, bound)
+    ports.write(port_file, bound)
     ctx.log.info("grpc listening", extra={"fields": {
         "port": bound, "host": host, "tls": not transport.insecure, "client_certificates": bool(transport.client_ca)}})
 

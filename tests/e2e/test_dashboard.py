@@ -246,4 +246,4 @@ def test_a_taken_dashboard_port_is_refused_when_asked_for_and_avoided_by_default
             chosen = up_cmd.dashboard_port(None, avoid=0)
         finally:
             up_cmd.DEFAULT_DASHBOARD_PORT = original
-        assert chosen not in (busy, 0) and not up_cmd.port_in_use(chosen)
+        assert chosen == 0, "0: the dashboard takes a free port while binding and says which"

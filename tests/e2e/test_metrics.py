@@ -1,5 +1,6 @@
 """Every service exposes Prometheus metrics (`--metrics-port`): requests and their latency, the
-collector's pauses, admission's reads of the ledger."""
+collector's pauses, admission's reads of the ledger; on the port asked for, or on one it takes
+while binding (`auto`), and it says which in `<data-dir>/metrics.port`."""
 
 from __future__ import annotations
 
@@ -49,12 +50,12 @@ def test_services_count_and_time_their_requests(nats_server: NatsServer, cluster
         await nc.close()
 
     asyncio.run(setup())
-    ports = {"binder": _free_port(), "admission": _free_port()}
+    ports = {"binder": 0, "admission": _free_port()}  # 0: auto
     loops = {"binder": {}, "admission": {"JOBTREE_EVENT_LOOP": "asyncio"}}  # uvloop unless told otherwise
     procs = [
         subprocess.Popen(orphan_safe([sys.executable, "-m", "jobtree.cli.main", "serve", name, "--cluster", cluster,
                                       "--nats", nats_server.url, "--clock", "virtual",
-                                      "--metrics-port", str(port), "--data-dir", str(tmp_path / name)]),
+                                      "--metrics-port", str(port or "auto"), "--data-dir", str(tmp_path / name)]),
                          stdout=subprocess.DEVNULL, stderr=(tmp_path / f"{name}.log").open("wb"),
                          start_new_session=True, env={**os.environ, **loops[name]})
         for name, port in ports.items()
@@ -78,6 +79,11 @@ def test_services_count_and_time_their_requests(nats_server: NatsServer, cluster
         reply = asyncio.run(drive())
         assert reply.ledger_sequence == 1 and not reply.HasField("error")
         deadline = time.monotonic() + 20
+        while not (tmp_path / "binder" / "metrics.port").exists():
+            assert time.monotonic() < deadline, "the binder never said its metrics port"
+            time.sleep(0.1)
+        ports["binder"] = int((tmp_path / "binder" / "metrics.port").read_text())
+        assert ports["binder"] > 0 and int((tmp_path / "admission" / "metrics.port").read_text()) == ports["admission"]
         admission = _scrape(ports["admission"], deadline)
         binder = _scrape(ports["binder"], deadline)
         assert 'jobtree_requests_total{outcome="ok",service="admission",verb="command"} 1.0' in admission

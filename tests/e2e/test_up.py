@@ -261,6 +261,15 @@ def test_serve_refuses_an_unknown_service_in_one_line() -> None:
     assert out == ""
 
 
+@pytest.mark.parametrize("port", ["x", "-1", "65536", ""])
+def test_serve_refuses_a_bad_metrics_port_in_one_line(port: str) -> None:
+    proc = jobtree("serve", "binder", "--metrics-port", port, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2, err
+    assert err == f"jobtree: --metrics-port: must be a port number or auto, got {port!r}\n"
+    assert out == ""
+
+
 def test_the_demo_is_valid_for_the_core() -> None:
     cmds = demo_commands(CLUSTER)
     assert len(cmds) == DEMO_NODES + len(demo_budgets(CLUSTER))

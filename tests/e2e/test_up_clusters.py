@@ -18,6 +18,7 @@ import pytest
 from test_up import alive, jobtree
 
 from jobtree.cli.runs import main as runs
+from jobtree.cli.up_processes import accepts
 
 READY = 120.0
 
@@ -84,6 +85,11 @@ def test_up_clusters_moves_the_demo_cap_with_demand_and_heals(tmp_path: Path, ca
         def allowances(cap: dict[str, Any]) -> dict[str, int]:
             return {c["cluster"]: c.get("allowance", 0) for c in cap["clusters"]}
 
+        served = [address for c in ("a", "b") for address in json.loads((data / c / "up.json").read_text())["metrics"].values()]
+        assert len(served) == len(set(served)) == 2 * len(json.loads((data / "a" / "up.json").read_text())["metrics"]) > 0
+        for address in served:  # each taken by its own process while binding, not handed over
+            host, _, port = address.rpartition(":")
+            assert accepts(int(port), host), address
         first = wait("the demo cap is booked evenly", lambda cap: allowances(cap) == {"a": 16, "b": 16})
         assert first["cap"] == "vision/all" and first["maxConcurrency"] == 32
         manifest = tmp_path / "run.yaml"

@@ -41,7 +41,7 @@ from prometheus_client import Counter, Histogram
 
 from jobtree.api import convert
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
-from jobtree.bus import codec, subjects
+from jobtree.bus import codec, ports, subjects
 from jobtree.bus.clock import Clock, clock_named
 from jobtree.core.errors import ValidationError
 from jobtree.core.model import ClusterConfig
@@ -89,6 +89,8 @@ class ServiceSettings:
     """The user's nkey seed (`SU...`): it signs the server's nonce instead of a password."""
     data_dir: Path = Path(".")
     metrics_port: int = 0
+    """Serve Prometheus /metrics on this port (0: not at all; `ports.ANY`: a free one); the
+    port taken is written to `ports.METRICS_FILE` in `data_dir`."""
     clock: str = "system"
     """`system` (wall clock) or `virtual` (instants come only from commands)."""
     config: ClusterConfig = field(default_factory=ClusterConfig)
@@ -352,7 +354,8 @@ async def run(main: Callable[[ServiceContext], Awaitable[None]], settings: Servi
     if settings.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.metrics_port, addr=os.environ.get(METRICS_HOST_ENV) or "127.0.0.1")
+        metrics, _ = start_http_server(max(settings.metrics_port, 0), addr=os.environ.get(METRICS_HOST_ENV) or "127.0.0.1")
+        ports.write(settings.data_dir / ports.METRICS_FILE, metrics.server_port)
 
     async def health(_: bytes) -> bytes:
         return b"ok"

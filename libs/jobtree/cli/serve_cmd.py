@@ -1,7 +1,7 @@
 """`jobtree serve NAME`: run one service (`jobtree.services.<NAME>.main`) under the bus runtime.
 
 Contract: `jobtree serve NAME [--cluster C] [--nats URL] [--user U --password P] [--data-dir D]
-[--metrics-port N] [--clock system|virtual] [--config FILE] [--grpc-port P] [--http-port P
+[--metrics-port N|auto] [--clock system|virtual] [--config FILE] [--grpc-port P] [--http-port P
 --http-host H]` imports
 `jobtree.services.<NAME>` (a `-` in NAME is `_` in the package) and runs its `main(ctx)` with
 `jobtree.bus.runtime.run` until SIGINT/SIGTERM; the exit status is the runtime's (0 on a clean
@@ -11,7 +11,9 @@ to every local user), JOBTREE_NATS_USER / JOBTREE_NATS_PASSWORD; the URL
 from `--nats` or JOBTREE_NATS_URL. `--config FILE` is a YAML mapping with the keys of a
 scenario's `config:` (cluster, period, reservationLead, preemptionHoldDown, capAllowances).
 `--grpc-port` is handed to the gateway as JOBTREE_GRPC_PORT; `--http-port`/`--http-host` to the
-dashboard as JOBTREE_HTTP_PORT/JOBTREE_HTTP_HOST. For the notifier, `--config FILE` is
+dashboard as JOBTREE_HTTP_PORT/JOBTREE_HTTP_HOST. `--metrics-port auto` serves metrics on a
+port the kernel picks while binding; like every metrics port, it is written to
+`<data-dir>/metrics.port`. For the notifier, `--config FILE` is
 its receivers and routes (checked first: exit 2 with one line naming the field); for the
 federation, its member clusters and caps (the same; its cluster name defaults to `fed`). An unknown NAME, or one whose
 package has no `main` yet, exits 2 with one line listing the services that can be served.
@@ -48,6 +50,20 @@ ENV_NODE_GRACE = "JOBTREE_NODE_GRACE"
 ENV_POD_GRACE = "JOBTREE_POD_GRACE"
 DEFAULT_URL = "nats://127.0.0.1:4222"
 DEFAULT_CLUSTER = "default"
+
+def _metrics_port(text: str) -> int:
+    from jobtree.bus import ports
+
+    if text == "auto":
+        return ports.ANY
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise CliError(f"--metrics-port: must be a port number or auto, got {text!r}")
+    return port
+
 
 ServiceMain = Callable[[Any], Awaitable[None]]
 
@@ -135,8 +151,9 @@ def add_serve_parser(subparsers: Any) -> None:
     p.add_argument("--user", help=f"NATS user (default ${ENV_USER})")
     p.add_argument("--password", help=f"NATS password (default ${ENV_PASSWORD}; prefer the variable)")
     p.add_argument("--data-dir", metavar="D", default=".", help="the service's own files (default .)")
-    p.add_argument("--metrics-port", metavar="N", type=int, default=0,
-                   help="serve Prometheus /metrics on 127.0.0.1:N (default 0: off)")
+    p.add_argument("--metrics-port", metavar="N", default="0",
+                   help="serve Prometheus /metrics on 127.0.0.1:N (auto: a free one; default 0: off); "
+                        "the port is written to <data-dir>/metrics.port")
     p.add_argument("--clock", choices=CLOCKS, default="system",
                    help="system (wall clock, default) or virtual (instants come from commands)")
     p.add_argument("--config", metavar="FILE", help="YAML mapping of cluster config keys (period, ...)")
@@ -203,8 +220,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     password = args.password if args.password is not None else os.environ.get(ENV_PASSWORD)
     if password and not user:
         raise CliError(f"a password needs a user (--user or ${ENV_USER})")
-    if not 0 <= args.metrics_port <= 65535:
-        raise CliError(f"--metrics-port: must be a port number, got {args.metrics_port}")
+    metrics_port = _metrics_port(args.metrics_port)
     if args.grpc_port is not None:
         if not 0 <= args.grpc_port <= 65535:
             raise CliError(f"--grpc-port: must be a port number, got {args.grpc_port}")
@@ -235,7 +251,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         password=password,
         nkey_seed=os.environ.get(ENV_NKEY_SEED) or None,
         data_dir=Path(args.data_dir),
-        metrics_port=args.metrics_port,
+        metrics_port=metrics_port,
         clock=args.clock,
         config=config,
     )

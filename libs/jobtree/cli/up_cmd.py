@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobtree.bus import ports
 from jobtree.cli.serve_cmd import CLOCKS, ENV_GRPC_PORT, missing_services
 from jobtree.cli.sim_cmd import CliError
 from jobtree.cli.up_processes import (  # noqa: F401 - part of this module's interface
@@ -82,7 +83,6 @@ from jobtree.cli.up_processes import (  # noqa: F401 - part of this module's int
     _until,
     accepts,
     check_metrics_base,
-    free_ports,
     port_in_use,
 )
 
@@ -276,17 +276,18 @@ class Options:
 
 
 def dashboard_port(asked: int | None, avoid: int) -> int:
-    """The dashboard's port: the one asked for (CliError when taken), else the default, else a
-    free one when the default is taken (a second `up`, or another program, holds it)."""
+    """The dashboard's port: the one asked for (CliError when taken), else the default, else 0
+    when the default is taken (a second `up`, or another program, holds it): the dashboard then
+    takes a free one while binding and says which in its port file."""
     if asked is not None:
         if not 0 <= asked <= 65535:
             raise CliError(f"--dashboard-port: must be a port number (0 for a free one), got {asked}")
         if asked and (asked == avoid or port_in_use(asked)):
             raise CliError(f"--dashboard-port: {HOST}:{asked} is in use; pick another port or 0 for a free one")
-        return asked or free_ports(1, avoid=avoid)[0]
+        return asked
     if avoid != DEFAULT_DASHBOARD_PORT and not port_in_use(DEFAULT_DASHBOARD_PORT):
         return DEFAULT_DASHBOARD_PORT
-    return free_ports(1, avoid=avoid)[0]
+    return 0
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -340,7 +341,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if args.dashboard_port is not None:
             raise CliError(f"--metrics-port-base: ports {args.metrics_port_base}-{args.metrics_port_base + count - 1} "
                            f"include the --dashboard-port {board}")
-        board = free_ports(1, avoid=port)[0]
+        board = 0
     data_dir = Path(args.data_dir).resolve()
     try:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -410,13 +411,11 @@ async def _up(opts: Options) -> int:
                                 name="jobtree-up")
         sequence = await _prepare_streams(nc, opts.cluster)
         supervisor = _supervisor(opts.data_dir, opts.cluster, server.url, opts.clock)
-        with contextlib.suppress(FileNotFoundError):
-            _port_file(supervisor).unlink()  # left by a crash: the gateway writes it once bound
         names = process_names(opts.admission_replicas, opts.kubeconfig is not None, opts.notify is not None)
-        ports = (range(opts.metrics_base, opts.metrics_base + len(names)) if opts.metrics_base
-                 else [p for p in free_ports(len(names) + 1, avoid=opts.grpc_port)
-                       if p != opts.dashboard_port][:len(names)])
-        opts.metrics = dict(zip(names, ports, strict=True))
+        # without a base each service binds a free metrics port itself and says which (no race
+        # with another process for a port picked beforehand); a restart asks for the same one
+        metrics = range(opts.metrics_base, opts.metrics_base + len(names)) if opts.metrics_base else [0] * len(names)
+        opts.metrics = dict(zip(names, metrics, strict=True))
         standbys = standby_names(opts.admission_replicas)
 
         def start(name: str) -> None:
@@ -427,9 +426,11 @@ async def _up(opts: Options) -> int:
             extra = opts.bridge_args if name == KUBE_BRIDGE else ()
             if name == DASHBOARD:
                 extra = ("--http-port", str(opts.dashboard_port))
+            for file in (ports.METRICS_FILE, ports.GATEWAY_FILE, ports.DASHBOARD_FILE):  # left by an earlier start
+                _port_file(supervisor, name, file).unlink(missing_ok=True)
             config = ("--config", str(opts.notify)) if name == NOTIFIER else opts.config_args
             try:
-                supervisor.start(name, env=env, args=("--metrics-port", str(opts.metrics[name]), *config, *extra))
+                supervisor.start(name, env=env, args=("--metrics-port", str(opts.metrics[name] or "auto"), *config, *extra))
             except SupervisorError as e:
                 raise UpError(str(e)) from None
 
@@ -537,27 +538,23 @@ async def _wait_healthy(nc: Any, opts: Options, supervisor: Any, names: list[str
 
             await until(name, healthy, "answer health")
         if name == "gateway":
-            port_file = _port_file(supervisor)
-
             async def grpc_open() -> bool:
-                with contextlib.suppress(OSError, ValueError):
-                    port = int(port_file.read_text())
-                    if (not opts.grpc_port or port == opts.grpc_port) and accepts(port):
-                        opts.grpc_port = port
-                        return True
-                return False
+                opts.grpc_port = _bound(_port_file(supervisor, name, ports.GATEWAY_FILE), opts.grpc_port)
+                return opts.grpc_port > 0
 
             await until(name, grpc_open, f"accept gRPC connections on {HOST}")
         if name == DASHBOARD:
             async def http_open() -> bool:
-                return accepts(opts.dashboard_port)
+                opts.dashboard_port = _bound(_port_file(supervisor, name, ports.DASHBOARD_FILE), opts.dashboard_port)
+                return opts.dashboard_port > 0
 
-            await until(name, http_open, f"serve the dashboard on {HOST}:{opts.dashboard_port}")
+            await until(name, http_open, f"serve the dashboard on {HOST}")
 
         async def metrics_open() -> bool:
-            return accepts(opts.metrics[name])
+            opts.metrics[name] = _bound(_port_file(supervisor, name, ports.METRICS_FILE), opts.metrics[name])
+            return opts.metrics[name] > 0
 
-        await until(name, metrics_open, f"serve metrics on {HOST}:{opts.metrics[name]}")
+        await until(name, metrics_open, f"serve metrics on {HOST}")
 
     await asyncio.gather(*(one(name) for name in names))
 
@@ -612,9 +609,16 @@ async def _load_demo(nc: Any, cluster: str, commands: list[tuple[str, Any]] | No
                           f"({bus.ErrorCode.Name(reply.error.code)}): {where}{reply.error.problem}")
 
 
-def _port_file(supervisor: Any) -> Path:
-    """Where the gateway writes the port it listens on (`<its data dir>/gateway.port`)."""
-    return Path(supervisor.data_dir) / "services" / "gateway" / "gateway.port"
+def _port_file(supervisor: Any, process: str, file: str) -> Path:
+    """Where process `process` writes a port it listens on (`<its data dir>/<file>`)."""
+    return Path(supervisor.data_dir) / "services" / process / file
+
+
+def _bound(port_file: Path, asked: int) -> int:
+    """The port a service says it listens on, once it accepts connections there (0 until then);
+    when `asked` is a port, only that one (a file left by an earlier start says another)."""
+    port = ports.read(port_file)
+    return port if port and (not asked or port == asked) and accepts(port) else 0
 
 
 def _write_state(path: Path, opts: Options, server: Any, supervisor: Any, *, ready: bool,
@@ -632,7 +636,7 @@ def _write_state(path: Path, opts: Options, server: Any, supervisor: Any, *, rea
         "nats_pid": server.pid,
         "services": supervisor.pids(),
         "admission_replicas": ["admission", *standby_names(opts.admission_replicas)],
-        "metrics": {name: f"{HOST}:{port}" for name, port in opts.metrics.items()},
+        "metrics": {name: f"{HOST}:{port}" for name, port in opts.metrics.items() if port},
         "logs": str(supervisor.logs_dir),
         "restarts": dict(restarts or {}),
     }

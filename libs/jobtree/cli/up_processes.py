@@ -56,20 +56,6 @@ def accepts(port: int, host: str = HOST) -> bool:
     return False
 
 
-def free_ports(count: int, avoid: int = 0, host: str = HOST) -> list[int]:
-    """`count` distinct ports free on `host` now (none equal to `avoid`)."""
-    held: list[socket.socket] = []
-    try:
-        while len(held) < count + (1 if avoid else 0):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            held.append(s)
-            s.bind((host, 0))
-        return [p for p in (s.getsockname()[1] for s in held) if p != avoid][:count]
-    finally:
-        for s in held:
-            s.close()
-
-
 def check_metrics_base(base: int, count: int, grpc_port: int) -> None:
     """CliError (one line) unless `count` ports from `base` are usable (base 0: pick free ones)."""
     if base == 0:
