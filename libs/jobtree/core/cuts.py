@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import InitVar, dataclass, field
 
 from jobtree.core.model import FundingClass, Lease, Role, RunSpec, RunStatus, Slot
@@ -87,7 +87,7 @@ class CutWorld:
     leases: dict[str, Lease]
     """Open leases by name (an index handing the world its runs may hold more: only the leases
     of `by_run` are ever looked up)."""
-    classes: dict[str, FundingClass]
+    classes: Mapping[str, FundingClass]
     runs: dict[str, tuple[RunSpec, RunStatus]]
     domain_of: Callable[[str], str]
     usable: Callable[[Slot], bool]
@@ -180,31 +180,60 @@ def _reclaimable(world: CutWorld) -> list[str]:
 
 
 def _reclaim_units_of(world: CutWorld, key: str, domains: set[str] | None) -> list[Cut]:
+    return reclaim_units(RunHolding(key, world.by_run[key], world.run_domains(key), world.runs[key][0],
+                                    key in world.wholly_unfunded), world.classes.get, world.domain_of, domains)
+
+
+@dataclass(frozen=True, slots=True)
+class RunHolding:
+    """What step 1 reads of one run: its open leases (by name and by domain), its spec, and
+    whether all it holds is known to be unfunded."""
+
+    key: str
+    leases: Sequence[Lease]
+    domains: RunDomains
+    spec: RunSpec
+    whole: bool = False
+
+
+def reclaim_units(run: RunHolding, cls: Callable[[str], FundingClass | None], domain_of: Callable[[str], str],
+                  domains: set[str] | None = None) -> list[Cut]:
     """One run's reclaim units in the order step 1 takes them: each domain where every lease of
     it is unfunded, then (malleable) whole unfunded top groups down to min."""
     out: list[Cut] = []
-    leases = world.by_run[key]
-    whole = key in world.wholly_unfunded
-    for d, members in world.run_domains(key):
-        if _in(domains, d) and (whole or all(world.classes.get(x.name) is FundingClass.UNFUNDED for x in members)):
-            out.append(Cut(RECLAIM, key, tuple(x.name for x in members)))
-    spec = world.runs[key][0]
+    unfunded = FundingClass.UNFUNDED
+    for d, members in run.domains:
+        if _in(domains, d) and (run.whole or all(cls(x.name) is unfunded for x in members)):
+            out.append(Cut(RECLAIM, run.key, tuple(x.name for x in members)))
+    spec = run.spec
     if spec.malleable is None:
         return out
-    groups = _groups(leases)
-    width = _active_width(leases)
+    groups = _groups(run.leases)
+    width = _active_width(run.leases)
     for g in sorted(groups, reverse=True):
         members = groups[g]
         gw = _active_width(members)
-        if width - gw < spec.min_width or not all(
-            world.classes.get(x.name) is FundingClass.UNFUNDED for x in members
-        ):
+        if width - gw < spec.min_width or not all(cls(x.name) is unfunded for x in members):
             break
-        if not any(_in(domains, world.lease_domain(x)) for x in members):
+        if not any(_in(domains, domain_of(x.node)) for x in members):
             break  # the top group is out of scope: nothing below it may go first
-        out.append(Cut(RECLAIM, key, tuple(x.name for x in members), g))
+        out.append(Cut(RECLAIM, run.key, tuple(x.name for x in members), g))
         width -= gw
     return out
+
+
+def reclaim_capacity(run: RunHolding, cls: Callable[[str], FundingClass | None],
+                     domain_of: Callable[[str], str]) -> list[Lease]:
+    """The leases step 1 could free of one run, each once: a set of slots, so the order of its
+    units does not matter, and a fixed-size run's units are its domains where all it holds is
+    unfunded (all of them, when it holds unfunded leases only)."""
+    if run.spec.malleable is not None:  # a domain unit and a group unit may share leases
+        by_name = {x.name: x for x in run.leases}
+        return [by_name[n] for n in dict.fromkeys(n for cut in reclaim_units(run, cls, domain_of) for n in cut.leases)]
+    if run.whole:
+        return list(run.leases)
+    unfunded = FundingClass.UNFUNDED
+    return [x for _, members in run.domains if all(cls(y.name) is unfunded for y in members) for x in members]
 
 
 def _spare_units(world: CutWorld, domains: set[str] | None) -> list[Cut]:
@@ -411,36 +440,33 @@ def capacity_levels(world: CutWorld, max_level: int = LOTTERY) -> Iterator[set[S
         yield set(acc)
 
 
-def capacity_leases(world: CutWorld, max_level: int = LOTTERY) -> Iterator[list[Lease]]:
+def capacity_leases(world: CutWorld, max_level: int = LOTTERY,
+                    reclaimed: Container[str] | None = None) -> Iterator[list[Lease]]:
     """The leases each level of `capacity_levels` adds to the one before (each level's slots are
-    those of whole leases: a caller keeping its own union copies nothing)."""
+    those of whole leases: a caller keeping its own union copies nothing). `reclaimed`: the
+    caller counted step 1 already (from a maintained index), and these are its leases' names;
+    the levels after it are yielded."""
     seen: set[str] = set()
     for step in (RECLAIM, DROP_SPARE, SHRINK):
         if step > max_level:
             return
         if step == RECLAIM:
-            # A set of slots: the runs' order does not matter, and a fixed-size run's units
-            # are its domains where all it holds is unfunded (all of them, when it holds
-            # unfunded leases only).
+            if reclaimed is not None:
+                continue
             found: list[Lease] = []
-            classes, unfunded = world.classes, FundingClass.UNFUNDED
+            cls = world.classes.get
             for key in _reclaimable(world):
-                if world.runs[key][0].malleable is not None:  # a domain unit and a group unit may share leases
-                    names = dict.fromkeys(n for cut in _reclaim_units_of(world, key, None) for n in cut.leases)
-                    found.extend(world.leases[n] for n in names)
-                elif key in world.wholly_unfunded:
-                    found.extend(world.by_run[key])
-                else:  # its units: each domain where all it holds is unfunded
-                    for _, members in world.run_domains(key):
-                        if all(classes.get(x.name) is unfunded for x in members):
-                            found.extend(members)
+                found.extend(reclaim_capacity(RunHolding(key, world.by_run[key], world.run_domains(key),
+                                                         world.runs[key][0], key in world.wholly_unfunded),
+                                              cls, world.domain_of))
             # Each run's leases once, runs hold different leases, nothing was seen before step 1.
             yield found
             seen.update(x.name for x in found)  # only once a further level is asked for
             continue
         found = [world.leases[n] for cut in units(world, step, None) for n in cut.leases]
-        added = {x.name: x for x in found if x.name not in seen}
+        added = {x.name: x for x in found if x.name not in seen and (reclaimed is None or x.name not in reclaimed)}
         seen.update(added)
         yield list(added.values())
     if max_level >= LOTTERY:
-        yield [x for key, leases in world.by_run.items() if world.cuttable(key) for x in leases if x.name not in seen]
+        yield [x for key, leases in world.by_run.items() if world.cuttable(key) for x in leases
+               if x.name not in seen and (reclaimed is None or x.name not in reclaimed)]

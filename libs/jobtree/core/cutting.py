@@ -5,7 +5,8 @@ gang re-established after it lost leases. A layer of `engine.Cluster`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from jobtree.core import cuts as cutorder
@@ -13,7 +14,7 @@ from jobtree.core.cover import Cover, Payment
 from jobtree.core.facts import (
     ReservationPut,
 )
-from jobtree.core.funding import Claim
+from jobtree.core.funding import Claim, ClassesWith
 from jobtree.core.model import (
     FundingClass,
     Lease,
@@ -25,24 +26,37 @@ from jobtree.core.model import (
 )
 from jobtree.core.pack import OverlayView, PlacedGroup, pack, view_for
 from jobtree.core.placement import Placement
+from jobtree.core.reclaims import Reclaimed, ReclaimIndex
 from jobtree.core.state import (
     R_PREEMPTED,
 )
 
 
 class Cutting(Placement):
-    def _cut_world(self, key: str, cov: Cover, max_step: int = cutorder.LOTTERY,
-                   planning: bool = False) -> cutorder.CutWorld:
-        """Open leases and their classes with the new claim's funded part ranked in (on the
-        side: `classes_with`), for the runs the allowed cut steps could touch. Built from
-        indexes the view keeps: each run's leases by name and by domain (`_refresh_sorted`,
-        `_domains_of`) and the runs holding an unfunded claim; nothing is classified or sorted
-        per open lease."""
-        run = self.runs[key]
-        hypothetical = [Claim(f"\x00claim.{g.index}.{i}", key, run.spec.owner, g.index, p.role, p.count, pay.payer)
+    def _class_changes(self, key: str, cov: Cover) -> tuple[dict[str, FundingClass], dict[str, int]]:
+        """The classes that differ once the cover's funded claims are ranked in (on the side:
+        `changes_with`), and the unfunded counts that differ."""
+        hypothetical = [Claim(f"\x00claim.{g.index}.{i}", key, self.runs[key].spec.owner, g.index, p.role, p.count,
+                              pay.payer)
                         for g in cov.groups for i, p in enumerate(g.pieces)
                         if isinstance(pay := p.tag, Payment) and pay.funded and pay.payer is not None]
-        classes, unfunded_counts = self.funding.classes_with(hypothetical)
+        return self.funding.changes_with(hypothetical)
+
+    def _cut_world(self, key: str, cov: Cover, max_step: int = cutorder.LOTTERY, planning: bool = False,
+                   changes: tuple[dict[str, FundingClass], dict[str, int]] | None = None) -> cutorder.CutWorld:
+        """Open leases and their classes with the new claim's funded part ranked in (`changes`,
+        read over the view's classes), for the runs the allowed cut steps could touch. Built
+        from indexes the view keeps: each run's leases by name and by domain
+        (`_refresh_sorted`, `_domains_of`) and the runs holding an unfunded claim; nothing is
+        classified or sorted per open lease."""
+        over, counts = changes if changes is not None else self._class_changes(key, cov)
+        classes = ClassesWith(over, self.funding.classes())
+        unfunded_counts = dict(self.funding.unfunded_claims)
+        for k, n in counts.items():
+            if n:
+                unfunded_counts[k] = n
+            else:
+                unfunded_counts.pop(k, None)
         # Every claim of another run is one of its open leases; the placing run's hypothetical
         # claims are not leases: count its open ones only.
         own = self.open_by_run.get(key, {})
@@ -59,18 +73,83 @@ class Cutting(Placement):
             holders = unfunded_claims if max_step == cutorder.RECLAIM else self._open_sorted
             by_run = {k: self._open_sorted[k] for k in holders
                       if k in self._open_sorted and self._cuttable_by(k, k in unfunded_claims, max_step)}
-        flavor = run.spec.gpu_type
         topo = self.topo
-
-        def usable(s: Slot) -> bool:
-            return topo.nodes[s[0]].state is NodeState.READY and topo.flavor_of(s[0]) == flavor
-
+        usable = self._usable(self.runs[key].spec.gpu_type)
         runs = self._cut_runs  # every run, live: only those of `by_run` are looked up
         in_world = unfunded_claims & by_run.keys()
         return cutorder.CutWorld(self.leases, classes, runs, topo.domain_of, usable, key, self.now,
                                  protect_bound_now=not planning, by_run=by_run, unfunded_runs=in_world,
                                  domains_of=self._domains_of, derive=False, spare_runs=self._spare_holders.keys(),
                                  wholly_unfunded={k for k in in_world if unfunded_counts[k] == len(by_run[k])})
+
+    def _usable(self, flavor: str) -> Callable[[Slot], bool]:
+        topo = self.topo
+
+        def usable(s: Slot) -> bool:
+            return topo.nodes[s[0]].state is NodeState.READY and topo.flavor_of(s[0]) == flavor
+
+        return usable
+
+    def _holding(self, key: str, unfunded: int) -> cutorder.RunHolding:
+        leases = self._open_sorted[key]
+        return cutorder.RunHolding(key, leases, self._domains_of(key), self._cut_runs[key][0], unfunded == len(leases))
+
+    def _reclaim_index(self) -> ReclaimIndex:
+        """The reclaim index brought up to date: the runs whose classes, leases, spec or status
+        changed are derived again (all of them when nodes or budgets changed)."""
+        index, funding = self._reclaims, self.funding
+        funding.refresh()
+        if index.epoch != self._spec_epoch:
+            index.reset(self._spec_epoch)
+            dirty: set[str] | dict[str, int] = funding.unfunded_claims
+        else:
+            dirty = funding.reclassified | self._reclaim_dirty
+        self._refresh_sorted()  # what `_holding` reads, here and for the world's own runs
+        index.move_to(self.now, self.topo)
+        if dirty:
+            cls, unfunded = funding.classes().get, funding.unfunded_claims
+            for k in list(dirty):
+                n = unfunded.get(k, 0)
+                index.put(k, cutorder.reclaim_capacity(self._holding(k, n), cls, self.topo.domain_of)
+                          if n and k in self._cut_runs and k in self._open_sorted else (), self.topo,
+                          recent=self._bound_now(k))
+        funding.reclassified.clear()
+        self._reclaim_dirty.clear()
+        return index
+
+    def _bound_now(self, key: str) -> bool:
+        st = self._cut_runs.get(key)
+        return st is not None and st[1].bound_at == self.now
+
+    def _reclaim_view(self, key: str, changes: tuple[dict[str, FundingClass], dict[str, int]],
+                      planning: bool) -> tuple[OverlayView, Reclaimed]:
+        """The free slots plus what step 1 could free for `key` (an `OverlayView` on the
+        index's layers), and the names of the leases counted: the index as it is, except the
+        runs whose classes differ with `key`'s claims ranked in (derived again here, with those
+        classes) and the runs no cut may touch (`key` itself and, unless planning a later
+        activation, the runs bound now)."""
+        index = self._reclaim_index()
+        over, counts = changes
+        flavor = self.runs[key].spec.gpu_type
+        view = OverlayView(self.topo, flavor, index.bases(flavor, planning))
+        changed = {x.run for n in over if (x := self.leases.get(n)) is not None} - {key}
+        # The runs bound now are in a layer of their own, left out unless planning (those that
+        # hold nothing step 1 could free are not in it: a changed one of them is looked up).
+        protected = {key} if planning else {key, *(k for k in changed if self._bound_now(k))}
+        view.hide((x.node, x.name) for x in index.units.get(key, ()))
+        own: dict[str, frozenset[str]] = {}
+        cls = ClassesWith(over, self.funding.classes()).get
+        unfunded = self.funding.unfunded_claims
+        for k in sorted(changed - protected):
+            n = counts.get(k, unfunded.get(k, 0))
+            got = (cutorder.reclaim_capacity(self._holding(k, n), cls, self.topo.domain_of)
+                   if n and k in self._cut_runs and k in self._open_sorted else [])
+            names = own[k] = frozenset(x.name for x in got)
+            had = index.names.get(k, frozenset())
+            # Ranked in, classes only lose funding: mostly units are added, rarely any is lost.
+            view.hide((x.node, x.name) for x in index.units.get(k, ()) if x.name not in names)
+            view.add(x.slots for x in got if x.name not in had)
+        return view, Reclaimed(index, self.leases, changed | protected, own, without_recent=not planning)
 
     def _refresh_sorted(self) -> None:
         """Bring `_open_sorted` (each holder's open leases by name) up to date."""
@@ -97,22 +176,33 @@ class Cutting(Placement):
         run = self.runs.get(key)
         return max_step >= cutorder.SHRINK and run is not None and run.spec.malleable is not None
 
-    def _intended_slice(self, key: str, cov: Cover, max_level: int = 4,
-                        world: cutorder.CutWorld | None = None, free_tried: bool = False) -> list[PlacedGroup] | None:
+    def _intended_slice(self, key: str, cov: Cover, max_level: int = 4, world: Callable[[], cutorder.CutWorld] | None = None,
+                        free_tried: bool = False, planning: bool = True,
+                        changes: tuple[dict[str, FundingClass], dict[str, int]] | None = None) -> list[PlacedGroup] | None:
         """The placement needing the gentlest cuts (§7): free slots, then what each cut step could
         free, then every slot; None when even that does not fit. `free_tried`: the caller has
-        just packed this cover on the free slots alone, and it did not fit."""
+        just packed this cover on the free slots alone, and it did not fit. `world`: the cut
+        world the caller will plan on (made only when a level past step 1 is looked at);
+        `planning`: for a reservation's later activation (runs bound now count)."""
         if not free_tried:
             placed = self._pack(key, cov.groups)
             if placed is not None:
                 return placed
-        world = world or self._cut_world(key, cov, max_level, planning=True)
+        changes = changes if changes is not None else self._class_changes(key, cov)
+        world = world or functools.cache(lambda: self._cut_world(key, cov, max_level, planning, changes))
         spec = self.runs[key].spec
         if self.topo.selector_matches_all(spec.gpu_type, spec.locality.selector):
-            # One lazy view for every level: each adds its leases' slots, nothing is rebuilt.
-            view = OverlayView(self.topo, spec.gpu_type)
+            # One lazy view for every level: step 1 from the maintained index, then each level
+            # adds its leases' slots; nothing is rebuilt.
+            view, reclaimed = self._reclaim_view(key, changes, planning)
             request = self._pack_request(key, cov.groups)
-            for added in cutorder.capacity_leases(world, max_level):
+            if view.total_free() > self.topo.flavor_free(spec.gpu_type):  # else the pack that just failed
+                placed = pack(view, request)
+                if placed is not None:
+                    return placed
+            if max_level <= cutorder.RECLAIM:
+                return None
+            for added in cutorder.capacity_leases(world(), max_level, reclaimed):
                 if not added:
                     continue  # the same slots as the pack that just failed
                 view.add(lease.slots for lease in added)
@@ -121,7 +211,7 @@ class Cutting(Placement):
                     return placed
             return None
         extra: dict[str, set[int]] = {}
-        for added in cutorder.capacity_leases(world, max_level):
+        for added in cutorder.capacity_leases(world(), max_level):
             if not added:
                 continue  # the same slots as the pack that just failed
             for lease in added:  # a lease's slots are on one node
@@ -172,12 +262,13 @@ class Cutting(Placement):
     def _cut_and_bind(self, key: str, cov: Cover, source: str, max_step: int, res: Reservation | None) -> bool:
         """Choose the slice, plan the cuts that clear its deficit, apply them and bind into it.
         Callers have just found that `cov` does not fit the free slots."""
-        world = self._cut_world(key, cov, max_step)
-        intended = self._intended_slice(key, cov, max_step, world, free_tried=True)
+        changes = self._class_changes(key, cov)
+        world = functools.cache(lambda: self._cut_world(key, cov, max_step, changes=changes))
+        intended = self._intended_slice(key, cov, max_step, world, free_tried=True, planning=False, changes=changes)
         if intended is None:
             return False
         _, deficit = self._slice_of(key, intended)
-        planned = cutorder.plan(world, deficit, source, max_step)
+        planned = cutorder.plan(world(), deficit, source, max_step)
         if res is not None and (res.seed, res.conflict_set) != (planned.seed, planned.conflict_set):
             # §7: whenever the cut order runs, its seed and conflict set are published.
             res = replace(res, seed=planned.seed, conflict_set=planned.conflict_set)

@@ -14,7 +14,7 @@ Not: a store of classes (nothing here is persisted), not the meter (see `meter`)
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -188,6 +188,35 @@ class _Component:
     """Ranked claims decided unfunded: while none, removing a funded claim changes no other class."""
 
 
+class ClassesWith(Mapping[str, FundingClass]):
+    """Classes read through a few changes (`FundingView.changes_with`) over the view's own
+    mapping, copying neither: valid while the view does not change."""
+
+    __slots__ = ("base", "over")
+
+    def __init__(self, over: dict[str, FundingClass], base: Mapping[str, FundingClass]) -> None:
+        self.over, self.base = over, base
+
+    def get(self, name: str, default: FundingClass | None = None) -> FundingClass | None:  # type: ignore[override]
+        got = self.over.get(name)
+        return got if got is not None else self.base.get(name, default)
+
+    def __getitem__(self, name: str) -> FundingClass:
+        got = self.over.get(name)
+        return got if got is not None else self.base[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter({**self.base, **self.over})
+
+    def __len__(self) -> int:
+        return len(self.base.keys() | self.over.keys())
+
+
+def _changed(counts: dict[str, int], base: dict[str, int]) -> dict[str, int]:
+    """The counts that differ from `base` (a run's count may have moved and come back)."""
+    return {r: n for r, n in counts.items() if n != base.get(r, 0)}
+
+
 class FundingView:
     """The open claims and their derived classes, recomputed lazily per component."""
 
@@ -216,6 +245,9 @@ class FundingView:
         `refresh`): the runs a reclaim may touch, without classifying every open claim."""
         self.disturbances = 0
         """Counts adds and removes that may have changed other claims' classes (not appends)."""
+        self.reclassified: set[str] = set()
+        """Runs a claim of which changed class (or came or went) since the set was last emptied —
+        by whoever keeps something derived from the classes (the engine's reclaim index)."""
         self.touched: set[str] = set()
         """Ids of the components (`component_of`) whose classes or usage may have changed since
         the set was last emptied — by whoever watches them (the admission queue's sleepers)."""
@@ -345,6 +377,7 @@ class FundingView:
         del comp.claims[name]
         cls = self._cls.pop(name, None)
         if cls is not None:
+            self.reclassified.add(c.run)
             self.class_gpus[cls] -= c.gpus
             if cls is FundingClass.UNFUNDED:
                 self._count_unfunded(c.run, -1)
@@ -415,6 +448,8 @@ class FundingView:
         old = self._cls.get(c.name)
         if old is not None:
             self.class_gpus[old] -= c.gpus
+        if old is not cls:
+            self.reclassified.add(c.run)
         self._cls[c.name] = cls
         self.class_gpus[cls] += c.gpus
         if (old is FundingClass.UNFUNDED) != (cls is FundingClass.UNFUNDED):
@@ -458,35 +493,63 @@ class FundingView:
 
     def classes_with(self, extra: list[Claim]) -> tuple[dict[str, FundingClass], dict[str, int]]:
         """Every claim's class, and per run how many of its claims are unfunded, as if the
-        `extra` claims were open too — leaving the view as it is (no re-ranking to undo, no
-        disturbance). The components the extra claims fall in are ranked afresh on the side,
-        as `refresh` would after adding them; with a maxBorrowGPUs run in play (one bound
-        across components) the claims are added, read and removed instead."""
+        `extra` claims were open too — leaving the view as it is (`changes_with`, applied to
+        copies of the view's classes and counts)."""
+        over, counts = self.changes_with(extra)
+        classes, unfunded = {**self._cls, **over}, dict(self.unfunded_claims)
+        for run, n in counts.items():
+            if n:
+                unfunded[run] = n
+            else:
+                unfunded.pop(run, None)
+        return classes, unfunded
+
+    def classes(self) -> Mapping[str, FundingClass]:
+        """Every open claim's class (the view's own mapping: read it, do not keep it)."""
         self.refresh()
-        classes, unfunded = dict(self._cls), dict(self.unfunded_claims)
+        return self._cls
+
+    def changes_with(self, extra: list[Claim]) -> tuple[dict[str, FundingClass], dict[str, int]]:
+        """What `classes_with` would change: the classes that differ from the view's (the extra
+        claims' included), and the new unfunded count of each run whose count differs (0 when
+        none is left) — leaving the view as it is (no re-ranking to undo, no disturbance). The
+        components the extra claims fall in are ranked afresh on the side, as `refresh` would
+        after adding them; with a maxBorrowGPUs run in play (one bound across components) the
+        claims are added, read and removed instead."""
+        self.refresh()
+        over: dict[str, FundingClass] = {}
+        counts: dict[str, int] = {}
         if not extra:
-            return classes, unfunded
+            return over, counts
         comps = {self._component_for(c) for c in extra} - {self._unpaid}
         if any(self._terms(c.run).max_borrow is not None
                for group in ([*comp.claims.values()] for comp in comps) for c in [*group, *extra]):
+            before, before_unfunded = dict(self._cls), dict(self.unfunded_claims)
             for c in extra:
                 self.add(c)
             try:
-                return self.classes_with([])
+                self.refresh()
+                over = {n: cls for n, cls in self._cls.items() if before.get(n) is not cls}
+                counts = {r: self.unfunded_claims.get(r, 0) for r in {*self.unfunded_claims, *before_unfunded}
+                          if self.unfunded_claims.get(r, 0) != before_unfunded.get(r, 0)}
+                return over, counts
             finally:
                 for c in extra:
                     self.remove(c.name)
 
+        base, base_unfunded = self._cls, self.unfunded_claims
+
         def count(c: Claim, cls: FundingClass) -> None:
-            old = classes.get(c.name)
-            classes[c.name] = cls
+            old = over.get(c.name, base.get(c.name))
+            if old is cls:
+                return
+            if base.get(c.name) is cls:
+                del over[c.name]
+            else:
+                over[c.name] = cls
             delta = (cls is FundingClass.UNFUNDED) - (old is FundingClass.UNFUNDED)
             if delta:
-                left = unfunded.get(c.run, 0) + delta
-                if left:
-                    unfunded[c.run] = left
-                else:
-                    unfunded.pop(c.run, None)
+                counts[c.run] = counts.get(c.run, base_unfunded.get(c.run, 0)) + delta
 
         def ranked_terms(c: Claim) -> tuple[Rank, list[tuple[Bound, int]]] | None:
             """Rank and bounds of a claim that can be funded now, else None."""
@@ -505,7 +568,7 @@ class FundingView:
             else:
                 ranked.append((got[0], c, got[1]))
         if not ranked:
-            return classes, unfunded
+            return over, _changed(counts, base_unfunded)
         # The fill is greedy in rank order: claims ranked before the first extra one keep the
         # classes the view gave them; only the suffix from it is filled again, from what the
         # claims before it use (as `_recompute_from` does, here on the side).
@@ -527,7 +590,7 @@ class FundingView:
                 count(c, class_for_tier(rank[0]))
             else:
                 count(c, FundingClass.UNFUNDED)
-        return classes, unfunded
+        return over, _changed(counts, base_unfunded)
 
     def tier_of(self, name: str) -> int | None:
         self.refresh()

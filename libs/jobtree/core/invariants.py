@@ -17,6 +17,8 @@ from jobtree.core.engine import Cluster
 from jobtree.core.funding import INF, FundingView
 from jobtree.core.meter import cap_seconds
 from jobtree.core.model import FundingClass, NodeState, Phase, Role, Slot
+from jobtree.core.pack import HeldLayer
+from jobtree.core.reclaims import ReclaimIndex
 
 
 class InvariantViolation(AssertionError):
@@ -141,6 +143,30 @@ def check_cut_indexes(cl: Cluster) -> None:
     eta = {k for k, st in cl.status.items() if st.phase is Phase.RUNNING and st.eta is not None}
     if eta != cl._eta_running:
         raise InvariantViolation("derivation: the ETA index differs from the running runs that reported one")
+    check_reclaim_index(cl)
+
+
+def check_reclaim_index(cl: Cluster) -> None:
+    """The reclaim index, brought up to date as a decision would, equals one built afresh: each
+    run's step-1 units, the runs bound now apart, and each flavor's layers of their slots."""
+    index = cl._reclaim_index()
+    fresh = ReclaimIndex()
+    fresh.at = cl.now
+    cls, unfunded = cl.funding.classes().get, cl.funding.unfunded_claims
+    for k, n in unfunded.items():
+        if k in cl._cut_runs and k in cl._open_sorted:
+            fresh.put(k, cuts.reclaim_capacity(cl._holding(k, n), cls, cl.topo.domain_of), cl.topo,
+                      recent=cl._cut_runs[k][1].bound_at == cl.now)
+    wrong = sorted(k for k in fresh.names.keys() | index.names.keys() if fresh.names.get(k) != index.names.get(k))
+    if wrong:
+        raise InvariantViolation(f"derivation: the reclaim index is wrong for run(s) {', '.join(wrong)}")
+    if fresh.recent != index.recent:
+        raise InvariantViolation("derivation: the reclaim index's runs bound now differ from the runs bound now")
+    for mine, theirs in ((fresh.layers, index.layers), (fresh.recent_layers, index.recent_layers)):
+        for flavor in mine.keys() | theirs.keys():
+            a, b = mine.get(flavor, HeldLayer()), theirs.get(flavor, HeldLayer())
+            if (a.chunks, a.n, a.dom, a.dom_nodes, a.total) != (b.chunks, b.n, b.dom, b.dom_nodes, b.total):
+                raise InvariantViolation(f"derivation: a reclaim layer of flavor {flavor} differs from its units")
 
 
 def check_audit(cl: Cluster, start: int, nodes: list | None = None) -> None:  # type: ignore[type-arg]

@@ -194,29 +194,80 @@ class VirtualView(_NodeReads):
             self._free[node].add(i)
 
 
-class OverlayView(_NodeReads):
-    """The live free slots plus slots held in the topology that cuts could free, added a
-    level's leases at a time (`add`), for a run whose selector matches every node of the flavor. Counts
-    and orders as a `VirtualView` with those slots as extras would, but lazily: building it
-    costs nothing per node of the fleet, adding costs per lease, and a pack pays only for the
-    domains and nodes it visits. It reads the live topology, so it is used at once and kept
-    only while the topology does not change."""
+class HeldLayer:
+    """Held slots that views starting from it count as free (`OverlayView(base=...)`), kept up
+    to date by its owner a lease at a time: per node the slots of each lease, and the counts per
+    node, per domain and in all. The owner puts only leases on Ready nodes of one flavor."""
 
-    def __init__(self, topo: Topology, flavor: str) -> None:
+    def __init__(self) -> None:
+        self.chunks: dict[str, dict[str, tuple[Slot, ...]]] = {}
+        """Node -> lease name -> its slots."""
+        self.n: dict[str, int] = {}
+        self.dom: dict[str, int] = {}
+        self.dom_nodes: dict[str, set[str]] = {}
+        self.total = 0
+
+    def put(self, name: str, slots: tuple[Slot, ...], domain: str) -> None:
+        node = slots[0][0]
+        chunks = self.chunks.get(node)
+        if chunks is None:
+            chunks = self.chunks[node] = {}
+            self.dom_nodes.setdefault(domain, set()).add(node)
+        chunks[name] = slots
+        k = len(slots)
+        self.n[node] = self.n.get(node, 0) + k
+        self.dom[domain] = self.dom.get(domain, 0) + k
+        self.total += k
+
+    def drop(self, name: str, node: str, domain: str) -> None:
+        chunks = self.chunks.get(node)
+        slots = chunks.pop(name, None) if chunks is not None else None
+        if chunks is None or slots is None:
+            return
+        k = len(slots)
+        self.total -= k
+        self.dom[domain] -= k
+        if not chunks:
+            del self.chunks[node], self.n[node]
+            nodes = self.dom_nodes[domain]
+            nodes.discard(node)
+            if not nodes:
+                del self.dom_nodes[domain]
+        else:
+            self.n[node] -= k
+        if not self.dom[domain]:
+            del self.dom[domain]
+
+
+class OverlayView(_NodeReads):
+    """The live free slots plus slots held in the topology that cuts could free, for a run
+    whose selector matches every node of the flavor: those of maintained layers (`bases`, less
+    the leases `hide` names) and those `add`ed, a level's leases at a time. Counts and orders
+    as a `VirtualView` with those slots as extras would, but lazily: building it costs nothing
+    per node of the fleet, adding and hiding cost per lease, and a pack pays only for the
+    domains and nodes it visits. It reads the live topology and the layer, so it is used at
+    once and kept only while neither changes."""
+
+    def __init__(self, topo: Topology, flavor: str, bases: Iterable[HeldLayer] = ()) -> None:
         self.topo, self.flavor = topo, flavor
+        self._bases = tuple(bases)
         self._extra: dict[str, list[tuple[Slot, ...]]] = {}  # node -> held slots counted free
         self._extra_n: dict[str, int] = {}
         self._extra_dom: dict[str, int] = {}
         self._extra_nodes: dict[str, set[str]] = {}  # domain -> nodes with extras
         self._extra_total = 0
+        self._hidden: dict[str, set[int]] = {}  # node -> ordinals of the base not counted
+        self._hidden_names: set[str] = set()
+        self._hidden_dom: dict[str, int] = {}
+        self._hidden_total = 0
         self._taken: dict[str, set[int]] = {}
         self._taken_dom: dict[str, int] = {}
         self._taken_total = 0
 
     def add(self, held: Iterable[tuple[Slot, ...]]) -> None:
-        """Count each of `held` (the slots of one lease: held, on one node, none added before)
-        as free; slots on a node that is not Ready or not of the flavor are left out, as a
-        virtual view leaves them."""
+        """Count each of `held` (the slots of one lease: held, on one node, none counted
+        already) as free; slots on a node that is not Ready or not of the flavor are left out,
+        as a virtual view leaves them."""
         topo, flavor, ready = self.topo, self.flavor, NodeState.READY
         nodes, flavor_of, domain_of = topo.nodes, topo.flavor_of, topo.domain_of
         extra, extra_n, extra_dom, extra_nodes = self._extra, self._extra_n, self._extra_dom, self._extra_nodes
@@ -240,29 +291,54 @@ class OverlayView(_NodeReads):
             total += n
         self._extra_total += total
 
+    def hide(self, names: Iterable[tuple[str, str]]) -> None:
+        """Stop counting the base's slots of each (node, lease name) (one not in it, or hidden
+        already: nothing)."""
+        domain_of = self.topo.domain_of
+        for node, name in names:
+            slots = next((got for base in self._bases if (got := base.chunks.get(node, {}).get(name)) is not None), None)
+            if slots is None or name in self._hidden_names:
+                continue
+            self._hidden_names.add(name)
+            self._hidden.setdefault(node, set()).update(i for _, i in slots)
+            d = domain_of(node)
+            self._hidden_dom[d] = self._hidden_dom.get(d, 0) + len(slots)
+            self._hidden_total += len(slots)
+
     def _node_free(self, node: str) -> int:
-        return self.topo.free(node) + self._extra_n.get(node, 0) - len(self._taken.get(node, ()))
+        return (self.topo.free(node) + sum(base.n.get(node, 0) for base in self._bases) - len(self._hidden.get(node, ()))
+                + self._extra_n.get(node, 0) - len(self._taken.get(node, ())))
+
+    def _held_dom(self, domain: str) -> int:
+        return (sum(base.dom.get(domain, 0) for base in self._bases) - self._hidden_dom.get(domain, 0)
+                + self._extra_dom.get(domain, 0))
 
     def domains_in_order(self) -> Iterator[str]:
         # The domains with a free slot before anything was taken, by what is free now.
         doms = [d for d in self.topo.domains_by_free(self.flavor)
-                if self.topo.domain_free(self.flavor, d) + self._extra_dom.get(d, 0) > 0]
+                if self.topo.domain_free(self.flavor, d) + self._held_dom(d) > 0]
         return iter(sorted(doms, key=lambda d: (-self.domain_free(d), d)))
 
     def total_free(self) -> int:
-        return self.topo.flavor_free(self.flavor) + self._extra_total - self._taken_total
+        return (self.topo.flavor_free(self.flavor) + sum(base.total for base in self._bases) - self._hidden_total
+                + self._extra_total - self._taken_total)
 
     def domain_free(self, domain: str) -> int:
-        return (self.topo.domain_free(self.flavor, domain) + self._extra_dom.get(domain, 0)
-                - self._taken_dom.get(domain, 0))
+        return self.topo.domain_free(self.flavor, domain) + self._held_dom(domain) - self._taken_dom.get(domain, 0)
 
     def nodes_in_order(self, domain: str, need: int) -> list[str]:
         names = set(self.topo.nodes_by_free(self.flavor, domain))
+        for base in self._bases:
+            names.update(base.dom_nodes.get(domain, ()))
         names.update(self._extra_nodes.get(domain, ()))
         return sorted((n for n in names if self._node_free(n) > 0), key=lambda n: (-self._node_free(n), n))
 
     def free_ordinals(self, node: str) -> list[int]:
         free = set(self.topo.free_ordinals(node))
+        for base in self._bases:
+            for chunk in base.chunks.get(node, {}).values():
+                free.update(i for _, i in chunk)
+        free -= self._hidden.get(node, set())
         for chunk in self._extra.get(node, ()):
             free.update(i for _, i in chunk)
         return sorted(free - self._taken.get(node, set()))

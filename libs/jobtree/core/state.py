@@ -49,6 +49,7 @@ from jobtree.core.model import (
 )
 from jobtree.core.pack import PackRequest
 from jobtree.core.queue import AdmissionQueue
+from jobtree.core.reclaims import ReclaimIndex
 from jobtree.core.topology import Topology
 
 # Stable machine-readable reasons (SCENARIOS.md `reason`).
@@ -145,6 +146,11 @@ class ClusterState:
         a run stale when its leases change."""
         self._cut_runs: dict[str, tuple[RunSpec, RunStatus]] = {}
         """Run -> (spec, status) of every run with both, as cut worlds read them (`apply`)."""
+        self._reclaims = ReclaimIndex()
+        """What cut step 1 could free, per run and per flavor (`Cutting._reclaim_index` keeps it
+        up to date from the funding view's `reclassified` runs and `_reclaim_dirty`)."""
+        self._reclaim_dirty: set[str] = set()
+        """Runs whose spec or status changed since the reclaim index last looked."""
         self.funding.set_clock(now, frozenset())
 
     def __getstate__(self) -> dict[str, object]:
@@ -153,7 +159,7 @@ class ClusterState:
         is attached. What snapshots store and what a what-if plan copies."""
         state = dict(self.__dict__)
         state.update(journal=[], facts=[], observer=None, _open_sorted={}, _run_domains={},
-                     _stale_runs=self._stale_runs | self._open_sorted.keys())
+                     _stale_runs=self._stale_runs | self._open_sorted.keys(), _reclaims=ReclaimIndex())
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
@@ -162,6 +168,8 @@ class ClusterState:
         self.__dict__.setdefault("_run_domains", {})
         self.__dict__.setdefault("_empty_fit_cache", {})
         self.__dict__.setdefault("_edges_epoch", -1)
+        self.__dict__.setdefault("_reclaims", ReclaimIndex())
+        self.__dict__.setdefault("_reclaim_dirty", set())
         if "_eta_running" not in state:
             self._eta_running = {k for k, st in self.status.items() if st.phase is Phase.RUNNING and st.eta is not None}
         if "_cut_runs" not in state:
@@ -295,6 +303,7 @@ class ClusterState:
     def _index_cut_run(self, key: str) -> None:
         """Keep `_cut_runs` (run -> spec and status, as cut worlds read them) in step."""
         run, st = self.runs.get(key), self.status.get(key)
+        self._reclaim_dirty.add(key)
         if run is None or st is None:
             self._cut_runs.pop(key, None)
         else:
