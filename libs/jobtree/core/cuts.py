@@ -107,6 +107,11 @@ class CutWorld:
     spare_runs: Collection[str] | None = None
     """Runs holding an open spare lease, when an index hands them in (step 2 looks at these
     only; None: every run of `by_run` is looked at)."""
+    shrinkable: Collection[str] | None = None
+    """Runs that are malleable and hold leases, when an index hands them in (step 3 looks at
+    these only; None: every run of `by_run` is looked at)."""
+    widths: Mapping[str, int] | None = None
+    """Run -> the GPUs of its open active leases, when an index hands them in."""
     derive: InitVar[bool] = True
 
     def __post_init__(self, derive: bool) -> None:
@@ -250,11 +255,13 @@ def _shrink_units(world: CutWorld, domains: set[str] | None) -> list[Cut]:
     """Top groups of malleable runs down to min, most surplus first (then key); a run whose top
     group lies outside `domains` is not shrunk."""
     runs: list[tuple[int, str]] = []
-    for key, leases in world.by_run.items():
+    holders = world.by_run if world.shrinkable is None else [k for k in world.shrinkable if k in world.by_run]
+    for key in holders:
         spec = world.runs[key][0] if key in world.runs else None
         if spec is None or spec.malleable is None or not world.cuttable(key):
             continue
-        surplus = _active_width(leases) - spec.min_width
+        width = world.widths.get(key, 0) if world.widths is not None else _active_width(world.by_run[key])
+        surplus = width - spec.min_width
         if surplus > 0:
             runs.append((surplus, key))
     out: list[Cut] = []

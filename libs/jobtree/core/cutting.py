@@ -80,6 +80,7 @@ class Cutting(Placement):
         return cutorder.CutWorld(self.leases, classes, runs, topo.domain_of, usable, key, self.now,
                                  protect_bound_now=not planning, by_run=by_run, unfunded_runs=in_world,
                                  domains_of=self._domains_of, derive=False, spare_runs=self._spare_holders.keys(),
+                                 shrinkable=self._malleable_running, widths=self._width,
                                  wholly_unfunded={k for k in in_world if unfunded_counts[k] == len(by_run[k])})
 
     def _usable(self, flavor: str) -> Callable[[Slot], bool]:

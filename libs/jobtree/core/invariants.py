@@ -143,6 +143,13 @@ def check_cut_indexes(cl: Cluster) -> None:
     eta = {k for k, st in cl.status.items() if st.phase is Phase.RUNNING and st.eta is not None}
     if eta != cl._eta_running:
         raise InvariantViolation("derivation: the ETA index differs from the running runs that reported one")
+    holding = {k for k, ls in cl.open_by_run.items() if ls and k in cl.runs and cl.runs[k].spec.malleable is not None}
+    if not holding <= cl._malleable_running:
+        raise InvariantViolation("derivation: a malleable run holds leases but is not indexed as running "
+                                 f"(cut step 3 reads that index): {', '.join(sorted(holding - cl._malleable_running))}")
+    widths = {k: sum(x.gpus for x in ls.values() if x.role is Role.ACTIVE) for k, ls in cl.open_by_run.items()}
+    if {k: w for k, w in widths.items() if w} != cl._width:
+        raise InvariantViolation("derivation: the width index differs from the runs' open active leases")
     check_reclaim_index(cl)
 
 
