@@ -12,6 +12,7 @@ from jobtree.core.model import Labels, NodeState, Role, Slot
 from jobtree.core.pack import (
     FreeView,
     GroupRequest,
+    HeldLayer,
     IndexedView,
     OverlayView,
     PackRequest,
@@ -340,6 +341,56 @@ def test_overlay_view_packs_as_a_virtual_view_with_the_same_extras(seed: int) ->
             req = request(*groups, spanning=rnd.random() < 0.3, one_domain=rnd.random() < 0.3)
             assert pack(overlay, req) == pack(virtual, req)
     assert state(t) == before
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_overlay_view_on_layers_packs_as_a_virtual_view_with_the_same_extras(seed: int) -> None:
+    """Held slots kept in two maintained layers (some then hidden) and others added count and
+    order as a virtual view with the layers' unhidden slots and the added ones as extras."""
+    rnd = random.Random(seed)
+    names = [f"n{i}" for i in range(14)]
+    t = Topology([node(n, rnd.choice([4, 8]), rnd.choice("ABCD"),
+                       flavor=FLAVOR if rnd.random() < 0.85 else "A100-40GB",
+                       state=NodeState.READY if rnd.random() < 0.85 else NodeState.CORDONED) for n in names])
+    layers, placed = (HeldLayer(), HeldLayer()), []
+    added: list[tuple[Slot, ...]] = []
+    for n in names:
+        i, gpus = 0, t.nodes[n].gpus
+        while i < gpus:
+            k = rnd.randint(1, 3)
+            if rnd.random() < 0.7:
+                held = slots(n, *range(i, min(i + k, gpus)))
+                name = f"lease{len(placed) + len(added)}"
+                t.take(held, name)
+                where = rnd.randrange(3)
+                if where < 2 and t.flavor_of(n) == FLAVOR and t.nodes[n].state is NodeState.READY:
+                    layers[where].put(name, held, t.domain_of(n))  # as the reclaim index puts them
+                    placed.append((n, name, held, layers[where]))
+                else:
+                    added.append(held)
+            i += k
+    for n, name, _, layer in placed[:len(placed) // 4]:  # put and dropped again
+        layer.drop(name, n, t.domain_of(n))
+    kept = placed[len(placed) // 4:]
+    hidden = {name for _, name, _, _ in kept if rnd.random() < 0.3}
+    overlay = OverlayView(t, FLAVOR, layers)
+    overlay.hide([(n, name) for n, name, _, _ in kept if name in hidden] + [("n0", "no such lease")])
+    overlay.add(iter(added))
+    extra: dict[str, set[int]] = {}
+    for held in [h for _, name, h, _ in kept if name not in hidden] + added:
+        extra.setdefault(held[0][0], set()).update(i for _, i in held)
+    virtual = VirtualView(t, FLAVOR, extra=extra)
+    assert list(overlay.domains_in_order()) == list(virtual.domains_in_order())
+    assert overlay.total_free() == virtual.total_free()
+    for d in "ABCD":
+        assert overlay.domain_free(dom(d)) == virtual.domain_free(dom(d))
+        assert overlay.nodes_in_order(dom(d), 0) == virtual.nodes_in_order(dom(d), 0)
+    for n in virtual._free:
+        assert overlay.free_ordinals(n) == virtual.free_ordinals(n)
+    for _ in range(8):
+        groups = tuple(group(g, rnd.randint(1, 8)) for g in range(rnd.randint(1, 3)))
+        req = request(*groups, spanning=rnd.random() < 0.3, one_domain=rnd.random() < 0.3)
+        assert pack(overlay, req) == pack(virtual, req)
 
 
 @pytest.mark.parametrize("seed", range(30))

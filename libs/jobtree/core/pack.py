@@ -315,9 +315,20 @@ class OverlayView(_NodeReads):
 
     def domains_in_order(self) -> Iterator[str]:
         # The domains with a free slot before anything was taken, by what is free now.
-        doms = [d for d in self.topo.domains_by_free(self.flavor)
-                if self.topo.domain_free(self.flavor, d) + self._held_dom(d) > 0]
-        return iter(sorted(doms, key=lambda d: (-self.domain_free(d), d)))
+        held: dict[str, int] = dict(self._extra_dom)
+        for base in self._bases:
+            for d, n in base.dom.items():
+                held[d] = held.get(d, 0) + n
+        for d, n in self._hidden_dom.items():
+            held[d] -= n
+        topo, flavor, taken = self.topo, self.flavor, self._taken_dom
+        order = []
+        for d in topo.domains_by_free(flavor):
+            free = topo.domain_free(flavor, d) + held.get(d, 0)
+            if free > 0:
+                order.append((taken.get(d, 0) - free, d))
+        order.sort()
+        return iter([d for _, d in order])
 
     def total_free(self) -> int:
         return (self.topo.flavor_free(self.flavor) + sum(base.total for base in self._bases) - self._hidden_total
