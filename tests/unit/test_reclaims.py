@@ -1,7 +1,9 @@
 """The reclaim index (core.reclaims) against the cut world it stands in for: every time an
 intended slice's first level is read from the maintained index, in every scenario and in a
 backlog with random runtimes, the slots it counts and the lease names it says step 1 counted
-equal what `capacity_leases` gathers from a cut world built afresh for that run and instant."""
+equal what `capacity_leases` gathers from a cut world built afresh for that run and instant;
+and step 1's units within some domains, looked for among the runs the index names there, are
+those found by looking at every run."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class Checked:
         self.views = 0
         self.with_slots = 0
         self.reclassified = 0
+        self.scoped_units = 0
 
     def check(self, cl: Any, key: str, changes: Any, planning: bool, view: Any, reclaimed: Any) -> None:
         world = cl._cut_world(key, None, cuts.RECLAIM if not planning else cuts.LOTTERY, planning, changes)
@@ -44,6 +47,15 @@ class Checked:
         assert view.total_free() == topo.flavor_free(flavor) + len(want)
         for d in {topo.domain_of(n) for n in topo.nodes if topo.flavor_of(n) == flavor}:
             assert view.domain_free(d) == topo.domain_free(flavor, d) + sum(1 for n, _ in want if topo.domain_of(n) == d)
+        domains = sorted({topo.domain_of(n) for n in topo.nodes})
+        hint = world.reclaim_runs_in
+        assert hint is not None
+        for scope in [{d} for d in domains] + [set(domains[::2])]:  # the runs the index names, as every run would
+            hinted = cuts.units(world, cuts.RECLAIM, scope)
+            world.reclaim_runs_in = None
+            assert hinted == cuts.units(world, cuts.RECLAIM, scope), f"{key} at {cl.now}: step 1 in {scope}"
+            world.reclaim_runs_in = hint
+            self.scoped_units += len(hinted)
         names = {x.name for x in step1}
         open_names = {n for ls in cl.open_by_run.values() for n in ls}
         assert {n for n in open_names if n in reclaimed} == names, f"{key} at {cl.now}: the counted names differ"
@@ -83,3 +95,4 @@ def test_a_backlog_reads_step_one_from_the_index_as_a_world_would(checked: Check
     doc = scenario(64, 160, seed=seed)
     run_scenario(parse_scenario(yaml.safe_dump(doc)), check_invariants=True)
     assert checked.views > 1000 and checked.with_slots > 500 and checked.reclassified > 100, vars(checked)
+    assert checked.scoped_units > 1000, vars(checked)

@@ -112,6 +112,9 @@ class CutWorld:
     these only; None: every run of `by_run` is looked at)."""
     widths: Mapping[str, int] | None = None
     """Run -> the GPUs of its open active leases, when an index hands them in."""
+    reclaim_runs_in: Callable[[set[str]], Iterable[str]] | None = None
+    """The runs that may have a step-1 unit in some of these domains (a superset), when an index
+    answers it (step 1 limited to domains looks at these only)."""
     derive: InitVar[bool] = True
 
     def __post_init__(self, derive: bool) -> None:
@@ -173,7 +176,12 @@ def _in(domains: set[str] | None, d: str) -> bool:
 
 def _reclaim_units(world: CutWorld, domains: set[str] | None) -> list[Cut]:
     out: list[Cut] = []
-    for key in _youngest_first(world, _reclaimable(world)):
+    if domains is None or world.reclaim_runs_in is None:
+        keys = _reclaimable(world)
+    else:  # units lie in the domains of their leases: only runs holding something there
+        keys = [k for k in world.reclaim_runs_in(domains)
+                if k in world.unfunded_runs and k in world.by_run and world.cuttable(k)]
+    for key in _youngest_first(world, keys):
         out.extend(_reclaim_units_of(world, key, domains))
     return out
 

@@ -75,12 +75,17 @@ class Cutting(Placement):
                       if k in self._open_sorted and self._cuttable_by(k, k in unfunded_claims, max_step)}
         topo = self.topo
         usable = self._usable(self.runs[key].spec.gpu_type)
+        index = self._reclaim_index()
+        changed = {x.run for n in over if (x := self.leases.get(n)) is not None}
+
+        def reclaim_runs_in(domains: set[str]) -> set[str]:
+            return index.runs_in(domains, self.leases) | changed  # the index's units, or these runs' own
         runs = self._cut_runs  # every run, live: only those of `by_run` are looked up
         in_world = unfunded_claims & by_run.keys()
         return cutorder.CutWorld(self.leases, classes, runs, topo.domain_of, usable, key, self.now,
                                  protect_bound_now=not planning, by_run=by_run, unfunded_runs=in_world,
                                  domains_of=self._domains_of, derive=False, spare_runs=self._spare_holders.keys(),
-                                 shrinkable=self._malleable_running, widths=self._width,
+                                 shrinkable=self._malleable_running, widths=self._width, reclaim_runs_in=reclaim_runs_in,
                                  wholly_unfunded={k for k in in_world if unfunded_counts[k] == len(by_run[k])})
 
     def _usable(self, flavor: str) -> Callable[[Slot], bool]:

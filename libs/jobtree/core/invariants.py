@@ -167,6 +167,8 @@ def check_reclaim_index(cl: Cluster) -> None:
     wrong = sorted(k for k in fresh.names.keys() | index.names.keys() if fresh.names.get(k) != index.names.get(k))
     if wrong:
         raise InvariantViolation(f"derivation: the reclaim index is wrong for run(s) {', '.join(wrong)}")
+    if fresh.unlayered != index.unlayered:
+        raise InvariantViolation("derivation: the reclaim index's runs with units off Ready nodes are wrong")
     if fresh.recent != index.recent:
         raise InvariantViolation("derivation: the reclaim index's runs bound now differ from the runs bound now")
     for mine, theirs in ((fresh.layers, index.layers), (fresh.recent_layers, index.recent_layers)):

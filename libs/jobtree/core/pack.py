@@ -306,8 +306,11 @@ class OverlayView(_NodeReads):
             self._hidden_total += len(slots)
 
     def _node_free(self, node: str) -> int:
-        return (self.topo.free(node) + sum(base.n.get(node, 0) for base in self._bases) - len(self._hidden.get(node, ()))
-                + self._extra_n.get(node, 0) - len(self._taken.get(node, ())))
+        free = self.topo.free(node) + self._extra_n.get(node, 0)
+        for base in self._bases:
+            free += base.n.get(node, 0)
+        hidden, taken = self._hidden.get(node), self._taken.get(node)
+        return free - (len(hidden) if hidden else 0) - (len(taken) if taken else 0)
 
     def _held_dom(self, domain: str) -> int:
         return (sum(base.dom.get(domain, 0) for base in self._bases) - self._hidden_dom.get(domain, 0)
@@ -342,7 +345,9 @@ class OverlayView(_NodeReads):
         for base in self._bases:
             names.update(base.dom_nodes.get(domain, ()))
         names.update(self._extra_nodes.get(domain, ()))
-        return sorted((n for n in names if self._node_free(n) > 0), key=lambda n: (-self._node_free(n), n))
+        order = [(-free, n) for n in names if (free := self._node_free(n)) > 0]
+        order.sort()
+        return [n for _, n in order]
 
     def free_ordinals(self, node: str) -> list[int]:
         free = set(self.topo.free_ordinals(node))

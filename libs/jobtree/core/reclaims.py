@@ -15,7 +15,7 @@ Not: the cut order (`cuts.plan` still takes the units in order), not the funding
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from jobtree.core.model import Lease, NodeState
 from jobtree.core.pack import HeldLayer
@@ -35,6 +35,8 @@ class ReclaimIndex:
         reservation planning a later activation counts them)."""
         self.recent: set[str] = set()
         """The runs whose units are in `recent_layers`."""
+        self.unlayered: set[str] = set()
+        """The runs with a unit on a node that is not Ready (in no layer)."""
         self.at: int | None = None
         self.epoch = -1
         """The nodes-and-budgets epoch the index was built for (-1: never built)."""
@@ -45,6 +47,7 @@ class ReclaimIndex:
         self.layers.clear()
         self.recent_layers.clear()
         self.recent.clear()
+        self.unlayered.clear()
         self.epoch = epoch
 
     def move_to(self, now: int, topo: Topology) -> None:
@@ -64,6 +67,7 @@ class ReclaimIndex:
                 layer.drop(x.name, x.node, topo.domain_of(x.node))
         self.names.pop(run, None)
         self.recent.discard(run)
+        self.unlayered.discard(run)
         got = tuple(leases)
         if not got:
             return
@@ -80,6 +84,19 @@ class ReclaimIndex:
                 if layer is None:
                     layer = layers[flavor] = HeldLayer()
                 layer.put(x.name, x.slots, topo.domain_of(x.node))
+            else:
+                self.unlayered.add(run)
+
+    def runs_in(self, domains: Iterable[str], run_of: Mapping[str, Lease]) -> set[str]:
+        """Every run with a unit in one of `domains` (and those with a unit on a node that is
+        not Ready, wherever it is): a superset of the runs step 1 can take from there."""
+        runs = set(self.unlayered)
+        for layers in (self.layers, self.recent_layers):
+            for layer in layers.values():
+                for d in domains:
+                    for node in layer.dom_nodes.get(d, ()):
+                        runs.update(run_of[name].run for name in layer.chunks[node])
+        return runs
 
     def bases(self, flavor: str, planning: bool) -> list[HeldLayer]:
         """The layers a view for `flavor` starts from: the runs bound now only when planning."""
