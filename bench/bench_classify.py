@@ -33,7 +33,8 @@ from collections.abc import Callable
 
 from _world import SEED, T0, CoreWatch, emit_json, machine, make_budgets, make_nodes, owners, progress, table
 from jobtree.core.family import COUSIN, OWNER
-from jobtree.core.funding import Claim, FundingRules, FundingView, RunTerms
+from jobtree.core.funding import FundingView
+from jobtree.core.funding_rules import Claim, FundingRules, RunTerms
 from jobtree.core.model import Budget, EnvelopeRef, FundingClass, Role
 
 LINEAR_EXPONENT = 1.2

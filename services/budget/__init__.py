@@ -38,7 +38,7 @@ from jobtree.bus.follower import Follower, follow
 from jobtree.bus.runtime import ServiceContext
 from jobtree.core import views
 from jobtree.core.engine import Cluster
-from jobtree.core.funding import env_bound, lend_bound
+from jobtree.core.funding_rules import env_bound, lend_bound
 
 WAIT_TIMEOUT = 5.0
 """Seconds a read waits for the view to reach its `min_ledger_sequence`."""

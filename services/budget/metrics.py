@@ -24,7 +24,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from jobtree.api.jobtree.v1 import bus_pb2 as bus
 from jobtree.core import views
 from jobtree.core.engine import Cluster
-from jobtree.core.funding import env_bound
+from jobtree.core.funding_rules import env_bound
 
 EVERY = 5.0
 

@@ -27,7 +27,7 @@ from typing import Any
 from jobtree.core import views
 from jobtree.core.engine import R_CHECKPOINT, R_PREEMPTED, R_WINDOW, Cluster
 from jobtree.core.explain import explain_lines
-from jobtree.core.funding import env_bound
+from jobtree.core.funding_rules import env_bound
 from jobtree.core.meter import GPU_SECONDS_PER_HOUR, cap_seconds
 from jobtree.core.model import Phase, RunStatus
 from jobtree.core.timefmt import format_time

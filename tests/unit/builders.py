@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from jobtree.core.funding import Claim, FundingRules, FundingView, RunTerms
+from jobtree.core.funding import FundingView
+from jobtree.core.funding_rules import Claim, FundingRules, RunTerms
 from jobtree.core.meter import Meter
 from jobtree.core.model import (
     AggregateCap,

@@ -6,7 +6,7 @@ import pytest
 from builders import HOUR, START, World, budget, claim, cluster, envelope, node, run, terms_of
 
 from jobtree.core.cover import Candidate, GroupNeed, Payment, candidates, cover
-from jobtree.core.funding import env_bound
+from jobtree.core.funding_rules import env_bound
 from jobtree.core.model import Budget, Role, Run, labels_of
 
 DAY = 24 * HOUR

@@ -9,7 +9,8 @@ import pytest
 from builders import HOUR, START, World, agg_cap, budget, claim, cluster, envelope, node, run, terms_of
 
 from jobtree.core.family import ANCESTOR, COUSIN, OWNER, SIBLING, SPONSOR
-from jobtree.core.funding import Bound, Claim, FundingRules, FundingView, env_bound, lend_bound
+from jobtree.core.funding import FundingView
+from jobtree.core.funding_rules import Bound, Claim, FundingRules, env_bound, lend_bound
 from jobtree.core.model import FundingClass, Role
 
 OWNED, SHARED, BORROWED, UNFUNDED = (FundingClass.OWNED, FundingClass.SHARED, FundingClass.BORROWED,

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from jobtree.core.family import SPONSOR
-from jobtree.core.funding import Bound, FundingRules, FundingView, RunTerms, env_bound, lend_bound
+from jobtree.core.funding import FundingView
+from jobtree.core.funding_rules import Bound, FundingRules, RunTerms, env_bound, lend_bound
 from jobtree.core.meter import Meter
 from jobtree.core.model import Envelope, EnvelopeRef, Labels, Role, Run, selector_subset
 from jobtree.core.pack import GroupRequest, Piece

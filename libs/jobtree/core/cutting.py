@@ -14,7 +14,8 @@ from jobtree.core.cover import Cover, Payment
 from jobtree.core.facts import (
     ReservationPut,
 )
-from jobtree.core.funding import Claim, ClassesWith
+from jobtree.core.funding import ClassesWith
+from jobtree.core.funding_rules import Claim
 from jobtree.core.model import (
     FundingClass,
     Lease,

@@ -42,7 +42,7 @@ from jobtree.core.facts import (
     SpecPut,
     Tick,
 )
-from jobtree.core.funding import FundingRules
+from jobtree.core.funding_rules import FundingRules
 from jobtree.core.model import (
     Budget,
     FailurePolicy,

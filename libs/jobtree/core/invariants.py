@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from jobtree.core import cuts
 from jobtree.core.engine import Cluster
-from jobtree.core.funding import INF, FundingView
+from jobtree.core.funding import FundingView
+from jobtree.core.funding_rules import INF
 from jobtree.core.meter import cap_seconds
 from jobtree.core.model import FundingClass, NodeState, Phase, Role, Slot
 from jobtree.core.pack import HeldLayer

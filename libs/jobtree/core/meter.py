@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from jobtree.core.funding import Bound
+from jobtree.core.funding_rules import Bound
 
 GPU_SECONDS_PER_HOUR = 3600
 

@@ -31,7 +31,8 @@ from jobtree.core.facts import (
     SpecDeleted,
     SpecPut,
 )
-from jobtree.core.funding import Claim, FundingRules, FundingView, RunTerms, env_bound
+from jobtree.core.funding import FundingView
+from jobtree.core.funding_rules import Claim, FundingRules, RunTerms, env_bound
 from jobtree.core.meter import Meter
 from jobtree.core.model import (
     Budget,

@@ -12,7 +12,7 @@ from typing import Any
 
 from jobtree.core.engine import Cluster
 from jobtree.core.explain import Details
-from jobtree.core.funding import INF, env_bound
+from jobtree.core.funding_rules import INF, env_bound
 from jobtree.core.model import FundingClass, Lease, Phase, Reservation, Role, slot_text
 from jobtree.core.timefmt import format_time
 
