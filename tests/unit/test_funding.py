@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import random
 
@@ -461,6 +462,28 @@ def test_removing_the_last_ranked_funded_claim_is_local_even_with_starved_claims
     w.view.remove("r1.0")  # funded, not last, a starved claim after it: re-ranked
     assert w.view._dirty and w.view.disturbances == disturbed + 1
     assert w.classes() == {"r0.0": OWNED, "r2.0": OWNED}
+
+
+def test_a_claim_ranked_mid_component_with_no_room_before_it_is_unfunded_in_place() -> None:
+    """A claim ranked between funded claims, whose bound the claims ranked before it already
+    fill, is unfunded without re-ranking (nothing after it changes: it takes nothing); it then
+    counts as starved, so removing a funded claim before it re-ranks and funds it."""
+    w = world(budget("a", "org:a", envelope("e", 8)))
+    first, last = (w.add_run(run(n, "org:a", 4), admitted=START + t) for n, t in (("first", 0), ("last", 20)))
+    w.view.add(claim("first.0", first, 4, ("a", "e")))
+    w.view.add(claim("first.1", first, 4, ("a", "e")))
+    w.view.add(claim("last.0", last, 4, ("a", "e")))  # ranked after a full bound: unfunded
+    w.view.refresh()
+    mid = w.add_run(run("mid", "org:a", 4), admitted=START + 10)
+    disturbed = w.view.disturbances
+    w.view.add(claim("mid.0", mid, 4, ("a", "e")))
+    assert not w.view._dirty and w.view.disturbances == disturbed  # nothing re-ranked
+    assert w.classes() == {"first.0": OWNED, "first.1": OWNED, "mid.0": UNFUNDED, "last.0": UNFUNDED}
+    fresh = copy.deepcopy(w.view)
+    fresh.invalidate()
+    assert {n: fresh.class_of(n) for n in w.classes()} == w.classes()  # as a full re-ranking
+    w.view.remove("first.1")
+    assert w.classes() == {"first.0": OWNED, "mid.0": OWNED, "last.0": UNFUNDED}
 
 
 @pytest.mark.parametrize("extra", [(0,), (2,), (4, 5), (0, 1, 6), (3,)])

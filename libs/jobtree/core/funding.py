@@ -238,7 +238,8 @@ class FundingView:
         elif (comp.max_rank is None or rank > comp.max_rank) and self._terms(c.run).max_borrow is None:
             self._decide(c, rank, comp)
             comp.max_rank = rank
-        elif self._terms(c.run).max_borrow is None and self._insert_funded(c, rank, comp):
+        elif self._terms(c.run).max_borrow is None and (self._insert_funded(c, rank, comp)
+                                                         or self._insert_unfunded(c, rank, comp)):
             pass
         else:
             self._dirty_from(comp, rank, c.run)
@@ -301,6 +302,19 @@ class FundingView:
             return False
         self._tier_of[c.name] = rank[0]
         self._fund(c, rank, bounds, comp)
+        return True
+
+    def _insert_unfunded(self, c: Claim, rank: Rank, comp: _Component) -> bool:
+        """Class a claim ranked mid-component unfunded without re-ranking, when some bound of
+        it is spent or has no room for it after the claims ranked before it: the fill reaches
+        it with that usage whatever comes after, it takes nothing, and so every claim after it
+        keeps its class. False (nothing changed) when every bound has room for it there."""
+        bounds = self._static[c.name][1]
+        if not any(b in self.spent or self._used_before(b, rank) + c.gpus > cap for b, cap in bounds):
+            return False
+        self._tier_of[c.name] = rank[0]
+        self._set_cls(c, FundingClass.UNFUNDED)
+        comp.starved += 1
         return True
 
     def _fund(self, c: Claim, rank: Rank, bounds: list[tuple[Bound, int]], comp: _Component) -> None:
@@ -482,6 +496,10 @@ class FundingView:
     def used_before(self, bound: Bound, rank: Rank) -> int:
         """Funded GPUs under `bound` of claims ranked before `rank`."""
         self.refresh()
+        return self._used_before(bound, rank)
+
+    def _used_before(self, bound: Bound, rank: Rank) -> int:
+        """`used_before` as the view stands (current for the bounds of a clean component)."""
         lst = self._funded.get(bound)
         if not lst:
             return 0
