@@ -328,19 +328,23 @@ def test_overlay_view_packs_as_a_virtual_view_with_the_same_extras(seed: int) ->
         overlay.add(iter(batch))  # one level's leases at a time, as an intended slice adds them
         for held in batch:
             extra.setdefault(held[0][0], set()).update(i for _, i in held)
-        virtual = VirtualView(t, FLAVOR, extra=extra)
-        assert list(overlay.domains_in_order()) == list(virtual.domains_in_order())
-        assert overlay.total_free() == virtual.total_free()
-        for d in "ABCD":
-            assert overlay.domain_free(dom(d)) == virtual.domain_free(dom(d))
-            assert overlay.nodes_in_order(dom(d), 0) == virtual.nodes_in_order(dom(d), 0)
-        for n in virtual._free:  # the nodes a pack can visit (those `nodes_in_order` lists)
-            assert overlay.free_ordinals(n) == virtual.free_ordinals(n)
-        for _ in range(6):
-            groups = tuple(group(g, rnd.randint(1, 8)) for g in range(rnd.randint(1, 3)))
-            req = request(*groups, spanning=rnd.random() < 0.3, one_domain=rnd.random() < 0.3)
-            assert pack(overlay, req) == pack(virtual, req)
+        reads_and_packs_alike(overlay, VirtualView(t, FLAVOR, extra=extra), rnd, 6)
     assert state(t) == before
+
+
+def reads_and_packs_alike(overlay: OverlayView, virtual: VirtualView, rnd: random.Random, packs: int) -> None:
+    """Every read of the two views agrees, and so do `packs` random placements."""
+    assert list(overlay.domains_in_order()) == list(virtual.domains_in_order())
+    assert overlay.total_free() == virtual.total_free()
+    for d in "ABCD":
+        assert overlay.domain_free(dom(d)) == virtual.domain_free(dom(d))
+        assert overlay.nodes_in_order(dom(d), 0) == virtual.nodes_in_order(dom(d), 0)
+    for n in virtual._free:  # the nodes a pack can visit (those `nodes_in_order` lists)
+        assert overlay.free_ordinals(n) == virtual.free_ordinals(n)
+    for _ in range(packs):
+        groups = tuple(group(g, rnd.randint(1, 8)) for g in range(rnd.randint(1, 3)))
+        req = request(*groups, spanning=rnd.random() < 0.3, one_domain=rnd.random() < 0.3)
+        assert pack(overlay, req) == pack(virtual, req)
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -379,18 +383,7 @@ def test_overlay_view_on_layers_packs_as_a_virtual_view_with_the_same_extras(see
     extra: dict[str, set[int]] = {}
     for held in [h for _, name, h, _ in kept if name not in hidden] + added:
         extra.setdefault(held[0][0], set()).update(i for _, i in held)
-    virtual = VirtualView(t, FLAVOR, extra=extra)
-    assert list(overlay.domains_in_order()) == list(virtual.domains_in_order())
-    assert overlay.total_free() == virtual.total_free()
-    for d in "ABCD":
-        assert overlay.domain_free(dom(d)) == virtual.domain_free(dom(d))
-        assert overlay.nodes_in_order(dom(d), 0) == virtual.nodes_in_order(dom(d), 0)
-    for n in virtual._free:
-        assert overlay.free_ordinals(n) == virtual.free_ordinals(n)
-    for _ in range(8):
-        groups = tuple(group(g, rnd.randint(1, 8)) for g in range(rnd.randint(1, 3)))
-        req = request(*groups, spanning=rnd.random() < 0.3, one_domain=rnd.random() < 0.3)
-        assert pack(overlay, req) == pack(virtual, req)
+    reads_and_packs_alike(overlay, VirtualView(t, FLAVOR, extra=extra), rnd, 8)
 
 
 @pytest.mark.parametrize("seed", range(30))
