@@ -6,7 +6,7 @@ gang re-established after it lost leases. A layer of `engine.Cluster`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 from jobtree.core import cuts as cutorder
@@ -77,7 +77,7 @@ class Cutting(Placement):
         topo = self.topo
         usable = self._usable(self.runs[key].spec.gpu_type)
         index = self._reclaim_index()
-        changed = {x.run for n in over if (x := self.leases.get(n)) is not None}
+        changed = self._runs_of(over)
 
         def reclaim_runs_in(domains: set[str]) -> set[str]:
             return index.runs_in(domains, self.leases) | changed  # the index's units, or these runs' own
@@ -106,7 +106,7 @@ class Cutting(Placement):
         changed are derived again (all of them when nodes or budgets changed)."""
         index, funding = self._reclaims, self.funding
         funding.refresh()
-        if index.epoch != self._spec_epoch:
+        if index.epoch != self._spec_epoch or funding.reclassified is None:
             index.reset(self._spec_epoch)
             dirty: set[str] | dict[str, int] = funding.unfunded_claims
         else:
@@ -120,9 +120,14 @@ class Cutting(Placement):
                 index.put(k, cutorder.reclaim_capacity(self._holding(k, n), cls, self.topo.domain_of)
                           if n and k in self._cut_runs and k in self._open_sorted else (), self.topo,
                           recent=self._bound_now(k))
-        funding.reclassified.clear()
+        funding.reclassified = set()
         self._reclaim_dirty.clear()
         return index
+
+    def _runs_of(self, names: Iterable[str]) -> set[str]:
+        """The runs holding these open leases (names that are no lease, such as a run's
+        hypothetical claims, are left out)."""
+        return {x.run for n in names if (x := self.leases.get(n)) is not None}
 
     def _bound_now(self, key: str) -> bool:
         st = self._cut_runs.get(key)
@@ -139,7 +144,7 @@ class Cutting(Placement):
         over, counts = changes
         flavor = self.runs[key].spec.gpu_type
         view = OverlayView(self.topo, flavor, index.bases(flavor, planning))
-        changed = {x.run for n in over if (x := self.leases.get(n)) is not None} - {key}
+        changed = self._runs_of(over) - {key}
         # The runs bound now are in a layer of their own, left out unless planning (those that
         # hold nothing step 1 could free are not in it: a changed one of them is looked up).
         protected = {key} if planning else {key, *(k for k in changed if self._bound_now(k))}

@@ -124,9 +124,10 @@ class FundingView:
         `refresh`): the runs a reclaim may touch, without classifying every open claim."""
         self.disturbances = 0
         """Counts adds and removes that may have changed other claims' classes (not appends)."""
-        self.reclassified: set[str] = set()
+        self.reclassified: set[str] | None = None
         """Runs a claim of which changed class (or came or went) since the set was last emptied —
-        by whoever keeps something derived from the classes (the engine's reclaim index)."""
+        by whoever keeps something derived from the classes (the engine's reclaim index, which
+        sets it); None while nobody watches (a copy starts so)."""
         self.touched: set[str] = set()
         """Ids of the components (`component_of`) whose classes or usage may have changed since
         the set was last emptied — by whoever watches them (the admission queue's sleepers)."""
@@ -154,6 +155,14 @@ class FundingView:
         self._unpaid = _Component(_dirty=False)
         for c in self._claims.values():
             self._component_for(c).claims[c.name] = c
+
+    def __getstate__(self) -> dict[str, object]:
+        """A copy watches no classes (`reclassified`): whoever watches starts afresh."""
+        return {**self.__dict__, "reclassified": None}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("reclassified", None)
 
     def component_of(self, ref: EnvelopeRef) -> str:
         """The id of the component an envelope's claims are ranked in."""
@@ -257,7 +266,8 @@ class FundingView:
         del comp.claims[name]
         cls = self._cls.pop(name, None)
         if cls is not None:
-            self.reclassified.add(c.run)
+            if self.reclassified is not None:
+                self.reclassified.add(c.run)
             self.class_gpus[cls] -= c.gpus
             if cls is FundingClass.UNFUNDED:
                 self._count_unfunded(c.run, -1)
@@ -341,7 +351,7 @@ class FundingView:
         old = self._cls.get(c.name)
         if old is not None:
             self.class_gpus[old] -= c.gpus
-        if old is not cls:
+        if old is not cls and self.reclassified is not None:
             self.reclassified.add(c.run)
         self._cls[c.name] = cls
         self.class_gpus[cls] += c.gpus

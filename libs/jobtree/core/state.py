@@ -151,7 +151,8 @@ class ClusterState:
         """What cut step 1 could free, per run and per flavor (`Cutting._reclaim_index` keeps it
         up to date from the funding view's `reclassified` runs and `_reclaim_dirty`)."""
         self._reclaim_dirty: set[str] = set()
-        """Runs whose spec or status changed since the reclaim index last looked."""
+        """Runs whose spec or status changed since the reclaim index last looked (kept only
+        once it is built)."""
         self.funding.set_clock(now, frozenset())
 
     def __getstate__(self) -> dict[str, object]:
@@ -160,7 +161,8 @@ class ClusterState:
         is attached. What snapshots store and what a what-if plan copies."""
         state = dict(self.__dict__)
         state.update(journal=[], facts=[], observer=None, _open_sorted={}, _run_domains={},
-                     _stale_runs=self._stale_runs | self._open_sorted.keys(), _reclaims=ReclaimIndex())
+                     _stale_runs=self._stale_runs | self._open_sorted.keys(), _reclaims=ReclaimIndex(),
+                     _reclaim_dirty=set())
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
@@ -304,7 +306,8 @@ class ClusterState:
     def _index_cut_run(self, key: str) -> None:
         """Keep `_cut_runs` (run -> spec and status, as cut worlds read them) in step."""
         run, st = self.runs.get(key), self.status.get(key)
-        self._reclaim_dirty.add(key)
+        if self._reclaims.epoch >= 0:
+            self._reclaim_dirty.add(key)
         if run is None or st is None:
             self._cut_runs.pop(key, None)
         else:
