@@ -52,12 +52,7 @@ class Cutting(Placement):
         classified or sorted per open lease."""
         over, counts = changes if changes is not None else self._class_changes(key, cov)
         classes = ClassesWith(over, self.funding.classes())
-        unfunded_counts = dict(self.funding.unfunded_claims)
-        for k, n in counts.items():
-            if n:
-                unfunded_counts[k] = n
-            else:
-                unfunded_counts.pop(k, None)
+        unfunded_counts = self.funding.unfunded_with(counts)
         # Every claim of another run is one of its open leases; the placing run's hypothetical
         # claims are not leases: count its open ones only.
         own = self.open_by_run.get(key, {})
@@ -97,9 +92,14 @@ class Cutting(Placement):
 
         return usable
 
-    def _holding(self, key: str, unfunded: int) -> cutorder.RunHolding:
-        leases = self._open_sorted[key]
-        return cutorder.RunHolding(key, leases, self._domains_of(key), self._cut_runs[key][0], unfunded == len(leases))
+    def _step_one(self, key: str, unfunded: int, cls: Callable[[str], FundingClass | None]) -> list[Lease]:
+        """The leases cut step 1 could free of a run holding `unfunded` unfunded claims, with
+        these classes (none for a run without one, or without leases or a spec)."""
+        leases = self._open_sorted.get(key)
+        if not unfunded or not leases or key not in self._cut_runs:
+            return []
+        run = cutorder.RunHolding(key, leases, self._domains_of(key), self._cut_runs[key][0], unfunded == len(leases))
+        return cutorder.reclaim_capacity(run, cls, self.topo.domain_of)
 
     def _reclaim_index(self) -> ReclaimIndex:
         """The reclaim index brought up to date: the runs whose classes, leases, spec or status
@@ -111,15 +111,12 @@ class Cutting(Placement):
             dirty: set[str] | dict[str, int] = funding.unfunded_claims
         else:
             dirty = funding.reclassified | self._reclaim_dirty
-        self._refresh_sorted()  # what `_holding` reads, here and for the world's own runs
+        self._refresh_sorted()  # what `_step_one` reads, here and for the world's own runs
         index.move_to(self.now, self.topo)
         if dirty:
             cls, unfunded = funding.classes().get, funding.unfunded_claims
             for k in list(dirty):
-                n = unfunded.get(k, 0)
-                index.put(k, cutorder.reclaim_capacity(self._holding(k, n), cls, self.topo.domain_of)
-                          if n and k in self._cut_runs and k in self._open_sorted else (), self.topo,
-                          recent=self._bound_now(k))
+                index.put(k, self._step_one(k, unfunded.get(k, 0), cls), self.topo, recent=self._bound_now(k))
         funding.reclassified = set()
         self._reclaim_dirty.clear()
         return index
@@ -153,9 +150,7 @@ class Cutting(Placement):
         cls = ClassesWith(over, self.funding.classes()).get
         unfunded = self.funding.unfunded_claims
         for k in sorted(changed - protected):
-            n = counts.get(k, unfunded.get(k, 0))
-            got = (cutorder.reclaim_capacity(self._holding(k, n), cls, self.topo.domain_of)
-                   if n and k in self._cut_runs and k in self._open_sorted else [])
+            got = self._step_one(k, counts.get(k, unfunded.get(k, 0)), cls)
             names = own[k] = frozenset(x.name for x in got)
             had = index.names.get(k, frozenset())
             # Ranked in, classes only lose funding: mostly units are added, rarely any is lost.

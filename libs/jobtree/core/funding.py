@@ -399,13 +399,17 @@ class FundingView:
         `extra` claims were open too — leaving the view as it is (`changes_with`, applied to
         copies of the view's classes and counts)."""
         over, counts = self.changes_with(extra)
-        classes, unfunded = {**self._cls, **over}, dict(self.unfunded_claims)
+        return {**self._cls, **over}, self.unfunded_with(counts)
+
+    def unfunded_with(self, counts: dict[str, int]) -> dict[str, int]:
+        """A copy of `unfunded_claims` with `changes_with`'s counts applied (0: the run leaves)."""
+        unfunded = dict(self.unfunded_claims)
         for run, n in counts.items():
             if n:
                 unfunded[run] = n
             else:
                 unfunded.pop(run, None)
-        return classes, unfunded
+        return unfunded
 
     def classes(self) -> Mapping[str, FundingClass]:
         """Every open claim's class (the view's own mapping: read it, do not keep it)."""

@@ -162,9 +162,7 @@ def check_reclaim_index(cl: Cluster) -> None:
     fresh.at = cl.now
     cls, unfunded = cl.funding.classes().get, cl.funding.unfunded_claims
     for k, n in unfunded.items():
-        if k in cl._cut_runs and k in cl._open_sorted:
-            fresh.put(k, cuts.reclaim_capacity(cl._holding(k, n), cls, cl.topo.domain_of), cl.topo,
-                      recent=cl._cut_runs[k][1].bound_at == cl.now)
+        fresh.put(k, cl._step_one(k, n, cls), cl.topo, recent=cl._bound_now(k))
     wrong = sorted(k for k in fresh.names.keys() | index.names.keys() if fresh.names.get(k) != index.names.get(k))
     if wrong:
         raise InvariantViolation(f"derivation: the reclaim index is wrong for run(s) {', '.join(wrong)}")
